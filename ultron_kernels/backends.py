@@ -1,0 +1,107 @@
+"""Backend registry and selection.
+
+Every op has three backends: ``"reference"`` (pure PyTorch, any device, the test oracle),
+``"triton"`` and ``"cuda"`` (fused kernels). Callers pass ``backend="auto"`` or a name.
+
+The ``auto`` rule (documented in the README next to the benchmark results):
+
+* tensors on the CPU -> ``reference``;
+* tensors on a CUDA device -> the first backend of ``AUTO_ORDER[op]`` that can run the call,
+  ``reference`` last. Triton comes first because its kernels are the ones validated against
+  the oracle on the GPU so far; the benchmark suite is what may reorder this table.
+* ``ULTRON_KERNELS_BACKEND=<name>`` replaces ``auto`` (an explicit ``backend=`` argument wins).
+
+An explicit backend that cannot run raises :class:`BackendUnavailableError` naming why;
+there is never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ultron_kernels import _cuda
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO_ORDER = {
+    "channelwise_dilated_conv2d": ("triton", "cuda", "reference"),
+    "window_attention": ("triton", "cuda", "reference"),
+}
+ENV_VAR = "ULTRON_KERNELS_BACKEND"
+
+# Set before triton is imported, this makes Triton run kernels on CPU tensors (slowly): the
+# way Triton kernels are tested on machines without a GPU.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_IMPORT_ERROR = ""
+except ImportError as exc:
+    _TRITON_IMPORT_ERROR = f"triton is not installed ({exc})"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if _TRITON_IMPORT_ERROR:
+            return _TRITON_IMPORT_ERROR
+        if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+            return None
+        return (f"tensors are on '{device.type}'; Triton needs a CUDA device "
+                "(or TRITON_INTERPRET=1 set before importing triton, to run on the CPU)")
+    if backend == "cuda":
+        if not _cuda.HAS_CUDA_EXTENSION:
+            return _cuda.CUDA_EXTENSION_ERROR
+        if device.type != "cuda":
+            return f"tensors are on '{device.type}'; the CUDA kernels need a CUDA device"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> dict[str, str]:
+    """Map each backend name to ``"available"`` or to the reason it cannot run here.
+
+    ``device`` defaults to the current CUDA device when there is one, else the CPU.
+    """
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    return {name: (_device_reason(name, device) or "available") for name in BACKENDS}
+
+
+def select_backend(op: str, requested: str, device: torch.device,
+                   op_reason: Callable[[str], Optional[str]]) -> str:
+    """Resolve ``requested`` to a concrete backend for one call of ``op``.
+
+    ``op_reason(name)`` returns why the op cannot use backend ``name`` for this call
+    (unsupported head_dim, dtype, ...) or None.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    if requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+
+    def reason(name: str) -> Optional[str]:
+        return _device_reason(name, device) or op_reason(name)
+
+    if requested != "auto":
+        why = reason(requested)
+        if why is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run this call: {why}")
+        return requested
+    if device.type != "cuda":
+        return "reference"
+    for name in AUTO_ORDER[op]:
+        if reason(name) is None:
+            return name
+    return "reference"

@@ -1,0 +1,211 @@
+"""``window_attention``: public API, input validation, custom-op registration.
+
+The fused backends run behind two ``torch.library`` custom ops (forward -> (out, lse),
+backward -> (dq, dk, dv, dbias)) tied by ``register_autograd``. The reference backend is plain
+PyTorch and differentiates itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ultron_kernels import _cuda
+from ultron_kernels.backends import select_backend
+from ultron_kernels.ops._common import autocast_inputs, check_same_device_and_dtype, check_tensor
+from ultron_kernels.reference.window_attention import (relative_position_index,
+                                                       window_attention_reference)
+
+OP_NAME = "window_attention"
+FUSED_HEAD_DIMS = (16, 32, 64, 128)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_WINDOW_TOKENS = 256
+BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
+
+Pair = Union[int, Sequence[int]]
+
+
+def _pair(name: str, value: Pair) -> tuple[int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value), int(value)
+    if (isinstance(value, Sequence) and len(value) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _table_gather_index(window_h: int, window_w: int, device: torch.device) -> torch.Tensor:
+    """(T, max_count) flat (i*N + j) positions of each table entry, padded with N*N (a zero
+    slot), so that the table gradient is a gather plus a fixed-order sum: no atomics."""
+    index = relative_position_index(window_h, window_w).reshape(-1)
+    n_entries = (2 * window_h - 1) * (2 * window_w - 1)
+    positions = [[] for _ in range(n_entries)]
+    for flat, entry in enumerate(index.tolist()):
+        positions[entry].append(flat)
+    width = max(len(p) for p in positions)
+    pad = index.numel()
+    return torch.tensor([p + [pad] * (width - len(p)) for p in positions], device=device)
+
+
+def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
+                   window: tuple[int, int]) -> torch.Tensor:
+    """Dense (heads, N, N) float32 gradient -> gradient shaped like ``bias``."""
+    if kind == BIAS_DENSE:
+        return dense_grad.to(bias.dtype)
+    heads = dense_grad.shape[0]
+    flat = torch.cat([dense_grad.reshape(heads, -1), dense_grad.new_zeros(heads, 1)], 1)
+    table = flat[:, _table_gather_index(*window, dense_grad.device)].sum(-1)
+    return table.t().contiguous().to(bias.dtype)
+
+
+# ---------------------------------------------------------------- custom ops (fused backends)
+
+@torch.library.custom_op("ultron_kernels::window_attention_fwd", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                   bias_kind: int, window: list[int], shift: list[int], scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from ultron_kernels.triton.window_attention import window_attention_forward
+        return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale)
+    return _cuda.cuda_ops().window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale)
+
+
+@_fused_forward.register_fake
+def _(q, k, v, bias, bias_kind, window, shift, scale, backend):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=torch.float32))
+
+
+@torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
+def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
+                    bias_kind: int, bias_grad: bool, window: list[int], shift: list[int],
+                    scale: float, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if backend == "triton":
+        from ultron_kernels.triton.window_attention import window_attention_backward
+        dq, dk, dv, dense = window_attention_backward(
+            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, tuple(window),
+            tuple(shift), scale)
+    else:
+        dq, dk, dv, dense = _cuda.cuda_ops().window_attention_bwd(
+            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, scale)
+    dbias = (_bias_gradient(dense, bias, bias_kind, tuple(window)) if bias_grad
+             else q.new_empty((0,)))
+    return dq, dk, dv, dbias
+
+
+@_fused_backward.register_fake
+def _(grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, scale, backend):
+    dbias = torch.empty_like(bias) if bias_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, bias_kind, window, shift, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+    ctx.args = (bias_kind, window, shift, scale, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    bias_kind, window, shift, scale, backend = ctx.args
+    dq, dk, dv, dbias = _fused_backward(grad_out, q, k, v, out, lse, bias, bias_kind,
+                                        ctx.bias_grad, window, shift, scale, backend)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dims=5)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the last (head_dim) dimension must be contiguous, "
+                             f"got strides {t.stride()}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+    check_same_device_and_dtype(q=q, k=k, v=v)
+    if not q.is_floating_point() or q.dtype not in FUSED_DTYPES + (torch.float64,):
+        raise TypeError(f"q: dtype must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    window = _pair("window_size", window_size)
+    shift = _pair("shift_size", shift_size)
+    if min(window) < 1 or window[0] * window[1] > MAX_WINDOW_TOKENS:
+        raise ValueError(f"window_size must be >= 1 with wh*ww <= {MAX_WINDOW_TOKENS}, "
+                         f"got {window}")
+    if not all(0 <= s < w for s, w in zip(shift, window)):
+        raise ValueError(f"shift_size must satisfy 0 <= shift < window ({window}), got {shift}")
+    heads, tokens = q.shape[3], window[0] * window[1]
+    kind = BIAS_NONE
+    if rel_pos_bias is not None:
+        check_tensor("rel_pos_bias", rel_pos_bias)
+        table_shape = ((2 * window[0] - 1) * (2 * window[1] - 1), heads)
+        dense_shape = (heads, tokens, tokens)
+        if tuple(rel_pos_bias.shape) == table_shape:
+            kind = BIAS_TABLE
+        elif tuple(rel_pos_bias.shape) == dense_shape:
+            kind = BIAS_DENSE
+        else:
+            raise ValueError(f"rel_pos_bias: expected a table of shape {table_shape} or a dense "
+                             f"tensor of shape {dense_shape}, got {tuple(rel_pos_bias.shape)}")
+        if rel_pos_bias.device != q.device:
+            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device} but q is on {q.device}")
+        if not rel_pos_bias.is_floating_point():
+            raise TypeError(f"rel_pos_bias: dtype must be floating point, got {rel_pos_bias.dtype}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    return window, shift, kind, float(scale)
+
+
+def _fused_reason(q: torch.Tensor):
+    def reason(backend: str) -> Optional[str]:
+        if backend == "reference":
+            return None
+        if q.dtype not in FUSED_DTYPES:
+            return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
+        if q.shape[-1] not in FUSED_HEAD_DIMS:
+            return f"head_dim {q.shape[-1]} is not one of the fused head dims {FUSED_HEAD_DIMS}"
+        return None
+    return reason
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Pair,
+                     shift_size: Pair = 0, rel_pos_bias: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, *, backend: str = "auto") -> torch.Tensor:
+    """Self-attention inside (wh, ww) windows of a (B, H, W) grid, Swin-style.
+
+    Args:
+        q, k, v: (B, H, W, heads, D), same shape and dtype, last dim contiguous (views into a
+            packed (B, H, W, 3, heads, D) tensor work without copies).
+        window_size: int or (wh, ww), wh*ww <= 256. The grid is padded bottom/right to whole
+            windows; padded positions are never keys and their outputs are dropped.
+        shift_size: int or (sh, sw), 0 <= shift < window: Swin's shifted windows (roll by
+            (-sh, -sw), attend within regions, roll back).
+        rel_pos_bias: None, a ((2wh-1)*(2ww-1), heads) table indexed Swin-style, or a dense
+            (heads, wh*ww, wh*ww) tensor. Gradients flow to it.
+        scale: defaults to D**-0.5.
+        backend: "auto", "reference", "triton" or "cuda".
+
+    Returns:
+        (B, H, W, heads, D), contiguous.
+    """
+    window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale)
+    q, k, v = autocast_inputs(q, k, v)
+    chosen = select_backend(OP_NAME, backend, q.device, _fused_reason(q))
+    if chosen == "reference":
+        return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale)
+    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), scale, chosen)
+    return out

@@ -1,0 +1,87 @@
+"""Pure-PyTorch window attention (Swin W-MSA / SW-MSA): the CPU path and the oracle's twin.
+
+Pad bottom/right to whole windows, roll by (-sh, -sw), partition, attend with the relative
+position bias and the shifted-window region mask, reverse. Padded positions are never keys
+and their outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=32)
+def relative_position_index(window_h: int, window_w: int) -> torch.Tensor:
+    """(N, N) index into a ((2wh-1)*(2ww-1), heads) bias table, as in Swin and timm."""
+    rows, cols = torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    d_row = rows[:, None] - rows[None, :] + window_h - 1
+    d_col = cols[:, None] - cols[None, :] + window_w - 1
+    return d_row * (2 * window_w - 1) + d_col
+
+
+def region_labels(padded: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's region of each rolled coordinate along one axis: slices (0, -w), (-w, -s), (-s, None)."""
+    coord = torch.arange(padded)
+    if shift == 0:
+        return torch.zeros(padded, dtype=torch.long)
+    return (coord >= padded - window).long() + (coord >= padded - shift).long()
+
+
+def dense_bias(rel_pos_bias: Optional[torch.Tensor], window_h: int, window_w: int,
+               heads: int) -> Optional[torch.Tensor]:
+    """(heads, N, N) bias from a table ((2wh-1)*(2ww-1), heads) or a dense tensor."""
+    if rel_pos_bias is None or rel_pos_bias.dim() == 3:
+        return rel_pos_bias
+    n = window_h * window_w
+    index = relative_position_index(window_h, window_w).to(rel_pos_bias.device)
+    return rel_pos_bias[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
+
+
+def _partition(t: torch.Tensor, window_h: int, window_w: int) -> torch.Tensor:
+    """(B, Hp, Wp, heads, D) -> (B, nWh, nWw, heads, N, D)."""
+    b, hp, wp, heads, d = t.shape
+    t = t.reshape(b, hp // window_h, window_h, wp // window_w, window_w, heads, d)
+    return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(
+        b, hp // window_h, wp // window_w, heads, window_h * window_w, d)
+
+
+def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               window: tuple[int, int], shift: tuple[int, int],
+                               rel_pos_bias: Optional[torch.Tensor],
+                               scale: float) -> torch.Tensor:
+    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous."""
+    batch, height, width, heads, head_dim = q.shape
+    (wh, ww), (sh, sw) = window, shift
+    hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
+    pad = (0, 0, 0, 0, 0, wp - width, 0, hp - height)
+    valid = torch.zeros(hp, wp, dtype=torch.bool, device=q.device)
+    valid[:height, :width] = True
+    q, k, v = (torch.roll(F.pad(t, pad), (-sh, -sw), (1, 2)) for t in (q, k, v))
+    valid = torch.roll(valid, (-sh, -sw), (0, 1))
+    labels = (region_labels(hp, wh, sh)[:, None] * 3 + region_labels(wp, ww, sw)[None, :])
+    labels = labels.to(q.device)
+
+    def windows_of(grid: torch.Tensor) -> torch.Tensor:  # (Hp, Wp) -> (nWh, nWw, N)
+        return _partition(grid[None, :, :, None, None], wh, ww)[0, :, :, 0, :, 0]
+
+    valid_w, labels_w = windows_of(valid), windows_of(labels)
+    allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & valid_w[..., None, :]
+    # Padded queries attend anywhere (their outputs are dropped): keeps every row finite.
+    allowed = allowed | ~valid_w[..., :, None]
+
+    scores = _partition(q, wh, ww) @ _partition(k, wh, ww).transpose(-1, -2) * scale
+    bias = dense_bias(rel_pos_bias, wh, ww, heads)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    scores = scores.masked_fill(~allowed[None, :, :, None], float("-inf"))
+    attn = scores.softmax(-1, dtype=torch.float32 if q.dtype != torch.float64 else None)
+    out = attn.to(v.dtype) @ _partition(v, wh, ww)           # (B, nWh, nWw, heads, N, D)
+    out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)
+    out = torch.roll(out, (sh, sw), (1, 2))
+    return out[:, :height, :width].contiguous()

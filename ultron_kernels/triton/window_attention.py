@@ -1,0 +1,286 @@
+"""Triton kernels for window attention (FlashAttention-style, one window per program).
+
+A program takes one block of a window's queries for one head; the keys of that window are
+streamed in blocks with an online softmax (one block for windows up to 64 tokens, which
+covers 7x7 and 8x8). Padding, the cyclic shift, the shifted-window region mask and the
+relative-position-bias gather are index arithmetic inside the kernel: no padded, rolled or
+partitioned copies, and q/k/v may be strided views of a packed qkv tensor.
+
+Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores;
+each program owns one key block of a run of windows, so dk/dv need no atomics, dq is written
+once per key block (summed in a fixed order when a window has several), and the bias
+gradient is accumulated per run of windows then reduced in a fixed order: deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ultron_kernels.backends import TRITON_INTERPRET
+
+BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
+
+
+@triton.jit
+def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
+                  WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """For tokens ``block*BLOCK + arange(BLOCK)`` of ``window``: batch, in-window token id,
+    row/col inside the window, image row/col, 'real token' flag and shift region."""
+    per_image = n_win_h * n_win_w
+    batch = window // per_image
+    wy = (window % per_image) // n_win_w
+    wx = window % n_win_w
+    token = block * BLOCK + tl.arange(0, BLOCK)
+    r = token // WW
+    c = token % WW
+    y_rolled = wy * WH + r
+    x_rolled = wx * WW + c
+    y = (y_rolled + SH) % Hp          # undo torch.roll(-SH) of the padded grid
+    x = (x_rolled + SW) % Wp
+    real = (token < WH * WW) & (y < H) & (x < W)
+    region = tl.zeros_like(token)
+    if SH > 0:
+        region += 3 * ((y_rolled >= Hp - WH).to(tl.int32) + (y_rolled >= Hp - SH).to(tl.int32))
+    if SW > 0:
+        region += (x_rolled >= Wp - WW).to(tl.int32) + (x_rolled >= Wp - SW).to(tl.int32)
+    return batch, token, r, c, y, x, real, region
+
+
+@triton.jit
+def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
+    offs = (batch.to(tl.int64) * sb + head * sn + (y * sh + x * sw))[:, None] + tl.arange(0, D)[None, :]
+    return tl.load(ptr + offs, mask=real[:, None], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k, scale,
+            sbias0, sbias1, sbias2,
+            WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Biased, masked scores (fp32); -inf where attention is not allowed."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    both = (tq < WH * WW)[:, None] & (tk < WH * WW)[None, :]
+    if BIAS_KIND == 1:
+        rel = (rq[:, None] - rk[None, :] + WH - 1) * (2 * WW - 1) + (cq[:, None] - ck[None, :] + WW - 1)
+        s += tl.load(bias_ptr + rel * sbias0 + head * sbias1, mask=both, other=0.0).to(tl.float32)
+    if BIAS_KIND == 2:
+        s += tl.load(bias_ptr + head * sbias0 + tq[:, None] * sbias1 + tk[None, :] * sbias2,
+                     mask=both, other=0.0).to(tl.float32)
+    allowed = real_k[None, :] & (region_q[:, None] == region_k[None, :])
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _window_attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
+        H, W, Hp, Wp, n_win_h, n_win_w, scale,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
+        sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
+        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    window = tl.program_id(0) // NUM_BLOCKS
+    q_block = tl.program_id(0) % NUM_BLOCKS
+    head = tl.program_id(1)
+    batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
+        window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+    q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+    for k_block in range(NUM_BLOCKS):
+        _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
+            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+        k = _load_rows(k_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn, D)
+        v = _load_rows(v_ptr, batch, yk, xk, head, real_k, svb, svh, svw, svn, D)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k,
+                    scale, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_offs = (batch.to(tl.int64) * sob + head * son + (yq * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
+    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
+    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
+    tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq * slh + xq * slw, lse, mask=real_q)
+
+
+@triton.jit
+def _window_attn_bwd_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, do_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
+        sob, soh, sow, son, slb, slh, slw, sln, sdob, sdoh, sdow, sdon,
+        sdq_part, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
+        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
+    # per-key-block contributions (stride sdq_part) that the launcher sums in order.
+    run = tl.program_id(0) // NUM_BLOCKS
+    k_block = tl.program_id(0) % NUM_BLOCKS
+    head = tl.program_id(1)
+    n_tok = WH * WW
+    ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
+    first = run * windows_per_program
+    last = tl.minimum(first + windows_per_program, n_windows)
+    for window in range(first, last):
+        batch, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
+            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+        k = _load_rows(k_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn, D)
+        v = _load_rows(v_ptr, batch, yk, xk, head, real_k, svb, svh, svw, svn, D)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros((BLOCK, D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK, D), dtype=tl.float32)
+        for q_block in range(NUM_BLOCKS):
+            _, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
+                window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+            q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+            do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
+            o = _load_rows(o_ptr, batch, yq, xq, head, real_q, sob, soh, sow, son, D)
+            lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq * slh + xq * slw,
+                          mask=real_q, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            if DOT_FP32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            s = _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k,
+                        scale, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, PRECISION)
+            p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            dq_offs = (k_block * sdq_part + batch.to(tl.int64) * sdqb + head * sdqn
+                       + (yq * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
+            tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+            if BIAS_GRAD:
+                if NUM_BLOCKS == 1:
+                    ds_run += ds
+                else:
+                    both = (tq < n_tok)[:, None] & (tk < n_tok)[None, :]
+                    offs = ((run * tl.num_programs(1) + head).to(tl.int64) * n_tok * n_tok
+                            + tq[:, None] * n_tok + tk[None, :])
+                    old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
+                    tl.store(dbias_ptr + offs, old + ds, mask=both)
+        # dk and dv are contiguous like dq (one slice of it when dq holds partials).
+        k_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yk * sdqh + xk * sdqw))[:, None] + tl.arange(0, D)[None, :]
+        tl.store(dk_ptr + k_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
+        tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
+    if BIAS_GRAD:
+        if NUM_BLOCKS == 1:
+            t = tl.arange(0, BLOCK)
+            both = (t < n_tok)[:, None] & (t < n_tok)[None, :]
+            offs = ((run * tl.num_programs(1) + head).to(tl.int64) * n_tok * n_tok
+                    + t[:, None] * n_tok + t[None, :])
+            tl.store(dbias_ptr + offs, ds_run, mask=both)
+
+
+def _block(tokens: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(tokens)))
+
+
+def _geometry(q: torch.Tensor, window, shift):
+    batch, height, width = q.shape[:3]
+    (wh, ww), (sh, sw) = window, shift
+    n_win_h, n_win_w = -(-height // wh), -(-width // ww)
+    return dict(H=height, W=width, Hp=n_win_h * wh, Wp=n_win_w * ww,
+                n_win_h=n_win_h, n_win_w=n_win_w, n_windows=batch * n_win_h * n_win_w)
+
+
+def _flags(q: torch.Tensor, window, shift, bias_kind: int) -> dict:
+    tokens = window[0] * window[1]
+    block = _block(tokens)
+    interpret = TRITON_INTERPRET or q.device.type != "cuda"
+    tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
+    return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
+                BIAS_KIND=bias_kind, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),
+                # The interpreter's dot on 16-bit operands is wrong: upcast there.
+                DOT_FP32=interpret, PRECISION="tf32" if tf32 else "ieee")
+
+
+def _bias_strides(bias) -> tuple[int, int, int]:
+    if bias is None:
+        return 0, 0, 0
+    strides = bias.stride()
+    return (*strides, 0) if bias.dim() == 2 else strides
+
+
+def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: float):
+    """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
+    batch, height, width, heads, head_dim = q.shape
+    out = torch.empty((batch, height, width, heads, head_dim), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, height, width, heads), device=q.device, dtype=torch.float32)
+    geo = _geometry(q, window, shift)
+    flags = _flags(q, window, shift, bias_kind)
+    if out.numel() == 0:
+        return out, lse
+    grid = (geo["n_windows"] * flags["NUM_BLOCKS"], heads)
+    _window_attn_fwd_kernel[grid](
+        q, k, v, bias if bias is not None else q, out, lse,
+        geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"], scale,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+        *_bias_strides(bias), **flags, num_warps=4 if flags["BLOCK"] <= 32 or head_dim <= 64 else 8)
+    return out, lse
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride()[:4]
+
+
+def _windows_per_program(n_windows: int, parallel: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; fewer partial bias sums beyond that."""
+    if device.type != "cuda":
+        return n_windows
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_windows, (n_windows * parallel) // target))
+
+
+def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad: bool,
+                              window, shift, scale: float):
+    """Returns (dq, dk, dv, dbias) with dbias the (heads, N, N) float32 dense bias gradient
+    (None when ``bias_grad`` is False)."""
+    batch, height, width, heads, head_dim = q.shape
+    geo = _geometry(q, window, shift)
+    flags = _flags(q, window, shift, bias_kind)
+    tokens, blocks = window[0] * window[1], flags["NUM_BLOCKS"]
+    shape = (batch, height, width, heads, head_dim)
+    dk = torch.empty(shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(shape, device=q.device, dtype=q.dtype)
+    dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
+          torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
+    per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device)
+    runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
+    dbias = (torch.zeros((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
+             if bias_grad else None)
+    if runs:
+        _window_attn_bwd_kernel[(runs * blocks, heads)](
+            q, k, v, bias if bias is not None else q, out, lse, grad_out,
+            dq, dk, dv, dbias if dbias is not None else lse,
+            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
+            geo["n_windows"], per_program, scale,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+            *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0, *_strides4(dq[0] if blocks > 1 else dq),
+            *_bias_strides(bias), **flags, BIAS_GRAD=bias_grad,
+            num_warps=4 if head_dim <= 64 else 8)
+    if blocks > 1:
+        dq = dq.sum(0).to(q.dtype)
+    return dq, dk, dv, (dbias.sum(0) if dbias is not None else None)

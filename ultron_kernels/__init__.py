@@ -2,6 +2,7 @@
 
 * :func:`channelwise_dilated_conv2d` - depthwise conv with a dilation rate per channel;
 * :func:`window_attention` - Swin-style window attention with shift and relative position bias;
+* :mod:`ultron_kernels.nn` - drop-in modules; :func:`swap_in` - swap them into a model.
 
 Each op runs on the ``reference`` (pure PyTorch), ``triton`` or ``cuda`` backend;
 :func:`available_backends` says which can run here and why not.
@@ -10,7 +11,9 @@ Each op runs on the ``reference`` (pure PyTorch), ``triton`` or ``cuda`` backend
 from ultron_kernels.backends import BackendUnavailableError, available_backends
 from ultron_kernels.ops.dilated_conv import channelwise_dilated_conv2d
 from ultron_kernels.ops.window_attention import window_attention
+from ultron_kernels import nn
+from ultron_kernels.swap import swap_in
 
 __all__ = ["BackendUnavailableError", "available_backends", "channelwise_dilated_conv2d",
-           "window_attention"]
+           "window_attention", "nn", "swap_in"]
 __version__ = "0.1.0"

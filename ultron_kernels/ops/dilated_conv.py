@@ -61,6 +61,17 @@ def _dilation_tensor(rates: tuple[int, ...], device: torch.device) -> torch.Tens
     return torch.tensor(rates, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_run(rates: tuple[int, ...]) -> int:
+    """Largest power of two (<= 8) such that every aligned run of that many channels shares
+    one dilation: the CUDA kernels' channels_last vector width."""
+    run = 8
+    while run > 1 and (len(rates) % run or any(
+            len(set(rates[c:c + run])) > 1 for c in range(0, len(rates), run))):
+        run //= 2
+    return run
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous():
         return torch.contiguous_format
@@ -83,7 +94,8 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_forward
         return dilated_conv_forward(x, weight, bias, rates, stride, out)
-    return _cuda.cuda_ops().dilated_conv2d_fwd(x, weight, bias, rates, stride, out)
+    return _cuda.cuda_ops().dilated_conv2d_fwd(x, weight, bias, rates, stride,
+                                               _channel_run(tuple(dilation)))
 
 
 @_fused_forward.register_fake
@@ -98,14 +110,14 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                     dilation: list[int], stride: int,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-    grad_x = torch.empty_like(x)
     rates = _dilation_tensor(tuple(dilation), x.device)
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_backward
-        grad_x, grad_w, grad_b = dilated_conv_backward(grad_out, x, weight, rates, stride, grad_x)
+        grad_x, grad_w, grad_b = dilated_conv_backward(grad_out, x, weight, rates, stride,
+                                                       torch.empty_like(x))
     else:
         grad_x, grad_w, grad_b = _cuda.cuda_ops().dilated_conv2d_bwd(
-            grad_out, x, weight, rates, stride, grad_x)
+            grad_out, x, weight, rates, stride, _channel_run(tuple(dilation)))
     return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 

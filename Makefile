@@ -1,0 +1,58 @@
+# ultron_kernels: the two commands a fresh machine needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
+# nvcc's toolkit root, as nvcc itself reports it (nvcc may be a wrapper script; torch's own
+# guess then points at the wrong folder and the link fails to find -lcudart).
+CUDA_HOME ?= $(shell command -v nvcc >/dev/null && nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p' | head -n1 | xargs -r readlink -f)
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+OUT ?= $(CURDIR)/runs/latest
+
+.PHONY: help venv build test test-fast demo bench gpu-check clean
+
+help:
+	@echo "make test       build everything (venv, CUDA extension) and run the CPU test suite"
+	@echo "make demo       the main job: ULTRON model, reference vs kernel backends, report"
+	@echo "make bench      benchmark quick preset (needs a GPU for timings)"
+	@echo "make gpu-check  on a GPU machine: build, GPU tests, quick benchmark, logs under \$$OUT"
+
+# The venv: torch (CUDA 13.0 build, from the local wheel cache on the project's machines),
+# triton comes with it; test and model extras. Never installs over an existing user torch:
+# the venv is the project's own.
+$(VENV)/.ready: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	$(PIP) install -q numpy pytest hypothesis pytest-benchmark ninja matplotlib tqdm scikit-image timm
+	touch $@
+
+venv: $(VENV)/.ready
+
+# pip-installed CUDA headers (cusparse.h etc.) that the toolkit on these machines lacks.
+NV_INCLUDE = $(shell $(PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null)
+
+build: venv
+	CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" $(PIP) install -q --no-build-isolation -e .
+	$(PY) -c "import ultron_kernels, ultron_kernels._cuda as c; print('ultron_kernels._C built:', c.HAS_CUDA_EXTENSION, c.CUDA_EXTENSION_ERROR)"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m ultron demo
+
+bench: build
+	$(PY) -m bench --preset quick --out "$(OUT)"
+
+# On the GPU machine (python3 there already has torch/triton): build in place, GPU tests,
+# sanitizer on the CUDA kernels, quick benchmark; everything lands under $OUT.
+gpu-check:
+	bash tools/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info ultron_kernels/_C*.so runs

@@ -1,0 +1,333 @@
+// Channel-wise dilated depthwise convolution: forward, grad input, grad weight/bias.
+//
+// Every channel c has its own dilation d_c (int32 vector) and zero 'same' padding
+// d_c*(K-1)/2. One launch covers every channel.
+//  * forward and grad input share one gather kernel per layout: grad input is the forward
+//    gather read backwards (o*stride = i + pad - k*d), so there are no atomics;
+//  * channels_last: one thread per (pixel, run of VEC channels with equal dilation), one
+//    16-byte load per tap; NCHW: one thread per output element, W fastest across the warp,
+//    tap re-reads served by L1/L2;
+//  * grad weight/bias: per-chunk partial sums reduced in a fixed tree order inside the block,
+//    then over chunks by at::sum: bitwise-deterministic.
+#include "../common.cuh"
+
+namespace ultron {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Position in the source image that tap k of destination position `pos` reads, or -1.
+// Forward: src = pos*stride - pad + k*d. Grad input (TRANSPOSED): src*stride = pos + pad - k*d.
+template <bool TRANSPOSED>
+__device__ __forceinline__ int source_pos(int pos, int k, int d, int pad, int stride, int limit) {
+  if (TRANSPOSED) {
+    const int scaled = pos + pad - k * d;
+    if (scaled < 0 || scaled % stride != 0) return -1;
+    const int src = scaled / stride;
+    return src < limit ? src : -1;
+  }
+  const int src = pos * stride - pad + k * d;
+  return (src >= 0 && src < limit) ? src : -1;
+}
+
+struct ConvShape {
+  int C, src_h, src_w, dst_h, dst_w, stride, k;
+};
+
+template <typename T, int KT, int VEC, bool TRANSPOSED>
+__global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
+    const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
+    const int* __restrict__ dilation, T* __restrict__ dst, int64_t total, ConvShape s) {
+  const int K = KT > 0 ? KT : s.k;
+  const int runs = s.C / VEC;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c0 = static_cast<int>(idx % runs) * VEC;
+    const int64_t pixel = idx / runs;
+    const int x = static_cast<int>(pixel % s.dst_w);
+    const int y = static_cast<int>((pixel / s.dst_w) % s.dst_h);
+    const int64_t batch = pixel / (static_cast<int64_t>(s.dst_w) * s.dst_h);
+    const int d = dilation[c0];
+    const int pad = d * (K / 2);
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = bias != nullptr ? static_cast<float>(bias[c0 + v]) : 0.f;
+    const T* image = src + batch * s.src_h * s.src_w * s.C + c0;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
+      if (sy < 0) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
+        if (sx < 0) continue;
+        const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(
+            image + (static_cast<int64_t>(sy) * s.src_w + sx) * s.C);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          acc[v] += static_cast<float>(in.v[v]) *
+                    static_cast<float>(weight[(c0 + v) * K * K + kh * K + kw]);
+      }
+    }
+    Pack<T, VEC> result;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) result.v[v] = static_cast<T>(acc[v]);
+    *reinterpret_cast<Pack<T, VEC>*>(dst + pixel * s.C + c0) = result;
+  }
+}
+
+template <typename T, int KT, bool TRANSPOSED>
+__global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
+    const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
+    const int* __restrict__ dilation, T* __restrict__ dst, int64_t total, ConvShape s) {
+  const int K = KT > 0 ? KT : s.k;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int x = static_cast<int>(idx % s.dst_w);
+    const int y = static_cast<int>((idx / s.dst_w) % s.dst_h);
+    const int64_t plane = idx / (static_cast<int64_t>(s.dst_w) * s.dst_h);  // b * C + c
+    const int c = static_cast<int>(plane % s.C);
+    const int d = dilation[c];
+    const int pad = d * (K / 2);
+    float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
+    const T* image = src + plane * s.src_h * s.src_w;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
+      if (sy < 0) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
+        if (sx < 0) continue;
+        acc += static_cast<float>(image[static_cast<int64_t>(sy) * s.src_w + sx]) *
+               static_cast<float>(weight[c * K * K + kh * K + kw]);
+      }
+    }
+    dst[idx] = static_cast<T>(acc);
+  }
+}
+
+// Block (32, 8). channels_last: x-lanes take 32 consecutive channels, y-lanes stride over the
+// chunk's pixels. NCHW: one channel per block, all 256 threads stride over the pixels.
+// Writes dw_partial[chunk, c, tap] and db_partial[chunk, c].
+template <typename T, int KT, bool CHANNELS_LAST>
+__global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
+    const T* __restrict__ grad_out, const T* __restrict__ x, const int* __restrict__ dilation,
+    float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t pixels,
+    int64_t chunk, ConvShape s) {
+  __shared__ float scratch[kThreads];
+  const int K = KT > 0 ? KT : s.k;
+  const int c = CHANNELS_LAST ? blockIdx.y * 32 + threadIdx.x : blockIdx.y;
+  const int lane = CHANNELS_LAST ? threadIdx.y : threadIdx.y * blockDim.x + threadIdx.x;
+  const int lanes = CHANNELS_LAST ? blockDim.y : blockDim.x * blockDim.y;
+  const bool channel_ok = c < s.C;
+  const int d = channel_ok ? dilation[c] : 1;
+  const int pad = d * (K / 2);
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = min(begin + chunk, pixels);
+  // src = x (H, W); dst = grad_out (H_out, W_out).
+  for (int tap = -1; tap < K * K; ++tap) {  // tap -1: the bias gradient
+    float acc = 0.f;
+    if (channel_ok) {
+      for (int64_t p = begin + lane; p < end; p += lanes) {
+        const int ox = static_cast<int>(p % s.dst_w);
+        const int oy = static_cast<int>((p / s.dst_w) % s.dst_h);
+        const int64_t b = p / (static_cast<int64_t>(s.dst_w) * s.dst_h);
+        const int64_t g_off = CHANNELS_LAST
+            ? ((b * s.dst_h + oy) * s.dst_w + ox) * s.C + c
+            : ((b * s.C + c) * s.dst_h + oy) * s.dst_w + ox;
+        const float g = static_cast<float>(grad_out[g_off]);
+        if (tap < 0) {
+          acc += g;
+          continue;
+        }
+        const int iy = source_pos<false>(oy, tap / K, d, pad, s.stride, s.src_h);
+        const int ix = source_pos<false>(ox, tap % K, d, pad, s.stride, s.src_w);
+        if (iy < 0 || ix < 0) continue;
+        const int64_t x_off = CHANNELS_LAST
+            ? ((b * s.src_h + iy) * s.src_w + ix) * s.C + c
+            : ((b * s.C + c) * s.src_h + iy) * s.src_w + ix;
+        acc += g * static_cast<float>(x[x_off]);
+      }
+    }
+    float total;
+    if (CHANNELS_LAST) {  // fixed-order sum over the y-lanes of each channel
+      scratch[threadIdx.y * 32 + threadIdx.x] = acc;
+      __syncthreads();
+      total = 0.f;
+      if (threadIdx.y == 0)
+        for (int y = 0; y < blockDim.y; ++y) total += scratch[y * 32 + threadIdx.x];
+      __syncthreads();
+    } else {
+      total = block_sum(acc, scratch);
+    }
+    const bool writer = CHANNELS_LAST ? threadIdx.y == 0 : (threadIdx.x == 0 && threadIdx.y == 0);
+    if (writer && channel_ok) {
+      const int64_t row = blockIdx.x * static_cast<int64_t>(s.C) + c;
+      if (tap < 0) db_partial[row] = total;
+      else dw_partial[row * K * K + tap] = total;
+    }
+  }
+}
+
+// The layout decision is always taken from x: a tensor with 1x1 spatial size or one channel
+// is 'contiguous' in both formats.
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+int grid_for(int64_t total) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), sms * 32)));
+}
+
+template <typename Fn>
+void dispatch_kernel_size(int k, Fn&& fn) {
+  switch (k) {
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;  // any other odd K, read at run time
+  }
+}
+
+// channel_run: the largest power of two (<= 8) dividing C such that each aligned run of that
+// many channels shares one dilation; the vector width is capped at 16 bytes.
+template <typename T, bool TRANSPOSED>
+void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bias,
+                   const at::Tensor& dilation, at::Tensor& dst, const ConvShape& s,
+                   bool channels_last, int64_t channel_run) {
+  const int64_t total = dst.numel();
+  if (total == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* src_ptr = src.data_ptr<T>();
+  const T* w_ptr = weight.data_ptr<T>();
+  const int* d_ptr = dilation.data_ptr<int>();
+  T* dst_ptr = dst.data_ptr<T>();
+  dispatch_kernel_size(s.k, [&](auto kt) {
+    constexpr int KT = decltype(kt)::value;
+    if (channels_last) {
+      constexpr int kMaxVec = 16 / sizeof(T);
+      const bool aligned = reinterpret_cast<uintptr_t>(src_ptr) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(dst_ptr) % 16 == 0;
+      if (aligned && channel_run >= kMaxVec && s.C % kMaxVec == 0) {
+        gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED><<<grid_for(total / kMaxVec), kThreads, 0, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, total / kMaxVec, s);
+      } else {
+        gather_nhwc_kernel<T, KT, 1, TRANSPOSED><<<grid_for(total), kThreads, 0, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, total, s);
+      }
+    } else {
+      gather_nchw_kernel<T, KT, TRANSPOSED><<<grid_for(total), kThreads, 0, stream>>>(
+          src_ptr, w_ptr, bias, d_ptr, dst_ptr, total, s);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dilation,
+                  int64_t stride) {
+  check_cuda(x, "x");
+  check_cuda(weight, "weight");
+  check_cuda(dilation, "dilation");
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "x must be NCHW- or channels_last-contiguous");
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == x.size(1) && weight.size(1) == weight.size(2) &&
+              weight.size(1) % 2 == 1 && weight.is_contiguous(),
+              "weight must be a contiguous (C, K, K) tensor with K odd");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(dilation.scalar_type() == at::kInt && dilation.numel() == x.size(1),
+              "dilation must be an int32 tensor of C elements");
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+}
+
+ConvShape shape_of(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& weight,
+                   int64_t stride) {
+  return ConvShape{static_cast<int>(src.size(1)), static_cast<int>(src.size(2)),
+                   static_cast<int>(src.size(3)), static_cast<int>(dst.size(2)),
+                   static_cast<int>(dst.size(3)), static_cast<int>(stride),
+                   static_cast<int>(weight.size(-1))};
+}
+
+}  // namespace
+
+at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& dilation,
+                              int64_t stride, int64_t channel_run) {
+  check_inputs(x, weight, dilation, stride);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto format = is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
+                              (x.size(3) - 1) / stride + 1}, x.options().memory_format(format));
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) && bias->is_cuda(),
+                "bias must be a CUDA tensor of C elements with x's dtype");
+  }
+  dispatch_float_types(x.scalar_type(), "dilated_conv2d_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    launch_gather<T, false>(x, weight, b.defined() ? b.data_ptr<T>() : nullptr, dilation, out,
+                            shape_of(x, out, weight, stride), is_channels_last(x), channel_run);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& dilation, int64_t stride, int64_t channel_run) {
+  check_inputs(x, weight, dilation, stride);
+  check_cuda(grad_out, "grad_out");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool channels_last = is_channels_last(x);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor g = grad_out.contiguous(format);
+  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_out dtype differs from x dtype");
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(format));
+  const int64_t channels = x.size(1), taps = weight.size(-1) * weight.size(-1);
+  const int64_t pixels = g.size(0) * g.size(2) * g.size(3);
+  const int channel_blocks = channels_last ? ceil_div(channels, 32) : static_cast<int>(channels);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Enough chunks to fill the GPU a few times; the count depends only on the shape and the
+  // device, so the summation order (and the bits) repeat from call to call.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(
+      ceil_div(4 * sms, std::max(channel_blocks, 1)), ceil_div(pixels, kThreads)));
+  const int64_t chunk = std::max<int64_t>(1, ceil_div(pixels, chunks));
+  const int64_t used_chunks = pixels > 0 ? ceil_div(pixels, chunk) : 0;
+  at::Tensor dw_partial = at::zeros({std::max<int64_t>(used_chunks, 1), channels, taps},
+                                    x.options().dtype(at::kFloat));
+  at::Tensor db_partial = at::zeros({std::max<int64_t>(used_chunks, 1), channels},
+                                    x.options().dtype(at::kFloat));
+  dispatch_float_types(x.scalar_type(), "dilated_conv2d_bwd", [&](auto tag) {
+    using T = decltype(tag);
+    launch_gather<T, true>(g, weight, nullptr, dilation, grad_x, shape_of(g, grad_x, weight, stride),
+                           channels_last, channel_run);
+    if (used_chunks == 0 || channels == 0) return;
+    const ConvShape s = shape_of(x, g, weight, stride);
+    const dim3 grid(static_cast<unsigned>(used_chunks), channel_blocks);
+    const dim3 block(32, 8);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch_kernel_size(s.k, [&](auto kt) {
+      constexpr int KT = decltype(kt)::value;
+      if (channels_last) {
+        grad_weight_partial_kernel<T, KT, true><<<grid, block, 0, stream>>>(
+            g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
+            db_partial.data_ptr<float>(), pixels, chunk, s);
+      } else {
+        grad_weight_partial_kernel<T, KT, false><<<grid, block, 0, stream>>>(
+            g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
+            db_partial.data_ptr<float>(), pixels, chunk, s);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {grad_x, dw_partial.sum(0).view(weight.sizes()), db_partial.sum(0)};
+}
+
+}  // namespace ultron

@@ -1,0 +1,363 @@
+// Window attention (Swin W-MSA / SW-MSA), forward and backward, one thread block per
+// (window, head).
+//
+// Windows hold at most 256 tokens and the scores of one window are tiny (49x49 for 7x7), so
+// the kernels keep the window's K and V (and, backward, Q and dO) in shared memory as float
+// and compute with plain FMA: for D=32 a 7x7 window costs ~0.6 KFLOP per query per head,
+// far under what would make the tensor cores pay for their data movement.
+// Padding, the cyclic shift, the region mask and the relative-position-bias gather are index
+// arithmetic; q/k/v are read through their strides (views of a packed qkv tensor).
+// Backward: each block owns a run of windows for one head and accumulates the bias gradient
+// of the run in shared memory; runs are summed by at::sum: deterministic, no atomics.
+#include "../common.cuh"
+
+#include <cfloat>
+
+namespace ultron {
+namespace {
+
+constexpr int kFwdThreads = 128;
+constexpr int kBwdThreads = 256;
+constexpr int kBiasTable = 1;
+constexpr int kBiasDense = 2;
+
+struct Geometry {
+  int H, W, Hp, Wp, win_h, win_w, wh, ww, sh, sw, tokens, head_dim, heads;
+};
+
+struct Strides {
+  int64_t b, h, w, n;
+};
+
+struct Token {
+  int64_t batch;
+  int y, x, r, c, region;
+  bool real;
+};
+
+__device__ __forceinline__ Token token_of(const Geometry& g, int64_t window, int t) {
+  Token tok;
+  const int64_t per_image = static_cast<int64_t>(g.win_h) * g.win_w;
+  tok.batch = window / per_image;
+  const int local = static_cast<int>(window % per_image);
+  tok.r = t / g.ww;
+  tok.c = t % g.ww;
+  const int y_rolled = (local / g.win_w) * g.wh + tok.r;
+  const int x_rolled = (local % g.win_w) * g.ww + tok.c;
+  tok.y = (y_rolled + g.sh) % g.Hp;  // undo torch.roll(-shift) of the padded grid
+  tok.x = (x_rolled + g.sw) % g.Wp;
+  tok.real = t < g.tokens && tok.y < g.H && tok.x < g.W;
+  const int ry = g.sh > 0 ? (y_rolled >= g.Hp - g.wh) + (y_rolled >= g.Hp - g.sh) : 0;
+  const int rx = g.sw > 0 ? (x_rolled >= g.Wp - g.ww) + (x_rolled >= g.Wp - g.sw) : 0;
+  tok.region = ry * 3 + rx;
+  return tok;
+}
+
+__device__ __forceinline__ int64_t offset(const Strides& s, const Token& t, int head) {
+  return t.batch * s.b + t.y * s.h + t.x * s.w + head * s.n;
+}
+
+// bias is float: a (T, heads) table or a (heads, N, N) dense tensor, both contiguous.
+__device__ __forceinline__ float bias_at(const float* bias, int kind, const Geometry& g, int head,
+                                         int i, int j, const Token& ti, const Token& tj) {
+  if (kind == kBiasTable) {
+    const int entry = (ti.r - tj.r + g.wh - 1) * (2 * g.ww - 1) + (ti.c - tj.c + g.ww - 1);
+    return bias[entry * g.heads + head];
+  }
+  if (kind == kBiasDense) return bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
+  return 0.f;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ void load_rows(float* dst, const T* src, const Strides& s, const Geometry& g,
+                          int64_t window, int head) {
+  const int ld = g.head_dim + 1;  // +1 float per row: column reads hit distinct banks
+  for (int e = threadIdx.x; e < g.tokens * g.head_dim; e += blockDim.x) {
+    const int t = e / g.head_dim, d = e % g.head_dim;
+    const Token tok = token_of(g, window, t);
+    dst[t * ld + d] = tok.real ? static_cast<float>(src[offset(s, tok, head) + d]) : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, float scale) {
+  extern __shared__ float smem[];
+  const int n = g.tokens, dim = g.head_dim, ld = dim + 1;
+  float* ks = smem;
+  float* vs = ks + n * ld;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  float* probs = vs + n * ld + warp * (n + dim);
+  float* qrow = probs + n;
+  const int64_t window = blockIdx.x;
+  const int head = blockIdx.y;
+  load_rows(ks, k, sk, g, window, head);
+  load_rows(vs, v, sv, g, window, head);
+  __syncthreads();
+  for (int i = warp; i < n; i += warps) {
+    const Token ti = token_of(g, window, i);
+    if (!ti.real) continue;  // warp-uniform: padded queries have no output
+    for (int d = lane; d < dim; d += 32) qrow[d] = static_cast<float>(q[offset(sq, ti, head) + d]);
+    __syncwarp();
+    float row_max = -FLT_MAX;
+    for (int j = lane; j < n; j += 32) {
+      const Token tj = token_of(g, window, j);
+      float s = -INFINITY;
+      if (tj.real && tj.region == ti.region) {
+        float dot = 0.f;
+        for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
+        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti, tj);
+      }
+      probs[j] = s;
+      row_max = fmaxf(row_max, s);
+    }
+    row_max = warp_max(row_max);  // finite: a real query always sees itself
+    float row_sum = 0.f;
+    for (int j = lane; j < n; j += 32) {
+      const float p = __expf(probs[j] - row_max);  // exp(-inf) = 0 for masked keys
+      probs[j] = p;
+      row_sum += p;
+    }
+    row_sum = warp_sum(row_sum);
+    __syncwarp();
+    const float inv = 1.f / row_sum;
+    for (int d = lane; d < dim; d += 32) {
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += probs[j] * vs[j * ld + d];
+      out[offset(so, ti, head) + d] = static_cast<T>(acc * inv);
+    }
+    if (lane == 0) lse[offset(sl, ti, head)] = row_max + logf(row_sum);
+    __syncwarp();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
+    T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
+    Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, float scale, int64_t windows,
+    int windows_per_block) {
+  extern __shared__ float smem[];
+  const int n = g.tokens, dim = g.head_dim, ld = dim + 1, lp = n + 1;
+  float* qs = smem;
+  float* ks = qs + n * ld;
+  float* vs = ks + n * ld;
+  float* dos = vs + n * ld;
+  float* ps = dos + n * ld;
+  float* dss = ps + n * lp;
+  float* row_lse = dss + n * lp;
+  float* row_delta = row_lse + n;
+  float* dbias = row_delta + n;  // n*n, only when dbias_partial != nullptr
+  const int head = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (dbias_partial != nullptr)
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
+  const int64_t last = min(first + windows_per_block, windows);
+  for (int64_t window = first; window < last; ++window) {
+    load_rows(qs, q, sq, g, window, head);
+    load_rows(ks, k, sk, g, window, head);
+    load_rows(vs, v, sv, g, window, head);
+    load_rows(dos, grad_out, sdo, g, window, head);
+    for (int i = warp; i < n; i += warps) {  // delta_i = dO_i . O_i
+      const Token ti = token_of(g, window, i);
+      float acc = 0.f;
+      if (ti.real)
+        for (int d = lane; d < dim; d += 32)
+          acc += static_cast<float>(grad_out[offset(sdo, ti, head) + d]) *
+                 static_cast<float>(out[offset(so, ti, head) + d]);
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        row_delta[i] = acc;
+        row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+      const int i = e / n, j = e % n;
+      const Token ti = token_of(g, window, i), tj = token_of(g, window, j);
+      float p = 0.f, ds = 0.f;
+      if (ti.real && tj.real && ti.region == tj.region) {
+        float s = 0.f, dp = 0.f;
+        for (int d = 0; d < dim; ++d) {
+          s += qs[i * ld + d] * ks[j * ld + d];
+          dp += dos[i * ld + d] * vs[j * ld + d];
+        }
+        s = s * scale + bias_at(bias, bias_kind, g, head, i, j, ti, tj);
+        p = __expf(s - row_lse[i]);
+        ds = p * (dp - row_delta[i]);
+      }
+      ps[i * lp + j] = p;
+      dss[i * lp + j] = ds;
+      if (dbias_partial != nullptr) dbias[e] += ds;  // each (i, j) has one owner thread
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * dim; e += blockDim.x) {
+      const int t = e / dim, d = e % dim;
+      const Token tt = token_of(g, window, t);
+      if (!tt.real) continue;
+      float gq = 0.f, gk = 0.f, gv = 0.f;
+      for (int j = 0; j < n; ++j) {
+        gq += dss[t * lp + j] * ks[j * ld + d];
+        gk += dss[j * lp + t] * qs[j * ld + d];
+        gv += ps[j * lp + t] * dos[j * ld + d];
+      }
+      const int64_t o = offset(sgrad, tt, head) + d;
+      dq[o] = static_cast<T>(gq * scale);
+      dk[o] = static_cast<T>(gk * scale);
+      dv[o] = static_cast<T>(gv);
+    }
+    __syncthreads();
+  }
+  if (dbias_partial != nullptr) {
+    float* dst = dbias_partial + (static_cast<int64_t>(blockIdx.x) * gridDim.y + head) * n * n;
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
+  }
+}
+
+Strides strides_of(const at::Tensor& t) {
+  return Strides{t.stride(0), t.stride(1), t.stride(2), t.dim() > 3 ? t.stride(3) : 0};
+}
+
+Geometry geometry_of(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRef shift) {
+  TORCH_CHECK(window.size() == 2 && shift.size() == 2, "window and shift must be pairs");
+  Geometry g;
+  g.H = static_cast<int>(q.size(1));
+  g.W = static_cast<int>(q.size(2));
+  g.heads = static_cast<int>(q.size(3));
+  g.head_dim = static_cast<int>(q.size(4));
+  g.wh = static_cast<int>(window[0]);
+  g.ww = static_cast<int>(window[1]);
+  g.sh = static_cast<int>(shift[0]);
+  g.sw = static_cast<int>(shift[1]);
+  g.win_h = ceil_div(g.H, g.wh);
+  g.win_w = ceil_div(g.W, g.ww);
+  g.Hp = g.win_h * g.wh;
+  g.Wp = g.win_w * g.ww;
+  g.tokens = g.wh * g.ww;
+  return g;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    check_cuda(*t, "q/k/v");
+    TORCH_CHECK(t->dim() == 5 && t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type(),
+                "q, k, v must be 5-D tensors of one shape and dtype");
+    TORCH_CHECK(t->stride(4) == 1, "q, k, v: the last dimension must be contiguous");
+  }
+}
+
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t kind) {
+  if (!bias.has_value() || kind == 0) return at::Tensor();
+  check_cuda(*bias, "rel_pos_bias");
+  return bias->to(at::kFloat).contiguous();
+}
+
+size_t fwd_smem_bytes(const Geometry& g) {
+  return sizeof(float) * (2 * g.tokens * (g.head_dim + 1) + (kFwdThreads / 32) * (g.tokens + g.head_dim));
+}
+
+size_t bwd_smem_bytes(const Geometry& g, bool bias_grad) {
+  const size_t n = g.tokens;
+  return sizeof(float) * (4 * n * (g.head_dim + 1) + 2 * n * (n + 1) + 2 * n + (bias_grad ? n * n : 0));
+}
+
+template <typename Kernel>
+void reserve_smem(Kernel kernel, size_t bytes, const char* op) {
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(bytes <= limit, op, ": this window/head_dim needs ", bytes,
+              " bytes of shared memory per block, the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
+    at::IntArrayRef shift, double scale) {
+  check_qkv(q, k, v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Geometry g = geometry_of(q, window, shift);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+  const at::Tensor b = float_bias(bias, bias_kind);
+  const int64_t windows = q.size(0) * g.win_h * g.win_w;
+  if (out.numel() == 0) return {out, lse};
+  TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch");
+  const size_t smem = fwd_smem_bytes(g);
+  dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    reserve_smem(window_attn_fwd_kernel<T>, smem, "window_attention_fwd");
+    window_attn_fwd_kernel<T><<<dim3(static_cast<unsigned>(windows), g.heads), kFwdThreads, smem,
+                                at::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), b.defined() ? b.data_ptr<float>() : nullptr,
+        static_cast<int>(b.defined() ? bias_kind : 0), out.data_ptr<T>(), lse.data_ptr<float>(), g,
+        strides_of(q), strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
+        static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    int64_t bias_kind, bool bias_grad, at::IntArrayRef window, at::IntArrayRef shift, double scale) {
+  check_qkv(q, k, v);
+  check_cuda(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1 &&
+              grad_out.scalar_type() == q.scalar_type(), "grad_out must match q");
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "out and lse must be the contiguous outputs of window_attention_fwd");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Geometry g = geometry_of(q, window, shift);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
+  const at::Tensor b = float_bias(bias, bias_kind);
+  const int64_t windows = q.size(0) * g.win_h * g.win_w;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Runs of windows per block: enough blocks to fill the GPU a few times, fewer bias partials.
+  const int64_t runs_wanted = std::max<int64_t>(1, std::min<int64_t>(windows, ceil_div(8 * sms, g.heads)));
+  const int per_block = static_cast<int>(std::max<int64_t>(1, ceil_div(windows, runs_wanted)));
+  const int64_t runs = windows > 0 ? ceil_div(windows, per_block) : 0;
+  at::Tensor dbias = bias_grad
+      ? at::zeros({std::max<int64_t>(runs, 1), g.heads, g.tokens, g.tokens}, q.options().dtype(at::kFloat))
+      : at::empty({0}, q.options().dtype(at::kFloat));
+  if (runs == 0 || q.numel() == 0) {
+    return {dq.zero_(), dk.zero_(), dv.zero_(), bias_grad ? dbias.sum(0) : dbias};
+  }
+  const size_t smem = bwd_smem_bytes(g, bias_grad);
+  dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
+    using T = decltype(tag);
+    reserve_smem(window_attn_bwd_kernel<T>, smem, "window_attention_bwd");
+    window_attn_bwd_kernel<T><<<dim3(static_cast<unsigned>(runs), g.heads), kBwdThreads, smem,
+                                at::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
+        grad_out.data_ptr<T>(), b.defined() ? b.data_ptr<float>() : nullptr,
+        static_cast<int>(b.defined() ? bias_kind : 0), dq.data_ptr<T>(), dk.data_ptr<T>(),
+        dv.data_ptr<T>(), bias_grad ? dbias.data_ptr<float>() : nullptr, g, strides_of(q),
+        strides_of(k), strides_of(v), strides_of(out), strides_of(lse), strides_of(grad_out),
+        strides_of(dq), static_cast<float>(scale), windows, per_block);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dq, dk, dv, bias_grad ? dbias.sum(0) : dbias};
+}
+
+}  // namespace ultron

@@ -1,0 +1,28 @@
+"""Test set-up: without a GPU, Triton kernels run on CPU tensors through the interpreter,
+which must be switched on before triton is first imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import ultron_kernels  # noqa: E402,F401  (imports triton after the switch above)
+
+# Random shape sweeps: a handful of cases per property on the CPU (the interpreter is slow),
+# more on a GPU; ULTRON_KERNELS_SWEEP overrides.
+settings.register_profile("ultron", deadline=None, print_blob=True, derandomize=False,
+                          max_examples=int(os.environ.get(
+                              "ULTRON_KERNELS_SWEEP", 200 if torch.cuda.is_available() else 6)))
+settings.load_profile("ultron")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)

@@ -53,11 +53,16 @@ def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten or NaN)"
     rel_tol, abs_frac = TOLERANCES[dtype]
     rel = relative_error(actual, expected)
+    if expected.norm() == 0:  # relative error undefined: the max-abs check below decides
+        rel = 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     max_abs = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert rel <= rel_tol and max_abs <= abs_frac * max(scale, 1e-3), (
+    # Test inputs are O(1); a result that is exactly zero in float64 (a one-token window's
+    # dk) still carries the rounding of its O(1) intermediates, hence the floor of 1e-2.
+    abs_tol = abs_frac * max(scale, 1e-2)
+    assert rel <= rel_tol and max_abs <= abs_tol, (
         f"{name} ({dtype}): relative error {rel:.3g} (tol {rel_tol:g}), max abs error "
-        f"{max_abs:.3g} (tol {abs_frac * max(scale, 1e-3):.3g})")
+        f"{max_abs:.3g} (tol {abs_tol:.3g})")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,54 @@
+"""Backend registry and selection; the compiled extension's registration."""
+
+import os
+
+import pytest
+import torch
+
+import ultron_kernels as uk
+from ultron_kernels import _cuda
+from ultron_kernels.backends import select_backend
+
+
+def test_available_backends_reports_reasons():
+    status = uk.available_backends("cpu")
+    assert set(status) == {"reference", "triton", "cuda"}
+    assert status["reference"] == "available"
+    assert status["cuda"] != "available"  # never on CPU tensors
+
+
+def test_auto_on_cpu_is_reference():
+    assert select_backend("window_attention", "auto", torch.device("cpu"), lambda b: None) == "reference"
+
+
+def test_env_var_replaces_auto(monkeypatch):
+    monkeypatch.setenv("ULTRON_KERNELS_BACKEND", "triton")
+    chosen = select_backend("window_attention", "auto", torch.device("cpu"), lambda b: None)
+    assert chosen == ("triton" if os.environ.get("TRITON_INTERPRET") == "1" else "reference")
+    # an explicit argument wins over the variable
+    assert select_backend("window_attention", "reference", torch.device("cpu"), lambda b: None) == "reference"
+
+
+def test_explicit_unavailable_backend_names_the_reason():
+    with pytest.raises(uk.BackendUnavailableError, match="head_dim 12 unsupported"):
+        select_backend("window_attention", "triton", torch.device("cpu"),
+                       lambda b: "head_dim 12 unsupported" if b != "reference" else None)
+
+
+def test_backend_must_be_a_string():
+    with pytest.raises(TypeError, match="backend must be a string"):
+        select_backend("window_attention", 3, torch.device("cpu"), lambda b: None)
+
+
+def test_extension_builds_and_registers_ops():
+    """`make test` builds ultron_kernels._C whenever nvcc and a CUDA torch are present
+    (ULTRON_KERNELS_REQUIRE_EXTENSION=1): then a broken csrc fails here."""
+    if not _cuda.HAS_CUDA_EXTENSION:
+        if os.environ.get("ULTRON_KERNELS_REQUIRE_EXTENSION") == "1":
+            pytest.fail(_cuda.CUDA_EXTENSION_ERROR)
+        pytest.skip(_cuda.CUDA_EXTENSION_ERROR)
+    ops = _cuda.cuda_ops()
+    for name in ("dilated_conv2d_fwd", "dilated_conv2d_bwd", "window_attention_fwd",
+                 "window_attention_bwd"):
+        schema = getattr(ops, name).default._schema
+        assert schema.name == f"ultron_kernels_cuda::{name}"

@@ -1,0 +1,219 @@
+"""window_attention: parity of every backend with the float64 reference, gradients (bias
+included), determinism, registration, bad input, the module, equality with timm's Swin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import ultron_kernels as uk
+from ultron_kernels.nn import WindowAttention
+from ultron_kernels.ops.window_attention import _fused_forward
+from ultron_kernels.reference.window_attention import window_attention_reference
+from helpers import assert_parity, backend_cases, poisoned_outputs
+
+CASES = backend_cases()
+FUSED_CASES = backend_cases(include_reference=False)
+
+
+def make_inputs(shape, heads, head_dim, window, bias_kind, dtype, device, packed=True):
+    b, h, w = shape
+    if packed:  # q, k, v as strided views of one (B, H, W, 3, heads, D) tensor
+        qkv = torch.randn(b, h, w, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.unbind(3)
+    else:
+        q, k, v = (torch.randn(b, h, w, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    wh, ww = window
+    bias = None
+    if bias_kind == "table":
+        bias = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=device, dtype=torch.float32)
+    elif bias_kind == "dense":
+        bias = torch.randn(heads, wh * ww, wh * ww, device=device, dtype=torch.float32)
+    return q, k, v, bias
+
+
+def check_case(device, backend, shape, heads, head_dim, window, shift, bias_kind, dtype,
+               packed=True, backward=True):
+    q, k, v, bias = make_inputs(shape, heads, head_dim, window, bias_kind, dtype, device, packed)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if bias is not None:
+        leaves.append(bias.requires_grad_())
+    q_in, k_in, v_in = (leaves[:3] if not packed else
+                        torch.stack(leaves[:3], 3).unbind(3))  # keep the packed strides
+    with poisoned_outputs():
+        out = uk.window_attention(q_in, k_in, v_in, window, shift, bias, backend=backend)
+    assert out.dtype == dtype and out.is_contiguous()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_bias = ref_leaves[3] if bias is not None else None
+    expected = window_attention_reference(*ref_leaves[:3], window, shift, ref_bias,
+                                          head_dim ** -0.5)
+    assert_parity("out", out, expected, dtype)
+    if not backward:
+        return
+    grad_out = torch.randn_like(expected)
+    with poisoned_outputs():
+        grads = torch.autograd.grad(out, leaves, grad_out.to(device=device, dtype=dtype))
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert_parity(name, got, want, dtype)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("shape,window,shift,bias_kind", [
+    ((1, 7, 7, 2), (7, 7), (0, 0), "table"),
+    ((2, 14, 14, 2), (7, 7), (3, 3), "table"),
+    ((1, 9, 11, 2), (7, 7), (3, 2), "dense"),     # non-multiples: padding
+    ((1, 5, 3, 1), (7, 7), (0, 0), "table"),      # smaller than one window
+    ((1, 16, 8, 1), (8, 8), (4, 4), None),
+    ((2, 10, 13, 2), (4, 6), (2, 3), "table"),    # rectangular window
+    ((1, 12, 10, 1), (4, 6), (0, 3), "dense"),    # shift on one axis only
+    ((1, 1, 1, 2), (8, 8), (0, 0), "table"),      # 1x1 grid
+    ((1, 18, 20, 1), (9, 9), (4, 4), "table"),    # 81 tokens: two key blocks
+], ids=lambda v: str(v).replace(" ", ""))
+def test_parity_float32(device, backend, shape, window, shift, bias_kind):
+    b, h, w, heads = shape
+    check_case(device, backend, (b, h, w), heads, 16, window, shift, bias_kind, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_head_dims(device, backend, head_dim):
+    check_case(device, backend, (1, 9, 8), 1, head_dim, (7, 7), (3, 3), "table", torch.float32,
+               packed=head_dim != 64)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_parity_half(device, backend, dtype):
+    check_case(device, backend, (2, 14, 10), 2, 32, (7, 7), (3, 3), "table", dtype)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@given(b=st.integers(1, 2), h=st.integers(1, 15), w=st.integers(1, 15), heads=st.integers(1, 2),
+       wh=st.integers(2, 8), ww=st.integers(2, 8), bias_kind=st.sampled_from([None, "table", "dense"]),
+       data=st.data())
+def test_random_shapes(device, backend, b, h, w, heads, wh, ww, bias_kind, data):
+    shift = (data.draw(st.integers(0, wh - 1)), data.draw(st.integers(0, ww - 1)))
+    check_case(device, backend, (b, h, w), heads, 16, (wh, ww), shift, bias_kind, torch.float32)
+
+
+def test_gradcheck_reference_float64():
+    q, k, v, bias = make_inputs((1, 5, 6), 2, 4, (3, 4), "table", torch.float64, "cpu", False)
+    bias = bias.double()
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: uk.window_attention(q, k, v, (3, 4), (1, 2), b, backend="reference"), inputs)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_bias_gradient_is_bitwise_deterministic(device, backend):
+    q, k, v, bias = make_inputs((2, 14, 14), 2, 16, (7, 7), "table", torch.float32, device)
+    bias.requires_grad_()
+    out = uk.window_attention(q, k, v, 7, 3, bias, backend=backend)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, bias, g, retain_graph=True)[0]
+    second = torch.autograd.grad(out, bias, g)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_opcheck(device, backend):
+    for bias_kind, kind in (("table", 1), ("dense", 2), (None, 0)):
+        q, k, v, bias = make_inputs((1, 9, 8), 2, 16, (4, 4), bias_kind, torch.float32, device, False)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        bias = bias.requires_grad_() if bias is not None else None
+        torch.library.opcheck(_fused_forward, (*leaves, bias, kind, [4, 4], [2, 1], 0.25, backend))
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_torch_compile_fullgraph(device, backend):
+    module = WindowAttention(32, 2, window_size=4, shift_size=2, backend=backend).to(device)
+    compiled = torch.compile(module, fullgraph=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
+    x = torch.randn(1, 8, 9, 32, device=device)
+    out = compiled(x)
+    out.sum().backward()
+    module.backend = "reference"
+    assert_parity("compiled module", out, module.double()(x.double()), torch.float32)
+    assert module.relative_position_bias_table.grad is not None
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_autocast(device, backend):
+    module = WindowAttention(32, 2, window_size=7, shift_size=3, backend=backend).to(device)
+    x = torch.randn(1, 9, 10, 32, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    module.backend = "reference"
+    assert_parity("autocast module", out, module.double()(x.double()), torch.bfloat16)
+
+
+def test_inputs_are_not_modified():
+    q, k, v, bias = make_inputs((1, 8, 8), 1, 16, (4, 4), "table", torch.float32, "cpu")
+    copies = [t.clone() for t in (q, k, v, bias)]
+    uk.window_attention(q, k, v, 4, 2, bias, backend="triton")
+    assert all(torch.equal(a, c) for a, c in zip((q, k, v, bias), copies))
+
+
+def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(q=torch.randn(1, 8, 8, 32)), ValueError, "q: expected a 5-D"),
+    (lambda a: a.update(k=torch.randn(1, 8, 8, 2, 8)), ValueError, "k has shape"),
+    (lambda a: a.update(v=a["v"].half()), TypeError, "v has dtype"),
+    (lambda a: a.update(window_size=17), ValueError, "wh\\*ww <= 256"),
+    (lambda a: a.update(window_size=0), ValueError, "window_size must be >= 1"),
+    (lambda a: a.update(window_size=(4, 4, 4)), TypeError, "window_size must be an int or a pair"),
+    (lambda a: a.update(shift_size=4), ValueError, "shift_size must satisfy"),
+    (lambda a: a.update(shift_size=-1), ValueError, "shift_size must satisfy"),
+    (lambda a: a.update(rel_pos_bias=torch.randn(48, 2)), ValueError, "rel_pos_bias: expected a table"),
+    (lambda a: a.update(q=torch.randn(1, 8, 8, 16, 2).transpose(-1, -2)), ValueError, "must be contiguous"),
+    (lambda a: a.update(q=a["q"][..., :12], k=a["k"][..., :12], v=a["v"][..., :12], backend="triton"),
+     uk.BackendUnavailableError, "head_dim 12"),
+    (lambda a: a.update(backend="flash"), ValueError, "backend must be one of"),
+])
+def test_bad_input(change, error, match):
+    q, k, v = _qkv()
+    args = dict(q=q, k=k, v=v, window_size=4, shift_size=0,
+                rel_pos_bias=torch.randn(49, 2), backend="auto")
+    change(args)
+    with pytest.raises(error, match=match):
+        uk.window_attention(**args)
+
+
+def test_auto_uses_reference_for_unsupported_head_dim():
+    q, k, v = (t[..., :12] for t in _qkv())
+    out = uk.window_attention(q, k, v, 4)
+    assert out.shape == q.shape
+
+
+def test_reference_matches_timm_swin_block():
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    for shift in (0, 3):
+        block = timm_swin.SwinTransformerBlock(dim=32, input_resolution=(14, 21), num_heads=2,
+                                               window_size=7, shift_size=shift).eval()
+        ours = WindowAttention(32, 2, window_size=7, shift_size=shift, backend="reference")
+        ours.load_state_dict(block.attn.state_dict())
+        x = torch.randn(2, 14, 21, 32)
+        with torch.no_grad():
+            expected = block._attn(x)
+            got = ours(x)
+        # timm masks with -100 instead of -inf: agreement to float32 rounding.
+        assert_parity(f"timm shift={shift}", got, expected.double(), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_module_loads_timm_state_dict(device, backend):
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    theirs = timm_swin.WindowAttention(32, num_heads=2, window_size=7).to(device)
+    ours = WindowAttention(32, 2, window_size=7, backend=backend).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, 7, 32, device=device)
+    with torch.no_grad():
+        expected = theirs(x.reshape(3, 49, 32)).reshape(3, 7, 7, 32)
+        assert_parity("timm module", ours(x), expected.double(), torch.float32)

@@ -36,9 +36,15 @@ venv: $(VENV)/.ready
 # pip-installed CUDA headers (cusparse.h etc.) that the toolkit on these machines lacks.
 NV_INCLUDE = $(shell $(PY) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null)
 
-build: venv
+# Editable install (ultron_kernels and python/ultron) plus the extension; redone only when
+# the C++/CUDA sources or the build files change.
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.cpp')
+$(VENV)/.built: $(VENV)/.ready $(BUILD_INPUTS)
 	CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" $(PIP) install -q --no-build-isolation -e .
-	$(PY) -c "import ultron_kernels, ultron_kernels._cuda as c; print('ultron_kernels._C built:', c.HAS_CUDA_EXTENSION, c.CUDA_EXTENSION_ERROR)"
+	$(PY) -c "import ultron_kernels._cuda as c; print('ultron_kernels._C built:', c.HAS_CUDA_EXTENSION, c.CUDA_EXTENSION_ERROR)"
+	touch $@
+
+build: $(VENV)/.built
 
 # With nvcc present the extension must build and register (a broken csrc fails the tests).
 test: build

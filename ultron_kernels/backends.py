@@ -17,6 +17,7 @@ there is never a silent fallback.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable, Optional
 
@@ -31,16 +32,18 @@ AUTO_ORDER = {
 }
 ENV_VAR = "ULTRON_KERNELS_BACKEND"
 
-# Set before triton is imported, this makes Triton run kernels on CPU tensors (slowly): the
-# way Triton kernels are tested on machines without a GPU.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-try:
-    import triton  # noqa: F401
 
-    _TRITON_IMPORT_ERROR = ""
-except ImportError as exc:
-    _TRITON_IMPORT_ERROR = f"triton is not installed ({exc})"
+def triton_interpreter_on() -> bool:
+    """TRITON_INTERPRET=1 makes Triton run kernels on CPU tensors (slowly): the way Triton
+    kernels are tested without a GPU. Triton reads it when first imported; this package
+    imports triton only with its kernel modules, at first use, so setting the variable any
+    time before the first fused call works."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Only look for triton here: importing it fixes its interpreter mode (see above).
+_TRITON_IMPORT_ERROR = ("" if importlib.util.find_spec("triton") is not None
+                        else "triton is not installed")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -53,7 +56,7 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         if _TRITON_IMPORT_ERROR:
             return _TRITON_IMPORT_ERROR
-        if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on()):
             return None
         return (f"tensors are on '{device.type}'; Triton needs a CUDA device "
                 "(or TRITON_INTERPRET=1 set before importing triton, to run on the CPU)")

@@ -202,6 +202,11 @@ def channelwise_dilated_conv2d(x: torch.Tensor, weight: torch.Tensor,
     if chosen == "reference":
         return channelwise_dilated_conv2d_reference(x, weight, bias, rates, int(stride))
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
+        # A channels-innermost view (e.g. k of a packed (B, H, W, 3, C) qkv) is read in place
+        # by the Triton kernels, which take strides; anything else is made contiguous.
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        elif chosen != "triton":
+            x = x.contiguous(memory_format=torch.channels_last)
     return _fused_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                           list(rates), int(stride), chosen)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultron_kernels.backends import TRITON_INTERPRET
+from ultron_kernels.backends import triton_interpreter_on
 
 
 @triton.jit
@@ -167,7 +167,7 @@ def _grid(batch: int, height: int, width: int, channels: int):
 def _launch(tuned, plain, layout_of: torch.Tensor, grid_shape, *args, **flags):
     """Autotuned launch on a GPU; one fixed tile in the interpreter (autotuning there would
     only multiply its run time)."""
-    if TRITON_INTERPRET:
+    if triton_interpreter_on():
         tile = _tile(layout_of)
         plain[_grid(*grid_shape)(tile)](*args, **flags, **tile)
     else:

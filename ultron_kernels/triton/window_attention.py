@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultron_kernels.backends import TRITON_INTERPRET
+from ultron_kernels.backends import triton_interpreter_on
 
 BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
 
@@ -209,7 +209,7 @@ def _geometry(q: torch.Tensor, window, shift):
 def _flags(q: torch.Tensor, window, shift, bias_kind: int) -> dict:
     tokens = window[0] * window[1]
     block = _block(tokens)
-    interpret = TRITON_INTERPRET or q.device.type != "cuda"
+    interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
     return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
                 BIAS_KIND=bias_kind, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),

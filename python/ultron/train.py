@@ -139,8 +139,15 @@ def main(argv=None) -> int:
         epoch += 1
     if progress is not None:
         progress.close()
+    identical = True
+    if world > 1:  # DDP must keep every rank's weights the same: check it, bit for bit
+        flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        dist.destroy_process_group()
     if log is not None:
         log.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(dict(steps=step, world_size=world, parameters_identical_across_ranks=identical), f)
+    return 0 if identical else 1

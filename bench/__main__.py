@@ -1,0 +1,214 @@
+"""`python -m bench`: time our backends and the peers side by side, with the memory floor.
+
+Writes results.json, results.md and PNG plots under bench/results/<device>/ (and $OUT when
+set). Without a GPU it runs the tiny preset on the CPU to exercise the harness and says so:
+those timings are CPU timings and say nothing about the kernels' GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.cases import Case, _fwd_bwd, _rotate, attention_cases, conv_cases
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def time_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (the floor's denominator)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
+    rows = []
+    for direction, floor_bytes in (("fwd", case.floor_bytes_fwd), ("fwd+bwd", case.floor_bytes_fwd_bwd)):
+        floor_ms = floor_bytes / bandwidth * 1e3
+        for name, forward in case.variants.items():
+            fn = forward if direction == "fwd" else _fwd_bwd(forward, lambda *xs: xs)
+            row = dict(op=case.op, shape=case.shape, dtype=str(case.dtype).replace("torch.", ""),
+                       layout=case.layout, direction=direction, variant=name, floor_ms=floor_ms)
+            try:
+                if direction == "fwd":
+                    with torch.no_grad():
+                        ms = time_ms(_rotate(case.inputs, fn), device)
+                else:
+                    ms = time_ms(_rotate(case.inputs, fn), device)
+                row.update(ms=ms, floor_fraction=floor_ms / ms)
+            except Exception as exc:  # a peer the installed torch cannot run: say why
+                row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            rows.append(row)
+    # speedup of each variant over the best peer of the same (shape, layout, direction)
+    for direction in ("fwd", "fwd+bwd"):
+        group = [r for r in rows if r["direction"] == direction and r["ms"] is not None]
+        peers = [r["ms"] for r in group if r["variant"].startswith("peer")]
+        for r in group:
+            r["speedup_vs_best_peer"] = min(peers) / r["ms"] if peers else None
+    return rows
+
+
+def model_rows(device: torch.device) -> list[dict]:
+    import ultron
+    import ultron_kernels as uk
+    from ultron.data import sample_batch
+    from ultron.parity import training_step
+
+    images, labels, classes = sample_batch(32, 224)
+    images, labels = images.to(device), labels.to(device)
+    model = ultron.build("ultron_s", num_classes=classes).to(device)
+    rows = []
+    variants = [("peer: eager (reference)", "reference", False),
+                ("peer: torch.compile(reference)", "reference", True)]
+    variants += [(f"ours: {b}", b, False) for b, why in uk.available_backends(device).items()
+                 if why == "available" and b != "reference"]
+    for name, backend, compiled in variants:
+        uk.swap_in(model, backend)
+        runner = torch.compile(model) if compiled else model
+        for direction in ("inference", "train step"):
+            try:
+                if direction == "inference":
+                    def fn():
+                        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                            return runner.descriptor(images) if not compiled else runner(images)
+                else:
+                    def fn():
+                        return training_step(runner, images, labels, torch.bfloat16)
+                ms = time_ms(fn, device)
+                rows.append(dict(op="ultron_s", shape="B32 224x224", dtype="bf16-autocast",
+                                 layout="-", direction=direction, variant=name, ms=ms))
+            except Exception as exc:
+                rows.append(dict(op="ultron_s", shape="B32 224x224", dtype="bf16-autocast", layout="-",
+                                 direction=direction, variant=name, ms=None,
+                                 note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    uk.swap_in(model, "reference")
+    for direction in ("inference", "train step"):
+        group = [r for r in rows if r["direction"] == direction and r["ms"] is not None]
+        peers = [r["ms"] for r in group if r["variant"].startswith("peer")]
+        for r in group:
+            r["speedup_vs_best_peer"] = min(peers) / r["ms"] if peers else None
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Benchmark results: {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+             f"copy bandwidth {meta['copy_TBps']:.2f} TB/s, {meta['timestamp']}", "",
+             "| op | shape | dtype | layout | dir | variant | ms | floor ms | floor fraction | vs best peer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = f"{r['ms']:.4f}" if r.get("ms") is not None else f"skipped ({r.get('note', '')})"
+        floor = f"{r['floor_ms']:.4f}" if r.get("floor_ms") is not None else "-"
+        frac = f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") is not None else "-"
+        speed = f"{r['speedup_vs_best_peer']:.2f}x" if r.get("speedup_vs_best_peer") else "-"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['layout']} | {r['direction']} "
+                     f"| {r['variant']} | {ms} | {floor} | {frac} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ours = [r for r in rows if r["variant"].startswith("ours") and r.get("speedup_vs_best_peer")]
+    for key, label, name in (("speedup_vs_best_peer", "speedup over the best peer (x)", "speedup.png"),
+                             ("floor_fraction", "fraction of the memory floor", "floor_fraction.png")):
+        data = [r for r in ours if r.get(key) is not None]
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(11, 0.32 * len(data) + 1.5))
+        labels = [f"{r['op'][:12]} {r['shape']} {r['layout']} {r['direction']} [{r['variant'][6:]}]"
+                  for r in data]
+        ax.barh(range(len(data)), [r[key] for r in data], color="tab:blue")
+        ax.set_yticks(range(len(data)), labels, fontsize=7)
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--op", choices=["conv", "attention", "model", "all"], default="all")
+    p.add_argument("--preset", choices=["quick", "tiny"], default="quick")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    preset = args.preset if gpu else "tiny"
+    dtype = DTYPES[args.dtype] if gpu else torch.float32
+    if not gpu:
+        print("No GPU here: running the tiny preset on the CPU (reference path and CPU peers) to "
+              "check the harness. These are CPU timings; kernel speed needs a GPU.")
+    import triton
+
+    bandwidth = copy_bandwidth(device)
+    meta = dict(device=torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or 'unknown'})",
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                copy_TBps=bandwidth / 1e12, preset=preset, dtype=str(dtype),
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    rows = []
+    builders = []
+    if args.op in ("conv", "all"):
+        builders.append(conv_cases)
+    if args.op in ("attention", "all"):
+        builders.append(attention_cases)
+    for build in builders:
+        for case in build(preset, dtype, device):
+            rows += run_case(case, device, bandwidth)
+            print(f"done: {case.op} {case.shape} {case.layout}", flush=True)
+    if args.op in ("model", "all") and gpu:
+        rows += model_rows(device)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_")[:40]
+    out_dir = os.path.join(os.path.dirname(__file__), "results", slug)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(rows, meta))
+    written = plots(rows, out_dir)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        for name in ["results.json", "results.md"] + [os.path.basename(w) for w in written]:
+            shutil.copy(os.path.join(out_dir, name), args.out)
+    print(markdown([r for r in rows if r.get("ms") is not None], meta)[-6000:])
+    print(f"results in {os.path.relpath(out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Benchmark shapes, our backends and the peers, as (name, setup) pairs.
+
+Each ``make_*`` returns a list of Row specs: a callable per variant that runs the forward
+(and one for forward+backward), on inputs built once per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import ultron_kernels as uk
+from ultron_kernels.reference.dilated_conv import same_padding
+from ultron_kernels.reference.window_attention import dense_bias, window_attention_reference
+
+CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups
+    "quick": [(32, 96, 56, 56), (32, 192, 28, 28), (16, 64, 128, 128), (16, 128, 64, 64)],
+    "tiny": [(2, 12, 16, 16)],
+}
+ATTN_SHAPES = {  # (B, H, W, heads, D), window 7, table bias
+    "quick": [(32, 56, 56, 4, 32), (32, 28, 28, 8, 32), (16, 28, 28, 10, 32), (64, 14, 14, 16, 32),
+              (32, 28, 28, 4, 64)],
+    "tiny": [(2, 14, 14, 2, 16)],
+}
+DILATIONS = (1, 3, 6)
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: torch.dtype
+    layout: str
+    floor_bytes_fwd: int
+    floor_bytes_fwd_bwd: int
+    variants: dict[str, tuple[Callable, Optional[str]]] = field(default_factory=dict)
+    inputs: list = field(default_factory=list)   # input sets, rotated between calls
+
+
+def _rotate(sets: list, build: Callable) -> Callable:
+    """A callable that runs ``build(*inputs)`` on the next input set each call (so that
+    repeated calls do not all hit L2)."""
+    state = {"i": 0}
+
+    def run():
+        state["i"] = (state["i"] + 1) % len(sets)
+        return build(*sets[state["i"]])
+    return run
+
+
+def _fwd_bwd(forward: Callable, grad_inputs: Callable) -> Callable:
+    def run(*inputs):
+        out = forward(*inputs)
+        return torch.autograd.grad(out, grad_inputs(*inputs), torch.ones_like(out))
+    return run
+
+
+def _input_sets(make: Callable, bytes_per_set: int, device) -> list:
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    count = max(1, min(8, math.ceil(3 * l2 / max(bytes_per_set, 1))))
+    return [make() for _ in range(count)]
+
+
+def conv_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    cases = []
+    backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
+    for b, c, h, w in CONV_SHAPES[preset]:
+        for layout in ("nchw", "nhwc"):
+            elt = torch.tensor([], dtype=dtype).element_size()
+            act = b * c * h * w * elt
+
+            def make(b=b, c=c, h=h, w=w, layout=layout):
+                x = torch.randn(b, c, h, w, device=device, dtype=dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                weight = (torch.randn(c, 1, 3, 3, device=device, dtype=dtype) / 3)
+                bias = torch.randn(c, device=device, dtype=dtype)
+                return [t.requires_grad_() for t in (x, weight, bias)]
+
+            case = Case("channelwise_dilated_conv2d", f"B{b} C{c} {h}x{w} k3 d1/3/6", dtype, layout,
+                        2 * act, 5 * act)
+            case.inputs = _input_sets(make, act, device)
+            width = c // len(DILATIONS)
+
+            def split_conv_cat(x, weight, bias):
+                xs, ws, bs = x.split(width, 1), weight.split(width, 0), bias.split(width, 0)
+                return torch.cat([F.conv2d(xi, wi, bi, 1, same_padding(d, 3), d, width)
+                                  for xi, wi, bi, d in zip(xs, ws, bs, DILATIONS)], 1)
+
+            def ours(backend):
+                return lambda x, weight, bias: uk.channelwise_dilated_conv2d(
+                    x, weight, bias, DILATIONS, backend=backend)
+
+            variants = {"peer: split+conv+cat": split_conv_cat}
+            if device.type == "cuda":
+                variants["peer: split+conv+cat compiled"] = torch.compile(split_conv_cat)
+            variants.update({f"ours: {name}": ours(name) for name in backends})
+            for name, fn in variants.items():
+                case.variants[name] = fn
+            cases.append(case)
+    return cases
+
+
+def _partition_bias(table, window, heads):
+    return dense_bias(table, window, window, heads)  # (heads, N, N)
+
+
+def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Case]:
+    cases = []
+    backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
+    window = 7
+    n = window * window
+    for b, h, w, heads, d in ATTN_SHAPES[preset]:
+        elt = torch.tensor([], dtype=dtype).element_size()
+        act = b * h * w * heads * d * elt
+
+        def make(b=b, h=h, w=w, heads=heads, d=d):
+            qkv = torch.randn(b, h, w, 3, heads, d, device=device, dtype=dtype)
+            table = torch.randn((2 * window - 1) ** 2, heads, device=device, dtype=torch.float32) * 0.1
+            return [t.requires_grad_() for t in (*qkv.unbind(3), table)]
+
+        case = Case("window_attention", f"B{b} {h}x{w} h{heads} d{d} w7", dtype, "-", 4 * act, 12 * act)
+        case.inputs = [[t.detach().requires_grad_() for t in s]
+                       for s in _input_sets(make, 3 * act, device)]
+
+        def eager(q, k, v, table):
+            return window_attention_reference(q, k, v, (window, window), (0, 0), table, d ** -0.5)
+
+        def partition(t):
+            bb, hh, ww, nh, dd = t.shape
+            t = t.reshape(bb, hh // window, window, ww // window, window, nh, dd)
+            return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, n, dd)
+
+        def sdpa(q, k, v, table):
+            bias = _partition_bias(table, window, heads).to(q.dtype)[None]
+            out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
+            return out  # kept partitioned: the reverse copy would only add to the peer's time
+
+        variants = {"peer: eager": eager}
+        if device.type == "cuda":
+            variants["peer: eager compiled"] = torch.compile(eager)
+            variants["peer: sdpa+bias"] = sdpa
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+
+                flex = torch.compile(flex_attention)
+
+                def flex_peer(q, k, v, table):
+                    bias = _partition_bias(table, window, heads)
+
+                    def score_mod(score, bi, hi, qi, ki):
+                        return score + bias[hi, qi, ki]
+                    return flex(partition(q), partition(k), partition(v), score_mod=score_mod)
+                variants["peer: flex(partitioned)"] = flex_peer
+            except ImportError as exc:
+                print(f"skipping FlexAttention peer: {exc}")
+        for name in backends:
+            variants[f"ours: {name}"] = (lambda name: lambda q, k, v, table: uk.window_attention(
+                q, k, v, window, 0, table, backend=name))(name)
+        case.variants = variants
+        cases.append(case)
+    return cases

@@ -13,7 +13,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 OUT ?= $(CURDIR)/runs/latest
 
-.PHONY: help venv build test test-fast demo bench gpu-check clean
+.PHONY: help venv build cmake-build test demo bench gpu-check clean
 
 help:
 	@echo "make test       build everything (venv, CUDA extension) and run the CPU test suite"
@@ -47,6 +47,18 @@ $(VENV)/.built: $(VENV)/.ready $(BUILD_INPUTS)
 build: $(VENV)/.built
 
 # With nvcc present the extension must build and register (a broken csrc fails the tests).
+# The CMake build of csrc for C++ users (see CMakeLists.txt). Torch's CMake config wants
+# the NVRTC library, which pip's CUDA runtime ships but the toolkit here lacks.
+NV_LIB = $(patsubst %/include,%/lib,$(NV_INCLUDE))
+cmake-build: venv
+	$(PIP) install -q cmake
+	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" \
+	  $(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)" -DCMAKE_CUDA_COMPILER="$(CUDA_HOME)/bin/nvcc" \
+	  -DPython3_EXECUTABLE="$(CURDIR)/$(PY)" \
+	  $$(f=$$(ls $(NV_LIB)/libnvrtc.so* 2>/dev/null | head -n1); [ -n "$$f" ] && echo -DCUDA_nvrtc_LIBRARY=$$f)
+	CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" $(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
+
 test: build
 	ULTRON_KERNELS_REQUIRE_EXTENSION=$$(command -v nvcc >/dev/null && echo 1 || echo 0) \
 	  $(PY) -m pytest -q tests

@@ -59,7 +59,7 @@ cmake-build: venv
 	  $$(f=$$(ls $(NV_LIB)/libnvrtc.so* 2>/dev/null | head -n1); [ -n "$$f" ] && echo -DCUDA_nvrtc_LIBRARY=$$f)
 	CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" $(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
 
-test: build
+test: build cmake-build
 	ULTRON_KERNELS_REQUIRE_EXTENSION=$$(command -v nvcc >/dev/null && echo 1 || echo 0) \
 	  $(PY) -m pytest -q tests
 

@@ -64,13 +64,18 @@ def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
             except Exception as exc:  # a peer the installed torch cannot run: say why
                 row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             rows.append(row)
-    # speedup of each variant over the best peer of the same (shape, layout, direction)
-    for direction in ("fwd", "fwd+bwd"):
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup of each variant over the fastest peer of the same direction (the rows given
+    share one shape and layout)."""
+    for direction in {r["direction"] for r in rows}:
         group = [r for r in rows if r["direction"] == direction and r["ms"] is not None]
         peers = [r["ms"] for r in group if r["variant"].startswith("peer")]
         for r in group:
             r["speedup_vs_best_peer"] = min(peers) / r["ms"] if peers else None
-    return rows
 
 
 def model_rows(device: torch.device) -> list[dict]:
@@ -107,11 +112,7 @@ def model_rows(device: torch.device) -> list[dict]:
                                  direction=direction, variant=name, ms=None,
                                  note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     uk.swap_in(model, "reference")
-    for direction in ("inference", "train step"):
-        group = [r for r in rows if r["direction"] == direction and r["ms"] is not None]
-        peers = [r["ms"] for r in group if r["variant"].startswith("peer")]
-        for r in group:
-            r["speedup_vs_best_peer"] = min(peers) / r["ms"] if peers else None
+    add_speedups(rows)
     return rows
 
 

@@ -5,8 +5,9 @@ int32 vector. The kernels take the tensors' strides, so NCHW and channels_last s
 the tile is (channels x output pixels) and the launcher shapes it per layout so that the
 contiguous axis (W for NCHW, C for NHWC) lies along the warp.
 
-* forward: direct convolution, K*K masked loads per output tile (re-reads hit L1/L2);
-* grad input: the same gather read backwards (no atomics);
+* forward and grad input: one gather kernel; forward is a direct convolution with K*K
+  masked loads per output tile (re-reads hit L1/L2), grad input reads the taps backwards
+  (no atomics);
 * grad weight / bias: per-tile partial sums written to a (tiles, C, K*K) buffer that the
   launcher reduces in a fixed order, so two backward calls give bitwise-identical grads.
 """
@@ -38,68 +39,49 @@ def _tile_coords(pid_pixels, pid_channels, C, height, width,
 
 
 @triton.jit
-def _dilated_conv_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, dil_ptr, y_ptr,
-        C, H, W, H_out, W_out,
-        sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-        K: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    batch, channel, oh, ow, channel_ok, out_ok = _tile_coords(
-        tl.program_id(0), tl.program_id(1), C, H_out, W_out,
-        BLOCK_C, BLOCK_H, BLOCK_W)
-    dil = tl.load(dil_ptr + channel, mask=channel_ok, other=1)[:, None]
-    pad = dil * (K // 2)
-    x_base = x_ptr + batch.to(tl.int64) * sxb + channel[:, None].to(tl.int64) * sxc
-    acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
-    for kh in tl.static_range(K):
-        ih = oh[None, :] * STRIDE - pad + kh * dil
-        row_ok = out_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(K):
-            iw = ow[None, :] * STRIDE - pad + kw * dil
-            ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=0.0)
-            wv = tl.load(w_ptr + channel * (K * K) + (kh * K + kw), mask=channel_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[:, None]
-    y_offset = (batch.to(tl.int64) * syb + channel[:, None].to(tl.int64) * syc
-                + oh[None, :] * syh + ow[None, :] * syw)
-    tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+def _source_pos(pos, k, dil, pad, STRIDE: tl.constexpr, limit, TRANSPOSED: tl.constexpr):
+    """Source position that tap ``k`` of destination ``pos`` reads, and whether it exists.
+    Forward: src = pos*STRIDE - pad + k*dil. Grad input (TRANSPOSED): src*STRIDE = pos + pad - k*dil."""
+    if TRANSPOSED:
+        scaled = pos + pad - k * dil
+        src = scaled // STRIDE
+        ok = (scaled >= 0) & (src < limit)
+        if STRIDE > 1:
+            ok = ok & (scaled % STRIDE == 0)
+    else:
+        src = pos * STRIDE - pad + k * dil
+        ok = (src >= 0) & (src < limit)
+    return src, ok
 
 
 @triton.jit
-def _dilated_conv_grad_input_kernel(
-        dy_ptr, w_ptr, dil_ptr, dx_ptr,
-        C, H, W, H_out, W_out,
-        sdyb, sdyc, sdyh, sdyw, sdxb, sdxc, sdxh, sdxw,
-        K: tl.constexpr, STRIDE: tl.constexpr,
+def _dilated_conv_gather_kernel(
+        src_ptr, w_ptr, b_ptr, dil_ptr, dst_ptr,
+        C, H_src, W_src, H_dst, W_dst,
+        ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
+        K: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # dx[ih, iw] = sum over taps of dy[oh, ow] * w[kh, kw] where oh*STRIDE = ih + pad - kh*dil.
-    batch, channel, ih, iw, channel_ok, in_ok = _tile_coords(
-        tl.program_id(0), tl.program_id(1), C, H, W,
-        BLOCK_C, BLOCK_H, BLOCK_W)
+    # Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx; the same taps
+    # read backwards, so every dx element is written once, without atomics.
+    batch, channel, dh, dw, channel_ok, dst_ok = _tile_coords(
+        tl.program_id(0), tl.program_id(1), C, H_dst, W_dst, BLOCK_C, BLOCK_H, BLOCK_W)
     dil = tl.load(dil_ptr + channel, mask=channel_ok, other=1)[:, None]
     pad = dil * (K // 2)
-    dy_base = dy_ptr + batch.to(tl.int64) * sdyb + channel[:, None].to(tl.int64) * sdyc
+    src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None].to(tl.int64) * ssc
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
     for kh in tl.static_range(K):
-        oh_scaled = ih[None, :] + pad - kh * dil
-        oh = oh_scaled // STRIDE
-        row_ok = in_ok & (oh_scaled >= 0) & (oh < H_out)
-        if STRIDE > 1:
-            row_ok = row_ok & (oh_scaled % STRIDE == 0)
+        sh, row_ok = _source_pos(dh[None, :], kh, dil, pad, STRIDE, H_src, TRANSPOSED)
+        row_ok = row_ok & dst_ok
         for kw in tl.static_range(K):
-            ow_scaled = iw[None, :] + pad - kw * dil
-            ow = ow_scaled // STRIDE
-            ok = row_ok & (ow_scaled >= 0) & (ow < W_out)
-            if STRIDE > 1:
-                ok = ok & (ow_scaled % STRIDE == 0)
-            g = tl.load(dy_base + oh * sdyh + ow * sdyw, mask=ok, other=0.0)
+            sw, col_ok = _source_pos(dw[None, :], kw, dil, pad, STRIDE, W_src, TRANSPOSED)
+            v = tl.load(src_base + sh * ssh + sw * ssw, mask=row_ok & col_ok, other=0.0)
             wv = tl.load(w_ptr + channel * (K * K) + (kh * K + kw), mask=channel_ok, other=0.0)
-            acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
-    dx_offset = (batch.to(tl.int64) * sdxb + channel[:, None].to(tl.int64) * sdxc
-                 + ih[None, :] * sdxh + iw[None, :] * sdxw)
-    tl.store(dx_ptr + dx_offset, acc.to(dx_ptr.dtype.element_ty), mask=in_ok)
+            acc += v.to(tl.float32) * wv.to(tl.float32)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[:, None]
+    dst_offset = (batch.to(tl.int64) * sdb + channel[:, None].to(tl.int64) * sdc
+                  + dh[None, :] * sdh + dw[None, :] * sdw)
+    tl.store(dst_ptr + dst_offset, acc.to(dst_ptr.dtype.element_ty), mask=dst_ok)
 
 
 @triton.jit
@@ -123,12 +105,11 @@ def _dilated_conv_grad_weight_kernel(
     tl.store(db_partial_ptr + partial_row, tl.sum(g, axis=1), mask=channel_ok)
     x_base = x_ptr + batch.to(tl.int64) * sxb + channel[:, None].to(tl.int64) * sxc
     for kh in tl.static_range(K):
-        ih = oh[None, :] * STRIDE - pad + kh * dil
-        row_ok = out_ok & (ih >= 0) & (ih < H)
+        ih, row_ok = _source_pos(oh[None, :], kh, dil, pad, STRIDE, H, False)
+        row_ok = row_ok & out_ok
         for kw in tl.static_range(K):
-            iw = ow[None, :] * STRIDE - pad + kw * dil
-            ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=0.0).to(tl.float32)
+            iw, col_ok = _source_pos(ow[None, :], kw, dil, pad, STRIDE, W, False)
+            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=row_ok & col_ok, other=0.0).to(tl.float32)
             tl.store(dw_partial_ptr + partial_row * (K * K) + (kh * K + kw),
                      tl.sum(g * xv, axis=1), mask=channel_ok)
 
@@ -149,12 +130,11 @@ def _configs() -> list[triton.Config]:
             for c, h, w in shapes for nw in (4, 8)]
 
 
-_KEY = ["C", "H", "W", "H_out", "W_out", "K", "STRIDE"]
 # The layout enters the key through the strides' values (C-stride 1 for channels_last).
-_fwd_autotuned = triton.autotune(configs=_configs(), key=_KEY + ["sxc", "syc"])(
-    _dilated_conv_fwd_kernel)
-_grad_input_autotuned = triton.autotune(configs=_configs(), key=_KEY + ["sdyc", "sdxc"])(
-    _dilated_conv_grad_input_kernel)
+_gather_autotuned = triton.autotune(
+    configs=_configs(),
+    key=["C", "H_src", "W_src", "H_dst", "W_dst", "ssc", "sdc", "K", "STRIDE", "TRANSPOSED"],
+)(_dilated_conv_gather_kernel)
 
 
 def _grid(batch: int, height: int, width: int, channels: int):
@@ -164,14 +144,14 @@ def _grid(batch: int, height: int, width: int, channels: int):
     return grid
 
 
-def _launch(tuned, plain, layout_of: torch.Tensor, grid_shape, *args, **flags):
-    """Autotuned launch on a GPU; one fixed tile in the interpreter (autotuning there would
-    only multiply its run time)."""
+def _launch(layout_of: torch.Tensor, grid_shape, *args, **flags):
+    """The gather kernel, autotuned on a GPU; one fixed tile in the interpreter (autotuning
+    there would only multiply its run time)."""
     if triton_interpreter_on():
         tile = _tile(layout_of)
-        plain[_grid(*grid_shape)(tile)](*args, **flags, **tile)
+        _dilated_conv_gather_kernel[_grid(*grid_shape)(tile)](*args, **flags, **tile)
     else:
-        tuned[_grid(*grid_shape)](*args, **flags)
+        _gather_autotuned[_grid(*grid_shape)](*args, **flags)
 
 
 def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: torch.Tensor,
@@ -181,10 +161,10 @@ def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: 
     h_out, w_out = out.shape[2:]
     if out.numel() == 0:
         return out
-    _launch(_fwd_autotuned, _dilated_conv_fwd_kernel, x, (batch, h_out, w_out, channels),
+    _launch(x, (batch, h_out, w_out, channels),
             x, weight, bias if bias is not None else weight, dilation, out,
             channels, height, width, h_out, w_out, *x.stride(), *out.stride(),
-            K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None)
+            K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=False)
     return out
 
 
@@ -196,10 +176,10 @@ def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
     kernel_size = weight.shape[-1]
     geometry = (channels, height, width, h_out, w_out)
     if grad_x.numel() > 0:
-        _launch(_grad_input_autotuned, _dilated_conv_grad_input_kernel, x,
-                (batch, height, width, channels),
-                grad_out, weight, dilation, grad_x, *geometry,
-                *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride)
+        _launch(x, (batch, height, width, channels),
+                grad_out, weight, weight, dilation, grad_x, channels, h_out, w_out, height, width,
+                *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride,
+                HAS_BIAS=False, TRANSPOSED=True)
     # Grad weight: one fixed tile, so that the partial-sum order never depends on tuning.
     tile = _tile(x)
     grid = _grid(batch, h_out, w_out, channels)(tile)

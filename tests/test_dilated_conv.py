@@ -230,3 +230,19 @@ def test_from_split_convs_rejects_non_same_padding():
     convs = [torch.nn.Conv2d(4, 4, 3, padding=0, dilation=2, groups=4)]
     with pytest.raises(ValueError, match="same"):
         ChannelwiseDilatedConv2d.from_split_convs(convs)
+
+
+def test_swap_in_replaces_split_convs_and_loads_their_checkpoint():
+    model = torch.nn.Sequential(torch.nn.Identity(), SplitDilatedConv2d(12, 3, (1, 3, 6)))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 12, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    report = uk.swap_in(model, "reference")
+    assert isinstance(model[1], ChannelwiseDilatedConv2d)
+    assert report.swapped == [("1", "SplitDilatedConv2d", "ChannelwiseDilatedConv2d[reference]")]
+    with torch.no_grad():
+        model[1].weight.zero_()
+    model.load_state_dict(saved)  # the split keys load into the fused module
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6)

@@ -217,3 +217,15 @@ def test_module_loads_timm_state_dict(device, backend):
     with torch.no_grad():
         expected = theirs(x.reshape(3, 49, 32)).reshape(3, 7, 7, 32)
         assert_parity("timm module", ours(x), expected.double(), torch.float32)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_names_its_shared_memory_limit():
+    if uk.available_backends("cuda")["cuda"] != "available":
+        pytest.skip(uk.available_backends("cuda")["cuda"])
+    q, k, v, bias = make_inputs((1, 16, 16), 1, 128, (16, 16), "table", torch.bfloat16, "cuda",
+                                packed=False)
+    with pytest.raises(uk.BackendUnavailableError, match="shared memory"):
+        uk.window_attention(q.requires_grad_(), k, v, 16, 0, bias, backend="cuda")
+    out = uk.window_attention(q, k, v, 16, 0, bias)  # auto takes a backend that can run it
+    assert out.shape == q.shape

@@ -29,7 +29,8 @@ def swap_in(model: nn.Module, backend: str = "auto") -> SwapReport:
     """Route every ultron_kernels module of ``model`` to ``backend``; replace each
     :class:`SplitDilatedConv2d` (split + conv + cat) by a fused
     :class:`ChannelwiseDilatedConv2d` with the same weights (its keys become ``weight`` /
-    ``bias``). Returns a report of what changed."""
+    ``bias``; it still loads checkpoints saved with the split keys). Returns a report of what
+    changed."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     report = SwapReport(backend)

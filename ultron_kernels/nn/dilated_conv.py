@@ -53,6 +53,18 @@ class ChannelwiseDilatedConv2d(nn.Module):
         return channelwise_dilated_conv2d(x, self.weight, self.bias, self.dilation, self.stride,
                                           backend=self.backend)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of the unfused SplitDilatedConv2d this module replaced (swap_in) has
+        # per-group keys convs.<i>.weight / .bias: concatenate them into ours.
+        group_keys = sorted((k for k in state_dict if k.startswith(prefix + "convs.")),
+                            key=lambda k: int(k[len(prefix) + 6:].split(".")[0]))
+        if group_keys and prefix + "weight" not in state_dict:
+            for name in ("weight", "bias"):
+                parts = [state_dict.pop(k) for k in list(group_keys) if k.endswith("." + name)]
+                if parts:
+                    state_dict[prefix + name] = torch.cat(parts)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"bias={self.bias is not None}, backend={self.backend!r}, "

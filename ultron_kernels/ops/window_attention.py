@@ -170,7 +170,17 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
     return window, shift, kind, float(scale)
 
 
-def _fused_reason(q: torch.Tensor):
+def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool) -> int:
+    """Shared memory one block of the CUDA kernels needs (csrc/window_attention: fwd keeps K
+    and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS and the run's bias gradient)."""
+    row = head_dim + 1
+    if not backward:
+        return 4 * (2 * tokens * row + 4 * (tokens + head_dim))
+    return 4 * (4 * tokens * row + 2 * tokens * (tokens + 1) + 2 * tokens
+                + (tokens * tokens if bias_grad else 0))
+
+
+def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool):
     def reason(backend: str) -> Optional[str]:
         if backend == "reference":
             return None
@@ -178,6 +188,14 @@ def _fused_reason(q: torch.Tensor):
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
         if q.shape[-1] not in FUSED_HEAD_DIMS:
             return f"head_dim {q.shape[-1]} is not one of the fused head dims {FUSED_HEAD_DIMS}"
+        if backend == "cuda":
+            tokens = window[0] * window[1]
+            need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
+                       cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))
+            limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+            if need > limit:
+                return (f"window {window} with head_dim {q.shape[-1]} needs {need} bytes of shared "
+                        f"memory per block in the CUDA kernels; the device allows {limit}")
         return None
     return reason
 
@@ -204,7 +222,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     """
     window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale)
     q, k, v = autocast_inputs(q, k, v)
-    chosen = select_backend(OP_NAME, backend, q.device, _fused_reason(q))
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, rel_pos_bias) if t is not None)
+    bias_grad = needs_grad and rel_pos_bias is not None and rel_pos_bias.requires_grad
+    chosen = select_backend(OP_NAME, backend, q.device,
+                            _fused_reason(q, window, needs_grad, bias_grad))
     if chosen == "reference":
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale)
     out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), scale, chosen)

@@ -51,7 +51,7 @@ def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
 
 @triton.jit
 def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
-    offs = (batch.to(tl.int64) * sb + head * sn + (y * sh + x * sw))[:, None] + tl.arange(0, D)[None, :]
+    offs = (batch.to(tl.int64) * sb + head * sn + (y.to(tl.int64) * sh + x * sw))[:, None] + tl.arange(0, D)[None, :]
     return tl.load(ptr + offs, mask=real[:, None], other=0.0)
 
 
@@ -112,10 +112,10 @@ def _window_attn_fwd_kernel(
         m_i = m_new
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_offs = (batch.to(tl.int64) * sob + head * son + (yq * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
+    o_offs = (batch.to(tl.int64) * sob + head * son + (yq.to(tl.int64) * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
     lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
-    tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq * slh + xq * slw, lse, mask=real_q)
+    tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw, lse, mask=real_q)
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _window_attn_bwd_kernel(
             q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
             do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
             o = _load_rows(o_ptr, batch, yq, xq, head, real_q, sob, soh, sow, son, D)
-            lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq * slh + xq * slw,
+            lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
                           mask=real_q, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             if DOT_FP32:
@@ -169,8 +169,8 @@ def _window_attn_bwd_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            dq_offs = (k_block * sdq_part + batch.to(tl.int64) * sdqb + head * sdqn
-                       + (yq * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
+            dq_offs = (k_block.to(tl.int64) * sdq_part + batch.to(tl.int64) * sdqb + head * sdqn
+                       + (yq.to(tl.int64) * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
             tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
             if BIAS_GRAD:
                 if NUM_BLOCKS == 1:
@@ -182,7 +182,7 @@ def _window_attn_bwd_kernel(
                     old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
                     tl.store(dbias_ptr + offs, old + ds, mask=both)
         # dk and dv are contiguous like dq (one slice of it when dq holds partials).
-        k_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yk * sdqh + xk * sdqw))[:, None] + tl.arange(0, D)[None, :]
+        k_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yk.to(tl.int64) * sdqh + xk * sdqw))[:, None] + tl.arange(0, D)[None, :]
         tl.store(dk_ptr + k_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
         tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
     if BIAS_GRAD:

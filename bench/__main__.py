@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.cases import Case, _fwd_bwd, _rotate, attention_cases, conv_cases
+from bench.cases import Case, attention_cases, conv_cases, fwd_bwd, rotate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,15 +51,15 @@ def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
     for direction, floor_bytes in (("fwd", case.floor_bytes_fwd), ("fwd+bwd", case.floor_bytes_fwd_bwd)):
         floor_ms = floor_bytes / bandwidth * 1e3
         for name, forward in case.variants.items():
-            fn = forward if direction == "fwd" else _fwd_bwd(forward, lambda *xs: xs)
+            fn = forward if direction == "fwd" else fwd_bwd(forward)
             row = dict(op=case.op, shape=case.shape, dtype=str(case.dtype).replace("torch.", ""),
                        layout=case.layout, direction=direction, variant=name, floor_ms=floor_ms)
             try:
                 if direction == "fwd":
                     with torch.no_grad():
-                        ms = time_ms(_rotate(case.inputs, fn), device)
+                        ms = time_ms(rotate(case.inputs, fn), device)
                 else:
-                    ms = time_ms(_rotate(case.inputs, fn), device)
+                    ms = time_ms(rotate(case.inputs, fn), device)
                 row.update(ms=ms, floor_fraction=floor_ms / ms)
             except Exception as exc:  # a peer the installed torch cannot run: say why
                 row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
@@ -95,12 +95,13 @@ def model_rows(device: torch.device) -> list[dict]:
     for name, backend, compiled in variants:
         uk.swap_in(model, backend)
         runner = torch.compile(model) if compiled else model
+        describe = torch.compile(model.descriptor) if compiled else model.descriptor
         for direction in ("inference", "train step"):
             try:
                 if direction == "inference":
                     def fn():
                         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                            return runner.descriptor(images) if not compiled else runner(images)
+                            return describe(images)
                 else:
                     def fn():
                         return training_step(runner, images, labels, torch.bfloat16)

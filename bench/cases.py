@@ -41,7 +41,7 @@ class Case:
     inputs: list = field(default_factory=list)   # input sets, rotated between calls
 
 
-def _rotate(sets: list, build: Callable) -> Callable:
+def rotate(sets: list, build: Callable) -> Callable:
     """A callable that runs ``build(*inputs)`` on the next input set each call (so that
     repeated calls do not all hit L2)."""
     state = {"i": 0}
@@ -52,10 +52,12 @@ def _rotate(sets: list, build: Callable) -> Callable:
     return run
 
 
-def _fwd_bwd(forward: Callable, grad_inputs: Callable) -> Callable:
+def fwd_bwd(forward: Callable) -> Callable:
+    """Forward then the gradients of every input (torch.autograd.grad: nothing accumulates
+    into .grad between timed calls)."""
     def run(*inputs):
         out = forward(*inputs)
-        return torch.autograd.grad(out, grad_inputs(*inputs), torch.ones_like(out))
+        return torch.autograd.grad(out, inputs, torch.ones_like(out))
     return run
 
 
@@ -105,10 +107,6 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Ca
     return cases
 
 
-def _partition_bias(table, window, heads):
-    return dense_bias(table, window, window, heads)  # (heads, N, N)
-
-
 def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Case]:
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
@@ -136,7 +134,7 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> li
             return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, n, dd)
 
         def sdpa(q, k, v, table):
-            bias = _partition_bias(table, window, heads).to(q.dtype)[None]
+            bias = dense_bias(table, window, window, heads).to(q.dtype)[None]
             out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
             return out  # kept partitioned: the reverse copy would only add to the peer's time
 
@@ -147,15 +145,15 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> li
             try:
                 from torch.nn.attention.flex_attention import flex_attention
 
-                flex = torch.compile(flex_attention)
-
                 def flex_peer(q, k, v, table):
-                    bias = _partition_bias(table, window, heads)
+                    # Compiled as a whole (score_mod included), as FlexAttention is meant to
+                    # be used: one graph, no recompilation per call.
+                    bias = dense_bias(table, window, window, heads)
 
                     def score_mod(score, bi, hi, qi, ki):
                         return score + bias[hi, qi, ki]
-                    return flex(partition(q), partition(k), partition(v), score_mod=score_mod)
-                variants["peer: flex(partitioned)"] = flex_peer
+                    return flex_attention(partition(q), partition(k), partition(v), score_mod=score_mod)
+                variants["peer: flex(partitioned)"] = torch.compile(flex_peer)
             except ImportError as exc:
                 print(f"skipping FlexAttention peer: {exc}")
         for name in backends:

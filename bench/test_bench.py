@@ -7,7 +7,7 @@ by pytest-benchmark with a CUDA synchronisation after each call.
 import pytest
 import torch
 
-from bench.cases import _fwd_bwd, _rotate, attention_cases, conv_cases
+from bench.cases import attention_cases, conv_cases, fwd_bwd, rotate
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -24,7 +24,7 @@ def _params():
 
 @pytest.mark.parametrize("case,forward,direction", list(_params()))
 def test_benchmark(benchmark, case, forward, direction):
-    fn = _rotate(case.inputs, forward if direction == "fwd" else _fwd_bwd(forward, lambda *xs: xs))
+    fn = rotate(case.inputs, forward if direction == "fwd" else fwd_bwd(forward))
 
     def synced():
         result = fn()

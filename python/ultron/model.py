@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ultron_kernels as uk
 from ultron_kernels.nn import ChannelwiseDilatedConv2d, WindowAttention
 
 from ultron.configs import TOTAL_STRIDE
@@ -187,6 +186,3 @@ class Ultron(nn.Module):
         descriptor = self.descriptor(images)
         return descriptor, self.classifier(descriptor, labels)
 
-
-def set_backend(model: nn.Module, backend: str) -> uk.swap.SwapReport:
-    return uk.swap_in(model, backend)

@@ -20,9 +20,6 @@ import triton.language as tl
 
 from ultron_kernels.backends import triton_interpreter_on
 
-BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
-
-
 @triton.jit
 def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
                   WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -194,6 +191,14 @@ def _window_attn_bwd_kernel(
             tl.store(dbias_ptr + offs, ds_run, mask=both)
 
 
+# Forward only: each query row's result does not depend on the launch shape. The backward
+# keeps one fixed configuration so that its bits cannot change with a tuning decision.
+_window_attn_fwd_autotuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (2, 4, 8) for st in (1, 2, 3)],
+    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "PRECISION"],
+)(_window_attn_fwd_kernel)
+
+
 def _block(tokens: int) -> int:
     return max(16, min(64, triton.next_power_of_2(tokens)))
 
@@ -234,11 +239,14 @@ def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale
     if out.numel() == 0:
         return out, lse
     grid = (geo["n_windows"] * flags["NUM_BLOCKS"], heads)
-    _window_attn_fwd_kernel[grid](
-        q, k, v, bias if bias is not None else q, out, lse,
-        geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"], scale,
-        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
-        *_bias_strides(bias), **flags, num_warps=4 if flags["BLOCK"] <= 32 or head_dim <= 64 else 8)
+    args = (q, k, v, bias if bias is not None else q, out, lse,
+            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"], scale,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+            *_bias_strides(bias))
+    if flags["DOT_FP32"]:  # the interpreter: one plain launch
+        _window_attn_fwd_kernel[grid](*args, **flags, num_warps=4)
+    else:
+        _window_attn_fwd_autotuned[grid](*args, **flags)
     return out, lse
 
 

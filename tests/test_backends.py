@@ -52,3 +52,28 @@ def test_extension_builds_and_registers_ops():
                  "window_attention_bwd"):
         schema = getattr(ops, name).default._schema
         assert schema.name == f"ultron_kernels_cuda::{name}"
+
+
+@pytest.mark.gpu
+def test_autotuned_launches(monkeypatch):
+    """The autotuned Triton launches (the default outside the test suite) agree with the
+    reference on a few shapes, both layouts, forward and backward."""
+    if uk.available_backends("cuda")["triton"] != "available":
+        pytest.skip(uk.available_backends("cuda")["triton"])
+    monkeypatch.setenv("ULTRON_KERNELS_AUTOTUNE", "1")
+    from helpers import assert_parity
+
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 96, 28, 28, device="cuda").to(memory_format=layout).requires_grad_()
+        w = torch.randn(96, 3, 3, device="cuda", requires_grad=True)
+        y = uk.channelwise_dilated_conv2d(x, w, None, (1, 3, 6), backend="triton")
+        ref = uk.channelwise_dilated_conv2d(x.double(), w.double(), None, (1, 3, 6), backend="reference")
+        assert_parity("autotuned conv", y, ref, torch.float32)
+        g = torch.randn_like(y)
+        assert_parity("autotuned conv dx", torch.autograd.grad(y, x, g)[0],
+                      torch.autograd.grad(ref, x, g.double())[0], torch.float32)
+    qkv = torch.randn(2, 28, 28, 3, 4, 32, device="cuda", dtype=torch.bfloat16)
+    table = torch.randn(169, 4, device="cuda")
+    out = uk.window_attention(*qkv.unbind(3), 7, 3, table, backend="triton")
+    ref = uk.window_attention(*qkv.double().unbind(3), 7, 3, table.double(), backend="reference")
+    assert_parity("autotuned attention", out, ref, torch.bfloat16)

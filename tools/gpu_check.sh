@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension in place, GPU test suite, compute-sanitizer
-# (memcheck, racecheck) on the CUDA kernels, quick benchmark. Logs and JSON land in $OUT.
+# (memcheck, racecheck) on the CUDA kernels, the demo, the quick benchmark. Logs, JUnit XML
+# and benchmark JSON/plots land in $OUT. Each step has its own time limit so that the whole
+# stays inside one 10-minute device call; name steps to run a subset:
+#   bash tools/gpu_check.sh build tests sanitizer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
@@ -8,13 +11,35 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-status=0
-step() { echo "== $1"; shift; "$@" 2>&1 | tee -a "$OUT/gpu_check.log"; local rc=${PIPESTATUS[0]}; echo "   exit $rc"; [ "$rc" = 0 ] || status=1; summary+=("$rc  $STEP"); }
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(build tests sanitizer demo bench)
 summary=()
-STEP=build;     step build $PY setup.py build_ext --inplace
-STEP=gpu-tests; step gpu-tests $PY -m pytest -q -x tests -m "gpu or not slow" --junitxml="$OUT/tests.xml"
-STEP=memcheck;  step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitizer_workload.py
-STEP=racecheck; step racecheck compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/sanitizer_workload.py
-STEP=bench;     step bench $PY -m bench --preset quick --out "$OUT"
-echo; echo "gpu-check summary (exit code, step):"; printf '  %s\n' "${summary[@]}"
+status=0
+
+run() {  # run NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)" | tee -a "$OUT/gpu_check.log"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-10s exit %-3s %4ss' "$name" "$rc" $((SECONDS - start)))")
+  [ "$rc" = 0 ] || status=1
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    build) run build 240 $PY setup.py build_ext --inplace ;;
+    tests) run tests 300 $PY -m pytest -q -rs tests --junitxml="$OUT/tests.xml" ;;
+    sanitizer)
+      run memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitizer_workload.py
+      run racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/sanitizer_workload.py ;;
+    demo) run demo 180 $PY -m ultron demo ;;
+    bench) run bench 300 $PY -m bench --preset quick --out "$OUT" ;;
+    *) echo "unknown step $step (build tests sanitizer demo bench)"; exit 2 ;;
+  esac
+done
+echo
+echo "gpu-check summary:"
+printf '  %s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 exit $status

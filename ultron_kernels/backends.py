@@ -41,6 +41,13 @@ def triton_interpreter_on() -> bool:
     time before the first fused call works."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+def autotune_enabled() -> bool:
+    """ULTRON_KERNELS_AUTOTUNE=0 launches the Triton kernels with their fixed default
+    configurations instead of autotuning each new shape (the GPU test sweeps use it: a tuning
+    per random shape would cost seconds each)."""
+    return os.environ.get("ULTRON_KERNELS_AUTOTUNE", "1") != "0"
+
+
 # Only look for triton here: importing it fixes its interpreter mode (see above).
 _TRITON_IMPORT_ERROR = ("" if importlib.util.find_spec("triton") is not None
                         else "triton is not installed")

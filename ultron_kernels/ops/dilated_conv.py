@@ -62,10 +62,12 @@ def _dilation_tensor(rates: tuple[int, ...], device: torch.device) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=64)
-def _channel_run(rates: tuple[int, ...]) -> int:
-    """Largest power of two (<= 8) such that every aligned run of that many channels shares
-    one dilation: the CUDA kernels' channels_last vector width."""
-    run = 8
+def channel_run(rates: tuple[int, ...], cap: int) -> int:
+    """Largest power of two (<= cap) such that every aligned run of that many channels shares
+    one dilation. The kernels then read one dilation per run: the CUDA channels_last path
+    loads a run as one vector (cap 8), the Triton kernels treat a channel block inside a run
+    as one affine address range (cap 64)."""
+    run = cap
     while run > 1 and (len(rates) % run or any(
             len(set(rates[c:c + run])) > 1 for c in range(0, len(rates), run))):
         run //= 2
@@ -93,9 +95,10 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     rates = _dilation_tensor(tuple(dilation), x.device)
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_forward
-        return dilated_conv_forward(x, weight, bias, rates, stride, out)
+        return dilated_conv_forward(x, weight, bias, rates, channel_run(tuple(dilation), 64),
+                                    stride, out)
     return _cuda.cuda_ops().dilated_conv2d_fwd(x, weight, bias, rates, stride,
-                                               _channel_run(tuple(dilation)))
+                                               channel_run(tuple(dilation), 8))
 
 
 @_fused_forward.register_fake
@@ -113,11 +116,11 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     rates = _dilation_tensor(tuple(dilation), x.device)
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_backward
-        grad_x, grad_w, grad_b = dilated_conv_backward(grad_out, x, weight, rates, stride,
-                                                       torch.empty_like(x))
+        grad_x, grad_w, grad_b = dilated_conv_backward(
+            grad_out, x, weight, rates, channel_run(tuple(dilation), 64), stride, torch.empty_like(x))
     else:
         grad_x, grad_w, grad_b = _cuda.cuda_ops().dilated_conv2d_bwd(
-            grad_out, x, weight, rates, stride, _channel_run(tuple(dilation)))
+            grad_out, x, weight, rates, stride, channel_run(tuple(dilation), 8))
     return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultron_kernels.backends import triton_interpreter_on
+from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
 
 
 @triton.jit
@@ -36,6 +36,17 @@ def _tile_coords(pid_pixels, pid_channels, C, height, width,
     channel_ok = channel < C
     inside = channel_ok[:, None] & ((row < height) & (col < width))[None, :]
     return batch, channel, row, col, channel_ok, inside
+
+
+@triton.jit
+def _dilation(dil_ptr, channel, channel_ok, BLOCK_C: tl.constexpr, CHANNEL_RUN: tl.constexpr):
+    """Dilation of the tile's channels: one scalar when the block lies inside a run of equal
+    rates (the addresses are then affine in the channel, so channels_last loads vectorise),
+    else a (BLOCK_C, 1) column."""
+    if CHANNEL_RUN % BLOCK_C == 0:
+        return tl.load(dil_ptr + tl.program_id(1) * BLOCK_C)
+    else:
+        return tl.load(dil_ptr + channel, mask=channel_ok, other=1)[:, None]
 
 
 @triton.jit
@@ -60,12 +71,13 @@ def _dilated_conv_gather_kernel(
         C, H_src, W_src, H_dst, W_dst,
         ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
         K: tl.constexpr, STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+        CHANNEL_RUN: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx; the same taps
     # read backwards, so every dx element is written once, without atomics.
     batch, channel, dh, dw, channel_ok, dst_ok = _tile_coords(
         tl.program_id(0), tl.program_id(1), C, H_dst, W_dst, BLOCK_C, BLOCK_H, BLOCK_W)
-    dil = tl.load(dil_ptr + channel, mask=channel_ok, other=1)[:, None]
+    dil = _dilation(dil_ptr, channel, channel_ok, BLOCK_C, CHANNEL_RUN)
     pad = dil * (K // 2)
     src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None].to(tl.int64) * ssc
     acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
@@ -89,14 +101,14 @@ def _dilated_conv_grad_weight_kernel(
         dy_ptr, x_ptr, dil_ptr, dw_partial_ptr, db_partial_ptr,
         C, H, W, H_out, W_out,
         sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
-        K: tl.constexpr, STRIDE: tl.constexpr,
+        K: tl.constexpr, STRIDE: tl.constexpr, CHANNEL_RUN: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # Partial sums of one output tile: dw_partial[tile, c, tap] and db_partial[tile, c].
     pid_pixels = tl.program_id(0)
     batch, channel, oh, ow, channel_ok, out_ok = _tile_coords(
         pid_pixels, tl.program_id(1), C, H_out, W_out,
         BLOCK_C, BLOCK_H, BLOCK_W)
-    dil = tl.load(dil_ptr + channel, mask=channel_ok, other=1)[:, None]
+    dil = _dilation(dil_ptr, channel, channel_ok, BLOCK_C, CHANNEL_RUN)
     pad = dil * (K // 2)
     dy_offset = (batch.to(tl.int64) * sdyb + channel[:, None].to(tl.int64) * sdyc
                  + oh[None, :] * sdyh + ow[None, :] * sdyw)
@@ -133,7 +145,8 @@ def _configs() -> list[triton.Config]:
 # The layout enters the key through the strides' values (C-stride 1 for channels_last).
 _gather_autotuned = triton.autotune(
     configs=_configs(),
-    key=["C", "H_src", "W_src", "H_dst", "W_dst", "ssc", "sdc", "K", "STRIDE", "TRANSPOSED"],
+    key=["C", "H_src", "W_src", "H_dst", "W_dst", "ssc", "sdc", "K", "STRIDE", "TRANSPOSED",
+         "CHANNEL_RUN"],
 )(_dilated_conv_gather_kernel)
 
 
@@ -146,8 +159,8 @@ def _grid(batch: int, height: int, width: int, channels: int):
 
 def _launch(layout_of: torch.Tensor, grid_shape, *args, **flags):
     """The gather kernel, autotuned on a GPU; one fixed tile in the interpreter (autotuning
-    there would only multiply its run time)."""
-    if triton_interpreter_on():
+    there would only multiply its run time) or when autotuning is switched off."""
+    if triton_interpreter_on() or not autotune_enabled():
         tile = _tile(layout_of)
         _dilated_conv_gather_kernel[_grid(*grid_shape)(tile)](*args, **flags, **tile)
     else:
@@ -155,7 +168,7 @@ def _launch(layout_of: torch.Tensor, grid_shape, *args, **flags):
 
 
 def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: torch.Tensor,
-                         stride: int, out: torch.Tensor) -> torch.Tensor:
+                         channel_run: int, stride: int, out: torch.Tensor) -> torch.Tensor:
     """Writes the convolution of ``x`` into ``out`` (either layout) and returns it."""
     batch, channels, height, width = x.shape
     h_out, w_out = out.shape[2:]
@@ -164,12 +177,14 @@ def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: 
     _launch(x, (batch, h_out, w_out, channels),
             x, weight, bias if bias is not None else weight, dilation, out,
             channels, height, width, h_out, w_out, *x.stride(), *out.stride(),
-            K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=False)
+            K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=False,
+            CHANNEL_RUN=channel_run)
     return out
 
 
 def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          dilation: torch.Tensor, stride: int, grad_x: torch.Tensor):
+                          dilation: torch.Tensor, channel_run: int, stride: int,
+                          grad_x: torch.Tensor):
     """Writes grad x into ``grad_x``; returns (grad_x, grad_weight (C,K,K) fp32, grad_bias fp32)."""
     batch, channels, height, width = x.shape
     h_out, w_out = grad_out.shape[2:]
@@ -179,7 +194,7 @@ def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
         _launch(x, (batch, height, width, channels),
                 grad_out, weight, weight, dilation, grad_x, channels, h_out, w_out, height, width,
                 *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride,
-                HAS_BIAS=False, TRANSPOSED=True)
+                HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=channel_run)
     # Grad weight: one fixed tile, so that the partial-sum order never depends on tuning.
     tile = _tile(x)
     grid = _grid(batch, h_out, w_out, channels)(tile)
@@ -189,6 +204,7 @@ def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
     if grid[0] > 0 and channels > 0:
         _dilated_conv_grad_weight_kernel[grid](
             grad_out, x, dilation, dw_partial, db_partial, *geometry,
-            *grad_out.stride(), *x.stride(), K=kernel_size, STRIDE=stride, **tile)
+            *grad_out.stride(), *x.stride(), K=kernel_size, STRIDE=stride,
+            CHANNEL_RUN=channel_run, **tile)
     grad_weight = dw_partial.sum(0).view(channels, kernel_size, kernel_size)
     return grad_x, grad_weight, db_partial.sum(0)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultron_kernels.backends import triton_interpreter_on
+from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
 
 @triton.jit
 def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
@@ -243,7 +243,7 @@ def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale
             geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"], scale,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
             *_bias_strides(bias))
-    if flags["DOT_FP32"]:  # the interpreter: one plain launch
+    if flags["DOT_FP32"] or not autotune_enabled():  # one plain launch
         _window_attn_fwd_kernel[grid](*args, **flags, num_warps=4)
     else:
         _window_attn_fwd_autotuned[grid](*args, **flags)

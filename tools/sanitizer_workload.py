@@ -7,7 +7,7 @@ import ultron_kernels as uk
 
 assert torch.cuda.is_available(), "compute-sanitizer workload needs a GPU"
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for layout in (torch.contiguous_format, torch.channels_last):
         for stride, k in ((1, 3), (2, 5), (1, 9)):
             x = torch.randn(2, 16, 13, 11, device="cuda", dtype=dtype).to(memory_format=layout)

@@ -1,10 +1,12 @@
 // Window attention (Swin W-MSA / SW-MSA), forward and backward, one thread block per
 // (window, head).
 //
-// Windows hold at most 256 tokens and the scores of one window are tiny (49x49 for 7x7), so
-// the kernels keep the window's K and V (and, backward, Q and dO) in shared memory as float
-// and compute with plain FMA: for D=32 a 7x7 window costs ~0.6 KFLOP per query per head,
-// far under what would make the tensor cores pay for their data movement.
+// Forward, fp16/bf16, windows of up to 128 tokens (7x7 and 8x8 included): tensor cores
+// (wmma 16x16x16). The window's Q, K, V sit in shared memory (padded to a multiple of 16
+// tokens), S = Q K^T and O = P V are wmma tiles spread over the warps, the softmax is one
+// warp per row in between. A SIMT path (K, V in shared memory as float, plain FMA) serves
+// float32 and larger windows, and the backward: its shared-memory loads per FMA make it
+// several times slower than the tensor-core path, so it is the fallback, not the fast path.
 // Padding, the cyclic shift, the region mask and the relative-position-bias gather are index
 // arithmetic; q/k/v are read through their strides (views of a packed qkv tensor).
 // Backward: each block owns a run of windows for one head and accumulates the bias gradient
@@ -12,6 +14,10 @@
 #include "../common.cuh"
 
 #include <cfloat>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 namespace ultron {
 namespace {
@@ -229,6 +235,172 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   }
 }
 
+// ------------------------------------------------------------------ tensor-core forward
+
+constexpr int kTcThreads = 128;
+constexpr int kTcMaxTokens = 128;
+
+// The CUDA type wmma takes for a c10 16-bit type, and float -> it.
+template <typename T>
+struct Native;
+template <>
+struct Native<at::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Native<at::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type from(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Shared-memory layout of the tensor-core forward. Rows are padded (16-bit tiles by 8
+// elements, float tiles by 4) so that wmma's row accesses spread over the banks; every
+// region and every 16x16 tile starts on a 32-byte boundary, as wmma requires.
+struct TcLayout {
+  int np, ld16, ldp, lds, ldo;
+  size_t q, k, v, s, p, o, info, bytes;
+};
+
+__host__ __device__ inline TcLayout tc_layout(int tokens, int dim) {
+  TcLayout l;
+  l.np = (tokens + 15) / 16 * 16;
+  l.ld16 = dim + 8;
+  l.ldp = l.np + 8;
+  l.lds = l.np + 4;
+  l.ldo = dim + 4;
+  size_t off = 0;
+  auto take = [&off](size_t bytes) { const size_t at = off; off += (bytes + 127) / 128 * 128; return at; };
+  l.q = take(size_t(l.np) * l.ld16 * 2);
+  l.k = take(size_t(l.np) * l.ld16 * 2);
+  l.v = take(size_t(l.np) * l.ld16 * 2);
+  l.s = take(size_t(l.np) * l.lds * 4);
+  l.p = take(size_t(l.np) * l.ldp * 2);
+  l.o = take(size_t(l.np) * l.ldo * 4);
+  l.info = take(size_t(l.np) * 4 * 3);  // packed token info, row max, row sum
+  l.bytes = off;
+  return l;
+}
+
+// Token info packed in one int: -1 for padding, else region | r << 4 | c << 12.
+__device__ __forceinline__ int pack_token(const Token& t) {
+  return t.real ? (t.region | (t.r << 4) | (t.c << 12)) : -1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using NT = typename Native<T>::type;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const TcLayout L = tc_layout(g.tokens, g.head_dim);
+  NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
+  NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
+  NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
+  float* ss = reinterpret_cast<float*>(smem_raw + L.s);
+  NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
+  float* os = reinterpret_cast<float*>(smem_raw + L.o);
+  int* info = reinterpret_cast<int*>(smem_raw + L.info);
+  float* row_max = reinterpret_cast<float*>(info + L.np);
+  float* row_sum = row_max + L.np;
+  const int64_t window = blockIdx.x;
+  const int head = blockIdx.y, dim = g.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+
+  for (int t = threadIdx.x; t < L.np; t += blockDim.x) info[t] = pack_token(token_of(g, window, t));
+  for (int e = threadIdx.x; e < L.np * dim; e += blockDim.x) {
+    const int t = e / dim, d = e % dim;
+    const Token tok = token_of(g, window, t);
+    float qv = 0.f, kv = 0.f, vv = 0.f;
+    if (tok.real) {
+      qv = static_cast<float>(q[offset(sq, tok, head) + d]);
+      kv = static_cast<float>(k[offset(sk, tok, head) + d]);
+      vv = static_cast<float>(v[offset(sv, tok, head) + d]);
+    }
+    qs[t * L.ld16 + d] = Native<T>::from(qv);
+    ks[t * L.ld16 + d] = Native<T>::from(kv);
+    vs[t * L.ld16 + d] = Native<T>::from(vv);
+  }
+  __syncthreads();
+
+  const int tiles = L.np / 16;
+  for (int tile = warp; tile < tiles * tiles; tile += warps) {  // S = Q K^T
+    const int a = tile / tiles, b = tile % tiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < dim; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::col_major> fb;  // K^T
+      wmma::load_matrix_sync(fa, qs + 16 * a * L.ld16 + kk, L.ld16);
+      wmma::load_matrix_sync(fb, ks + 16 * b * L.ld16 + kk, L.ld16);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(ss + 16 * a * L.lds + 16 * b, acc, L.lds, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  for (int i = warp; i < L.np; i += warps) {  // softmax, one warp per row; P unnormalised
+    const int ti = info[i];
+    float m = -FLT_MAX;
+    for (int j = lane; j < L.np; j += 32) {
+      const int tj = info[j];
+      float s = -INFINITY;
+      if (ti >= 0 && tj >= 0 && (ti & 15) == (tj & 15)) {
+        s = ss[i * L.lds + j] * scale;
+        if (bias_kind == kBiasTable) {
+          const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
+          s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
+        } else if (bias_kind == kBiasDense) {
+          s += bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
+        }
+      }
+      ss[i * L.lds + j] = s;
+      m = fmaxf(m, s);
+    }
+    m = warp_max(m);
+    float l = 0.f;
+    for (int j = lane; j < L.np; j += 32) {
+      const float p = ti >= 0 ? __expf(ss[i * L.lds + j] - m) : 0.f;  // masked: exp(-inf) = 0
+      ps[i * L.ldp + j] = Native<T>::from(p);
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      row_max[i] = m;
+      row_sum[i] = l;
+    }
+  }
+  __syncthreads();
+
+  const int dtiles = dim / 16;
+  for (int tile = warp; tile < tiles * dtiles; tile += warps) {  // O = P V
+    const int a = tile / dtiles, c = tile % dtiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < L.np; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::row_major> fb;
+      wmma::load_matrix_sync(fa, ps + 16 * a * L.ldp + kk, L.ldp);
+      wmma::load_matrix_sync(fb, vs + kk * L.ld16 + 16 * c, L.ld16);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(os + 16 * a * L.ldo + 16 * c, acc, L.ldo, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < g.tokens * dim; e += blockDim.x) {
+    const int t = e / dim, d = e % dim;
+    if (info[t] < 0) continue;
+    const Token tok = token_of(g, window, t);
+    out[offset(so, tok, head) + d] = static_cast<T>(os[t * L.ldo + d] / row_sum[t]);
+    if (d == 0) lse[offset(sl, tok, head)] = row_max[t] + logf(row_sum[t]);
+  }
+#endif
+}
+
 Strides strides_of(const at::Tensor& t) {
   return Strides{t.stride(0), t.stride(1), t.stride(2), t.dim() > 3 ? t.stride(3) : 0};
 }
@@ -300,14 +472,35 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
   if (out.numel() == 0) return {out, lse};
   TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch");
+  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
+  const dim3 grid(static_cast<unsigned>(windows), g.heads);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool sixteen_bit = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim).bytes;
+  if (sixteen_bit && g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 &&
+      at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+      tc_smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+    auto launch = [&](auto tag) {
+      using T = decltype(tag);
+      reserve_smem(window_attn_fwd_tc_kernel<T>, tc_smem, "window_attention_fwd");
+      window_attn_fwd_tc_kernel<T><<<grid, kTcThreads, tc_smem, stream>>>(
+          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
+          lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+          strides_of(lse), static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (q.scalar_type() == at::kHalf) launch(at::Half{});
+    else launch(at::BFloat16{});
+    return {out, lse};
+  }
   const size_t smem = fwd_smem_bytes(g);
   dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
     using T = decltype(tag);
     reserve_smem(window_attn_fwd_kernel<T>, smem, "window_attention_fwd");
-    window_attn_fwd_kernel<T><<<dim3(static_cast<unsigned>(windows), g.heads), kFwdThreads, smem,
-                                at::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), b.defined() ? b.data_ptr<float>() : nullptr,
-        static_cast<int>(b.defined() ? bias_kind : 0), out.data_ptr<T>(), lse.data_ptr<float>(), g,
+    window_attn_fwd_kernel<T><<<grid, kFwdThreads, smem, stream>>>(
+        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
+        lse.data_ptr<float>(), g,
         strides_of(q), strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
         static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,12 +1,12 @@
 // Window attention (Swin W-MSA / SW-MSA), forward and backward, one thread block per
 // (window, head).
 //
-// Forward, fp16/bf16, windows of up to 128 tokens (7x7 and 8x8 included): tensor cores
-// (wmma 16x16x16). The window's Q, K, V sit in shared memory (padded to a multiple of 16
+// fp16/bf16, windows of up to 128 tokens (7x7 and 8x8 included): tensor cores (wmma
+// 16x16x16), forward and backward. The window's Q, K, V sit in shared memory (padded to a multiple of 16
 // tokens), S = Q K^T and O = P V are wmma tiles spread over the warps, the softmax is one
 // warp per row in between. A SIMT path (K, V in shared memory as float, plain FMA) serves
-// float32 and larger windows, and the backward: its shared-memory loads per FMA make it
-// several times slower than the tensor-core path, so it is the fallback, not the fast path.
+// float32 and larger windows: its shared-memory loads per FMA make it several times slower
+// than the tensor-core path, so it is the fallback, not the fast path.
 // Padding, the cyclic shift, the region mask and the relative-position-bias gather are index
 // arithmetic; q/k/v are read through their strides (views of a packed qkv tensor).
 // Backward: each block owns a run of windows for one head and accumulates the bias gradient
@@ -14,6 +14,7 @@
 #include "../common.cuh"
 
 #include <cfloat>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -401,6 +402,196 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
 #endif
 }
 
+// Backward on tensor cores (fp16/bf16, windows <= 128 tokens): per window, S = QK^T and
+// dP = dO V^T (wmma), P and dS elementwise (fp32, the run's bias gradient accumulated
+// there), then dV = P^T dO, dK = dS^T Q, dQ = dS K (wmma, P and dS rounded to 16 bits as in
+// FlashAttention), each staged through one float tile before it is written.
+constexpr int kTcBwdThreads = 256;
+
+struct TcBwdLayout {
+  int np, ld16, ldf, ldh, ldo;
+  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, bytes;
+};
+
+__host__ __device__ inline TcBwdLayout tc_bwd_layout(int tokens, int dim, bool bias_grad) {
+  TcBwdLayout l;
+  l.np = (tokens + 15) / 16 * 16;
+  l.ld16 = dim + 8;
+  l.ldf = l.np + 4;
+  l.ldh = l.np + 8;
+  l.ldo = dim + 4;
+  size_t off = 0;
+  auto take = [&off](size_t bytes) { const size_t at = off; off += (bytes + 127) / 128 * 128; return at; };
+  l.q = take(size_t(l.np) * l.ld16 * 2);
+  l.k = take(size_t(l.np) * l.ld16 * 2);
+  l.v = take(size_t(l.np) * l.ld16 * 2);
+  l.dout = take(size_t(l.np) * l.ld16 * 2);
+  l.s = take(size_t(l.np) * l.ldf * 4);
+  l.dp = take(size_t(l.np) * l.ldf * 4);
+  l.p = take(size_t(l.np) * l.ldh * 2);
+  l.ds = take(size_t(l.np) * l.ldh * 2);
+  l.stage = take(size_t(l.np) * l.ldo * 4);
+  l.dbias = take(bias_grad ? size_t(tokens) * tokens * 4 : 0);
+  l.info = take(size_t(l.np) * 4 * 3);  // packed token info, lse, delta
+  l.bytes = off;
+  return l;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// C (np x dim, float, staged) = op(A) B over the window: A is np x np (16-bit, row-major, or
+// its transpose when A_TRANSPOSED), B is np x dim (16-bit, row-major).
+template <typename NT, bool A_TRANSPOSED>
+__device__ void tc_matmul_to_stage(const NT* a, int lda, const NT* b, int ldb, float* stage,
+                                   int ldo, int np, int dim) {
+  using namespace nvcuda;
+  using ALayout = typename std::conditional<A_TRANSPOSED, wmma::col_major, wmma::row_major>::type;
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int dtiles = dim / 16;
+  for (int tile = warp; tile < (np / 16) * dtiles; tile += warps) {
+    const int row = tile / dtiles, col = tile % dtiles;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < np; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, ALayout> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::row_major> fb;
+      // op(A)[row block, kk block]: A itself at (16*row, kk), or A^T, stored as A at (kk, 16*row).
+      wmma::load_matrix_sync(fa, A_TRANSPOSED ? a + kk * lda + 16 * row : a + 16 * row * lda + kk, lda);
+      wmma::load_matrix_sync(fb, b + kk * ldb + 16 * col, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(stage + 16 * row * ldo + 16 * col, acc, ldo, wmma::mem_row_major);
+  }
+}
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
+    T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
+    Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, float scale, int64_t windows,
+    int windows_per_block) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using NT = typename Native<T>::type;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const bool bias_grad = dbias_partial != nullptr;
+  const TcBwdLayout L = tc_bwd_layout(g.tokens, g.head_dim, bias_grad);
+  NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
+  NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
+  NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
+  NT* dos = reinterpret_cast<NT*>(smem_raw + L.dout);
+  float* ss = reinterpret_cast<float*>(smem_raw + L.s);
+  float* dps = reinterpret_cast<float*>(smem_raw + L.dp);
+  NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
+  NT* dss = reinterpret_cast<NT*>(smem_raw + L.ds);
+  float* stage = reinterpret_cast<float*>(smem_raw + L.stage);
+  float* dbias = reinterpret_cast<float*>(smem_raw + L.dbias);
+  int* info = reinterpret_cast<int*>(smem_raw + L.info);
+  float* row_lse = reinterpret_cast<float*>(info + L.np);
+  float* row_delta = row_lse + L.np;
+  const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (bias_grad)
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
+  const int64_t last = min(first + windows_per_block, windows);
+  for (int64_t window = first; window < last; ++window) {
+    for (int t = threadIdx.x; t < np; t += blockDim.x) info[t] = pack_token(token_of(g, window, t));
+    for (int e = threadIdx.x; e < np * dim; e += blockDim.x) {
+      const int t = e / dim, d = e % dim;
+      const Token tok = token_of(g, window, t);
+      float qv = 0.f, kv = 0.f, vv = 0.f, gv = 0.f;
+      if (tok.real) {
+        qv = static_cast<float>(q[offset(sq, tok, head) + d]);
+        kv = static_cast<float>(k[offset(sk, tok, head) + d]);
+        vv = static_cast<float>(v[offset(sv, tok, head) + d]);
+        gv = static_cast<float>(grad_out[offset(sdo, tok, head) + d]);
+      }
+      qs[t * L.ld16 + d] = Native<T>::from(qv);
+      ks[t * L.ld16 + d] = Native<T>::from(kv);
+      vs[t * L.ld16 + d] = Native<T>::from(vv);
+      dos[t * L.ld16 + d] = Native<T>::from(gv);
+    }
+    for (int i = warp; i < np; i += warps) {  // delta_i = dO_i . O_i, and lse_i
+      const Token ti = token_of(g, window, i);
+      float acc = 0.f;
+      if (ti.real)
+        for (int d = lane; d < dim; d += 32)
+          acc += static_cast<float>(grad_out[offset(sdo, ti, head) + d]) *
+                 static_cast<float>(out[offset(so, ti, head) + d]);
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        row_delta[i] = acc;
+        row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+      }
+    }
+    __syncthreads();
+
+    const int tiles = np / 16;
+    for (int tile = warp; tile < 2 * tiles * tiles; tile += warps) {  // S = QK^T, dP = dO V^T
+      const bool is_dp = tile >= tiles * tiles;
+      const int a = (tile % (tiles * tiles)) / tiles, b = tile % tiles;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < dim; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, (is_dp ? dos : qs) + 16 * a * L.ld16 + kk, L.ld16);
+        wmma::load_matrix_sync(fb, (is_dp ? vs : ks) + 16 * b * L.ld16 + kk, L.ld16);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync((is_dp ? dps : ss) + 16 * a * L.ldf + 16 * b, acc, L.ldf,
+                              wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
+      const int i = e / np, j = e % np;
+      const int ti = info[i], tj = info[j];
+      float p = 0.f, ds = 0.f;
+      if (ti >= 0 && tj >= 0 && (ti & 15) == (tj & 15)) {
+        float s = ss[i * L.ldf + j] * scale;
+        if (bias_kind == kBiasTable) {
+          const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
+          s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
+        } else if (bias_kind == kBiasDense) {
+          s += bias[(static_cast<int64_t>(head) * n + i) * n + j];
+        }
+        p = __expf(s - row_lse[i]);
+        ds = p * (dps[i * L.ldf + j] - row_delta[i]);
+      }
+      ps[i * L.ldh + j] = Native<T>::from(p);
+      dss[i * L.ldh + j] = Native<T>::from(ds);
+      if (bias_grad && i < n && j < n) dbias[i * n + j] += ds;  // one owner thread per (i, j)
+    }
+    __syncthreads();
+
+    // dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K; each staged, then written.
+    for (int which = 0; which < 3; ++which) {
+      if (which == 0) tc_matmul_to_stage<NT, true>(ps, L.ldh, dos, L.ld16, stage, L.ldo, np, dim);
+      else if (which == 1) tc_matmul_to_stage<NT, true>(dss, L.ldh, qs, L.ld16, stage, L.ldo, np, dim);
+      else tc_matmul_to_stage<NT, false>(dss, L.ldh, ks, L.ld16, stage, L.ldo, np, dim);
+      __syncthreads();
+      T* dst = which == 0 ? dv : (which == 1 ? dk : dq);
+      const float factor = which == 0 ? 1.f : scale;
+      for (int e = threadIdx.x; e < n * dim; e += blockDim.x) {
+        const int t = e / dim, d = e % dim;
+        if (info[t] < 0) continue;
+        const Token tok = token_of(g, window, t);
+        dst[offset(sgrad, tok, head) + d] = static_cast<T>(stage[t * L.ldo + d] * factor);
+      }
+      __syncthreads();
+    }
+  }
+  if (bias_grad) {
+    float* dst = dbias_partial + (static_cast<int64_t>(blockIdx.x) * gridDim.y + head) * n * n;
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
+  }
+#endif
+}
+
 Strides strides_of(const at::Tensor& t) {
   return Strides{t.stride(0), t.stride(1), t.stride(2), t.dim() > 3 ? t.stride(3) : 0};
 }
@@ -536,16 +727,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   if (runs == 0 || q.numel() == 0) {
     return {dq.zero_(), dk.zero_(), dv.zero_(), bias_grad ? dbias.sum(0) : dbias};
   }
+  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
+  const dim3 grid(static_cast<unsigned>(runs), g.heads);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  const bool sixteen_bit = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const size_t tc_smem = tc_bwd_layout(g.tokens, g.head_dim, bias_grad).bytes;
+  if (sixteen_bit && g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 &&
+      at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+      tc_smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+    auto launch = [&](auto tag) {
+      using T = decltype(tag);
+      reserve_smem(window_attn_bwd_tc_kernel<T>, tc_smem, "window_attention_bwd");
+      window_attn_bwd_tc_kernel<T><<<grid, kTcBwdThreads, tc_smem, stream>>>(
+          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
+          grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+          dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
+          strides_of(grad_out), strides_of(dq), static_cast<float>(scale), windows, per_block);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (q.scalar_type() == at::kHalf) launch(at::Half{});
+    else launch(at::BFloat16{});
+    return {dq, dk, dv, bias_grad ? dbias.sum(0) : dbias};
+  }
   const size_t smem = bwd_smem_bytes(g, bias_grad);
   dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
     using T = decltype(tag);
     reserve_smem(window_attn_bwd_kernel<T>, smem, "window_attention_bwd");
-    window_attn_bwd_kernel<T><<<dim3(static_cast<unsigned>(runs), g.heads), kBwdThreads, smem,
-                                at::cuda::getCurrentCUDAStream()>>>(
+    window_attn_bwd_kernel<T><<<grid, kBwdThreads, smem, stream>>>(
         q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
-        grad_out.data_ptr<T>(), b.defined() ? b.data_ptr<float>() : nullptr,
-        static_cast<int>(b.defined() ? bias_kind : 0), dq.data_ptr<T>(), dk.data_ptr<T>(),
-        dv.data_ptr<T>(), bias_grad ? dbias.data_ptr<float>() : nullptr, g, strides_of(q),
+        grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
+        dv.data_ptr<T>(), dbias_ptr, g, strides_of(q),
         strides_of(k), strides_of(v), strides_of(out), strides_of(lse), strides_of(grad_out),
         strides_of(dq), static_cast<float>(scale), windows, per_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -85,8 +85,15 @@ def test_head_dims(device, backend, head_dim):
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_parity_half(device, backend, dtype):
-    check_case(device, backend, (2, 14, 10), 2, 32, (7, 7), (3, 3), "table", dtype)
+@pytest.mark.parametrize("shape,window,shift,bias_kind,head_dim", [
+    ((2, 14, 10, 2), (7, 7), (3, 3), "table", 32),
+    ((1, 10, 13, 2), (4, 6), (2, 3), "dense", 16),
+    ((1, 16, 8, 1), (8, 8), (0, 4), None, 64),
+    ((1, 18, 11, 1), (9, 9), (4, 0), "table", 32),   # 81 tokens: two Triton blocks, 96-row wmma tiles
+], ids=lambda v: str(v).replace(" ", ""))
+def test_parity_half(device, backend, dtype, shape, window, shift, bias_kind, head_dim):
+    b, h, w, heads = shape
+    check_case(device, backend, (b, h, w), heads, head_dim, window, shift, bias_kind, dtype)
 
 
 @pytest.mark.parametrize("device,backend", CASES)

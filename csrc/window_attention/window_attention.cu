@@ -260,7 +260,7 @@ struct Native<at::BFloat16> {
 // region and every 16x16 tile starts on a 32-byte boundary, as wmma requires.
 struct TcLayout {
   int np, ld16, ldp, lds, ldo;
-  size_t q, k, v, s, p, o, info, bytes;
+  size_t q, k, v, s, p, o, info, rows, bytes;
 };
 
 __host__ __device__ inline TcLayout tc_layout(int tokens, int dim) {
@@ -279,6 +279,7 @@ __host__ __device__ inline TcLayout tc_layout(int tokens, int dim) {
   l.p = take(size_t(l.np) * l.ldp * 2);
   l.o = take(size_t(l.np) * l.ldo * 4);
   l.info = take(size_t(l.np) * 4 * 3);  // packed token info, row max, row sum
+  l.rows = take(size_t(l.np) * 8 * 4);   // row offsets in q, k, v, out
   l.bytes = off;
   return l;
 }
@@ -288,16 +289,74 @@ __device__ __forceinline__ int pack_token(const Token& t) {
   return t.real ? (t.region | (t.r << 4) | (t.c << 12)) : -1;
 }
 
+// Per window, once per token: its packed info and the element offset of its row in each of
+// `count` tensors (-1 for padding). The copy loops below then need no index arithmetic.
+__device__ void token_rows(const Geometry& g, int64_t window, int head, int np, int* info,
+                           int64_t* rows, const Strides* strides, int count) {
+  for (int t = threadIdx.x; t < np; t += blockDim.x) {
+    const Token tok = token_of(g, window, t);
+    info[t] = pack_token(tok);
+    for (int i = 0; i < count; ++i) rows[i * np + t] = tok.real ? offset(strides[i], tok, head) : -1;
+  }
+}
+
+// Rows of a window -> shared memory (16-bit, row stride ld), zeros for padding. `vec`: every
+// row starts on 16 bytes, so 8 elements move as one 16-byte access, bits unchanged.
+template <typename T, typename NT>
+__device__ void load_tile(NT* dst, int ld, const T* src, const int64_t* rows, int np, int dim,
+                          bool vec) {
+  if (vec) {
+    const int chunks = dim / 8, shift = __ffs(chunks) - 1;
+    for (int e = threadIdx.x; e < np * chunks; e += blockDim.x) {
+      const int t = e >> shift, c = (e & (chunks - 1)) * 8;
+      uint4 bits = make_uint4(0, 0, 0, 0);
+      if (rows[t] >= 0) bits = *reinterpret_cast<const uint4*>(src + rows[t] + c);
+      *reinterpret_cast<uint4*>(dst + t * ld + c) = bits;
+    }
+    return;
+  }
+  const int shift = __ffs(dim) - 1;
+  for (int e = threadIdx.x; e < np * dim; e += blockDim.x) {
+    const int t = e >> shift, d = e & (dim - 1);
+    dst[t * ld + d] = Native<T>::from(rows[t] >= 0 ? static_cast<float>(src[rows[t] + d]) : 0.f);
+  }
+}
+
+// Float rows in shared memory (row stride ld) times factor / row_div[t] -> T rows.
+template <typename T>
+__device__ void store_tile(T* dst, const int64_t* rows, const float* src, int ld,
+                           const float* row_div, float factor, int np, int dim, bool vec) {
+  const int width = vec ? 8 : 1, chunks = dim / width, shift = __ffs(chunks) - 1;
+  for (int e = threadIdx.x; e < np * chunks; e += blockDim.x) {
+    const int t = e >> shift, c = (e & (chunks - 1)) * width;
+    if (rows[t] < 0) continue;
+    const float f = row_div != nullptr ? factor / row_div[t] : factor;
+    if (vec) {
+      union {
+        uint4 bits;
+        T h[8];
+      } pack;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) pack.h[u] = static_cast<T>(src[t * ld + c + u] * f);
+      *reinterpret_cast<uint4*>(dst + rows[t] + c) = pack.bits;
+    } else {
+      dst[rows[t] + c] = static_cast<T>(src[t * ld + c] * f);
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
-    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, float scale) {
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, float scale, bool vec) {
+  // out and lse are contiguous (this op allocates them): lse index = out row offset / D.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using NT = typename Native<T>::type;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const TcLayout L = tc_layout(g.tokens, g.head_dim);
+  int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
   NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
   NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
   NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
@@ -311,20 +370,12 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   const int head = blockIdx.y, dim = g.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
 
-  for (int t = threadIdx.x; t < L.np; t += blockDim.x) info[t] = pack_token(token_of(g, window, t));
-  for (int e = threadIdx.x; e < L.np * dim; e += blockDim.x) {
-    const int t = e / dim, d = e % dim;
-    const Token tok = token_of(g, window, t);
-    float qv = 0.f, kv = 0.f, vv = 0.f;
-    if (tok.real) {
-      qv = static_cast<float>(q[offset(sq, tok, head) + d]);
-      kv = static_cast<float>(k[offset(sk, tok, head) + d]);
-      vv = static_cast<float>(v[offset(sv, tok, head) + d]);
-    }
-    qs[t * L.ld16 + d] = Native<T>::from(qv);
-    ks[t * L.ld16 + d] = Native<T>::from(kv);
-    vs[t * L.ld16 + d] = Native<T>::from(vv);
-  }
+  const Strides strides[4] = {sq, sk, sv, so};
+  token_rows(g, window, head, L.np, info, rows, strides, 4);
+  __syncthreads();
+  load_tile(qs, L.ld16, q, rows, L.np, dim, vec);
+  load_tile(ks, L.ld16, k, rows + L.np, L.np, dim, vec);
+  load_tile(vs, L.ld16, v, rows + 2 * L.np, L.np, dim, vec);
   __syncthreads();
 
   const int tiles = L.np / 16;
@@ -392,13 +443,10 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   }
   __syncthreads();
 
-  for (int e = threadIdx.x; e < g.tokens * dim; e += blockDim.x) {
-    const int t = e / dim, d = e % dim;
-    if (info[t] < 0) continue;
-    const Token tok = token_of(g, window, t);
-    out[offset(so, tok, head) + d] = static_cast<T>(os[t * L.ldo + d] / row_sum[t]);
-    if (d == 0) lse[offset(sl, tok, head)] = row_max[t] + logf(row_sum[t]);
-  }
+  const int64_t* out_rows = rows + 3 * L.np;
+  store_tile(out, out_rows, os, L.ldo, row_sum, 1.f, L.np, dim, vec);
+  for (int t = threadIdx.x; t < L.np; t += blockDim.x)
+    if (out_rows[t] >= 0) lse[out_rows[t] / dim] = row_max[t] + logf(row_sum[t]);
 #endif
 }
 
@@ -410,7 +458,7 @@ constexpr int kTcBwdThreads = 256;
 
 struct TcBwdLayout {
   int np, ld16, ldf, ldh, ldo;
-  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, bytes;
+  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, rows, bytes;
 };
 
 __host__ __device__ inline TcBwdLayout tc_bwd_layout(int tokens, int dim, bool bias_grad) {
@@ -433,6 +481,7 @@ __host__ __device__ inline TcBwdLayout tc_bwd_layout(int tokens, int dim, bool b
   l.stage = take(size_t(l.np) * l.ldo * 4);
   l.dbias = take(bias_grad ? size_t(tokens) * tokens * 4 : 0);
   l.info = take(size_t(l.np) * 4 * 3);  // packed token info, lse, delta
+  l.rows = take(size_t(l.np) * 8 * 6);   // row offsets in q, k, v, dO, out, grads
   l.bytes = off;
   return l;
 }
@@ -470,8 +519,9 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
     const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
     T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
-    Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, float scale, int64_t windows,
-    int windows_per_block) {
+    Strides sv, Strides so, Strides sdo, Strides sgrad, float scale, int64_t windows,
+    int windows_per_block, bool vec) {
+  // out and lse are the contiguous forward outputs: lse index = out row offset / D.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using NT = typename Native<T>::type;
@@ -491,40 +541,32 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   int* info = reinterpret_cast<int*>(smem_raw + L.info);
   float* row_lse = reinterpret_cast<float*>(info + L.np);
   float* row_delta = row_lse + L.np;
+  int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
   const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
+  const Strides strides[6] = {sq, sk, sv, sdo, so, sgrad};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (bias_grad)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
-    for (int t = threadIdx.x; t < np; t += blockDim.x) info[t] = pack_token(token_of(g, window, t));
-    for (int e = threadIdx.x; e < np * dim; e += blockDim.x) {
-      const int t = e / dim, d = e % dim;
-      const Token tok = token_of(g, window, t);
-      float qv = 0.f, kv = 0.f, vv = 0.f, gv = 0.f;
-      if (tok.real) {
-        qv = static_cast<float>(q[offset(sq, tok, head) + d]);
-        kv = static_cast<float>(k[offset(sk, tok, head) + d]);
-        vv = static_cast<float>(v[offset(sv, tok, head) + d]);
-        gv = static_cast<float>(grad_out[offset(sdo, tok, head) + d]);
-      }
-      qs[t * L.ld16 + d] = Native<T>::from(qv);
-      ks[t * L.ld16 + d] = Native<T>::from(kv);
-      vs[t * L.ld16 + d] = Native<T>::from(vv);
-      dos[t * L.ld16 + d] = Native<T>::from(gv);
-    }
+    token_rows(g, window, head, np, info, rows, strides, 6);
+    __syncthreads();
+    load_tile(qs, L.ld16, q, rows, np, dim, vec);
+    load_tile(ks, L.ld16, k, rows + np, np, dim, vec);
+    load_tile(vs, L.ld16, v, rows + 2 * np, np, dim, vec);
+    load_tile(dos, L.ld16, grad_out, rows + 3 * np, np, dim, vec);
+    const int64_t* out_rows = rows + 4 * np;
     for (int i = warp; i < np; i += warps) {  // delta_i = dO_i . O_i, and lse_i
-      const Token ti = token_of(g, window, i);
+      const int64_t row = out_rows[i], grad_row = rows[3 * np + i];
       float acc = 0.f;
-      if (ti.real)
+      if (row >= 0)
         for (int d = lane; d < dim; d += 32)
-          acc += static_cast<float>(grad_out[offset(sdo, ti, head) + d]) *
-                 static_cast<float>(out[offset(so, ti, head) + d]);
+          acc += static_cast<float>(grad_out[grad_row + d]) * static_cast<float>(out[row + d]);
       acc = warp_sum(acc);
       if (lane == 0) {
         row_delta[i] = acc;
-        row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+        row_lse[i] = row >= 0 ? lse[row / dim] : 0.f;
       }
     }
     __syncthreads();
@@ -574,14 +616,8 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
       else if (which == 1) tc_matmul_to_stage<NT, true>(dss, L.ldh, qs, L.ld16, stage, L.ldo, np, dim);
       else tc_matmul_to_stage<NT, false>(dss, L.ldh, ks, L.ld16, stage, L.ldo, np, dim);
       __syncthreads();
-      T* dst = which == 0 ? dv : (which == 1 ? dk : dq);
-      const float factor = which == 0 ? 1.f : scale;
-      for (int e = threadIdx.x; e < n * dim; e += blockDim.x) {
-        const int t = e / dim, d = e % dim;
-        if (info[t] < 0) continue;
-        const Token tok = token_of(g, window, t);
-        dst[offset(sgrad, tok, head) + d] = static_cast<T>(stage[t * L.ldo + d] * factor);
-      }
+      store_tile(which == 0 ? dv : (which == 1 ? dk : dq), rows + 5 * np, stage, L.ldo, nullptr,
+                 which == 0 ? 1.f : scale, np, dim, vec);
       __syncthreads();
     }
   }
@@ -639,6 +675,25 @@ size_t bwd_smem_bytes(const Geometry& g, bool bias_grad) {
   return sizeof(float) * (4 * n * (g.head_dim + 1) + 2 * n * (n + 1) + 2 * n + (bias_grad ? n * n : 0));
 }
 
+// fp16/bf16 windows of up to kTcMaxTokens tokens whose tiles fit in shared memory run on
+// the tensor cores; everything else on the SIMT kernels.
+bool tensor_core_path(const at::Tensor& q, const Geometry& g, size_t smem_bytes) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
+         g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 && props->major >= 8 &&
+         smem_bytes <= props->sharedMemPerBlockOptin;
+}
+
+// Every (b, h, w, head) row of these 16-bit tensors starts on a 16-byte boundary.
+bool rows_are_16_byte_aligned(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+    for (int d = 0; d < 4; ++d)
+      if (t->stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
 template <typename Kernel>
 void reserve_smem(Kernel kernel, size_t bytes, const char* op) {
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
@@ -667,18 +722,16 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const dim3 grid(static_cast<unsigned>(windows), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool sixteen_bit = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim).bytes;
-  if (sixteen_bit && g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 &&
-      at::cuda::getCurrentDeviceProperties()->major >= 8 &&
-      tc_smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+  if (tensor_core_path(q, g, tc_smem)) {
+    const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &out});
     auto launch = [&](auto tag) {
       using T = decltype(tag);
       reserve_smem(window_attn_fwd_tc_kernel<T>, tc_smem, "window_attention_fwd");
       window_attn_fwd_tc_kernel<T><<<grid, kTcThreads, tc_smem, stream>>>(
           q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
           lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-          strides_of(lse), static_cast<float>(scale));
+          static_cast<float>(scale), vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (q.scalar_type() == at::kHalf) launch(at::Half{});
@@ -732,19 +785,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   const dim3 grid(static_cast<unsigned>(runs), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
   float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
-  const bool sixteen_bit = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const size_t tc_smem = tc_bwd_layout(g.tokens, g.head_dim, bias_grad).bytes;
-  if (sixteen_bit && g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 &&
-      at::cuda::getCurrentDeviceProperties()->major >= 8 &&
-      tc_smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+  if (tensor_core_path(q, g, tc_smem)) {
+    const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq});
     auto launch = [&](auto tag) {
       using T = decltype(tag);
       reserve_smem(window_attn_bwd_tc_kernel<T>, tc_smem, "window_attention_bwd");
       window_attn_bwd_tc_kernel<T><<<grid, kTcBwdThreads, tc_smem, stream>>>(
           q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
           grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-          dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
-          strides_of(grad_out), strides_of(dq), static_cast<float>(scale), windows, per_block);
+          dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+          strides_of(grad_out), strides_of(dq), static_cast<float>(scale), windows, per_block, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (q.scalar_type() == at::kHalf) launch(at::Half{});

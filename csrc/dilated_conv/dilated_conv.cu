@@ -39,25 +39,33 @@ struct ConvShape {
   int C, src_h, src_w, dst_h, dst_w, stride, k;
 };
 
+// Grids are 3-D so that no thread divides a 64-bit index per element: z walks rows
+// (channels_last: b*H + y) or planes (NCHW: b*C + c), with a grid-stride loop past 65535.
+constexpr int kMaxGridZ = 65535;
+
+// channels_last: x-lanes take runs of VEC channels (one dilation each), y-lanes take output
+// columns; grid (runs / blockDim.x, W_dst / blockDim.y, rows).
 template <typename T, int KT, int VEC, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
-    const int* __restrict__ dilation, T* __restrict__ dst, int64_t total, ConvShape s) {
+    const int* __restrict__ dilation, T* __restrict__ dst, int64_t rows, ConvShape s) {
   const int K = KT > 0 ? KT : s.k;
-  const int runs = s.C / VEC;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int c0 = static_cast<int>(idx % runs) * VEC;
-    const int64_t pixel = idx / runs;
-    const int x = static_cast<int>(pixel % s.dst_w);
-    const int y = static_cast<int>((pixel / s.dst_w) % s.dst_h);
-    const int64_t batch = pixel / (static_cast<int64_t>(s.dst_w) * s.dst_h);
-    const int d = dilation[c0];
-    const int pad = d * (K / 2);
+  const int run = blockIdx.x * blockDim.x + threadIdx.x;
+  const int x = blockIdx.y * blockDim.y + threadIdx.y;
+  if (run >= s.C / VEC || x >= s.dst_w) return;  // no block-wide synchronisation below
+  const int c0 = run * VEC;
+  const int d = dilation[c0];
+  const int pad = d * (K / 2);
+  float b[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) b[v] = bias != nullptr ? static_cast<float>(bias[c0 + v]) : 0.f;
+  for (int64_t row = blockIdx.z; row < rows; row += gridDim.z) {
+    const int y = static_cast<int>(row % s.dst_h);
+    const int64_t batch = row / s.dst_h;
+    const T* image = src + batch * s.src_h * s.src_w * s.C + c0;
     float acc[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] = bias != nullptr ? static_cast<float>(bias[c0 + v]) : 0.f;
-    const T* image = src + batch * s.src_h * s.src_w * s.C + c0;
+    for (int v = 0; v < VEC; ++v) acc[v] = b[v];
 #pragma unroll
     for (int kh = 0; kh < K; ++kh) {
       const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
@@ -77,23 +85,24 @@ __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     Pack<T, VEC> result;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) result.v[v] = static_cast<T>(acc[v]);
-    *reinterpret_cast<Pack<T, VEC>*>(dst + pixel * s.C + c0) = result;
+    *reinterpret_cast<Pack<T, VEC>*>(dst + (row * s.dst_w + x) * s.C + c0) = result;
   }
 }
 
+// NCHW: a (32, 8) block covers 32 x 8 outputs of a plane; grid (W_dst / 32, H_dst / 8, planes).
 template <typename T, int KT, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
-    const int* __restrict__ dilation, T* __restrict__ dst, int64_t total, ConvShape s) {
+    const int* __restrict__ dilation, T* __restrict__ dst, int64_t planes, ConvShape s) {
   const int K = KT > 0 ? KT : s.k;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int x = static_cast<int>(idx % s.dst_w);
-    const int y = static_cast<int>((idx / s.dst_w) % s.dst_h);
-    const int64_t plane = idx / (static_cast<int64_t>(s.dst_w) * s.dst_h);  // b * C + c
+  const int x = blockIdx.x * blockDim.x + threadIdx.x;
+  const int y = blockIdx.y * blockDim.y + threadIdx.y;
+  if (x >= s.dst_w || y >= s.dst_h) return;  // no block-wide synchronisation below
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {  // plane = b*C + c
     const int c = static_cast<int>(plane % s.C);
     const int d = dilation[c];
     const int pad = d * (K / 2);
+    const T* w = weight + c * K * K;
     float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
     const T* image = src + plane * s.src_h * s.src_w;
 #pragma unroll
@@ -105,72 +114,83 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
         const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
         if (sx < 0) continue;
         acc += static_cast<float>(image[static_cast<int64_t>(sy) * s.src_w + sx]) *
-               static_cast<float>(weight[c * K * K + kh * K + kw]);
+               static_cast<float>(w[kh * K + kw]);
       }
     }
-    dst[idx] = static_cast<T>(acc);
+    dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);
   }
 }
 
-// Block (32, 8). channels_last: x-lanes take 32 consecutive channels, y-lanes stride over the
-// chunk's pixels. NCHW: one channel per block, all 256 threads stride over the pixels.
-// Writes dw_partial[chunk, c, tap] and db_partial[chunk, c].
+// Grad weight/bias partial sums of one chunk of output rows (b*H_out + y), block (32, 8).
+// channels_last: x-lanes take 32 consecutive channels, y-lanes stride over columns. NCHW:
+// one channel per block, x-lanes stride over columns, y-lanes over the chunk's rows.
+// For K in {3, 5, 7} all taps accumulate in registers in one pass over grad_out; other K take
+// one pass per tap. Each sum is reduced in a fixed order: dw_partial[chunk, c, tap],
+// db_partial[chunk, c].
 template <typename T, int KT, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
     const T* __restrict__ grad_out, const T* __restrict__ x, const int* __restrict__ dilation,
-    float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t pixels,
-    int64_t chunk, ConvShape s) {
+    float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows,
+    int64_t rows_per_chunk, ConvShape s) {
+  constexpr int kTapsPerPass = KT > 0 ? KT * KT : 1;
   __shared__ float scratch[kThreads];
   const int K = KT > 0 ? KT : s.k;
   const int c = CHANNELS_LAST ? blockIdx.y * 32 + threadIdx.x : blockIdx.y;
-  const int lane = CHANNELS_LAST ? threadIdx.y : threadIdx.y * blockDim.x + threadIdx.x;
-  const int lanes = CHANNELS_LAST ? blockDim.y : blockDim.x * blockDim.y;
   const bool channel_ok = c < s.C;
   const int d = channel_ok ? dilation[c] : 1;
   const int pad = d * (K / 2);
-  const int64_t begin = blockIdx.x * chunk;
-  const int64_t end = min(begin + chunk, pixels);
+  const int64_t begin = blockIdx.x * rows_per_chunk;
+  const int64_t end = min(begin + rows_per_chunk, rows);
+  const int row_step = CHANNELS_LAST ? 1 : blockDim.y;
+  const int col_first = CHANNELS_LAST ? threadIdx.y : threadIdx.x;
+  const int col_step = CHANNELS_LAST ? blockDim.y : blockDim.x;
   // src = x (H, W); dst = grad_out (H_out, W_out).
-  for (int tap = -1; tap < K * K; ++tap) {  // tap -1: the bias gradient
-    float acc = 0.f;
+  for (int first = 0; first < K * K; first += kTapsPerPass) {
+    float acc[kTapsPerPass + 1];  // the last one: the bias gradient (first pass only)
+#pragma unroll
+    for (int u = 0; u <= kTapsPerPass; ++u) acc[u] = 0.f;
     if (channel_ok) {
-      for (int64_t p = begin + lane; p < end; p += lanes) {
-        const int ox = static_cast<int>(p % s.dst_w);
-        const int oy = static_cast<int>((p / s.dst_w) % s.dst_h);
-        const int64_t b = p / (static_cast<int64_t>(s.dst_w) * s.dst_h);
-        const int64_t g_off = CHANNELS_LAST
-            ? ((b * s.dst_h + oy) * s.dst_w + ox) * s.C + c
-            : ((b * s.C + c) * s.dst_h + oy) * s.dst_w + ox;
-        const float g = static_cast<float>(grad_out[g_off]);
-        if (tap < 0) {
-          acc += g;
-          continue;
+      for (int64_t r = begin + (CHANNELS_LAST ? 0 : threadIdx.y); r < end; r += row_step) {
+        const int oy = static_cast<int>(r % s.dst_h);
+        const int64_t b = r / s.dst_h;
+        for (int ox = col_first; ox < s.dst_w; ox += col_step) {
+          const int64_t g_off = CHANNELS_LAST ? ((b * s.dst_h + oy) * s.dst_w + ox) * s.C + c
+                                              : ((b * s.C + c) * s.dst_h + oy) * s.dst_w + ox;
+          const float g = static_cast<float>(grad_out[g_off]);
+          acc[kTapsPerPass] += g;
+#pragma unroll
+          for (int u = 0; u < kTapsPerPass; ++u) {
+            const int tap = first + u;
+            const int iy = source_pos<false>(oy, tap / K, d, pad, s.stride, s.src_h);
+            const int ix = source_pos<false>(ox, tap % K, d, pad, s.stride, s.src_w);
+            if (iy < 0 || ix < 0) continue;
+            const int64_t x_off = CHANNELS_LAST ? ((b * s.src_h + iy) * s.src_w + ix) * s.C + c
+                                                : ((b * s.C + c) * s.src_h + iy) * s.src_w + ix;
+            acc[u] += g * static_cast<float>(x[x_off]);
+          }
         }
-        const int iy = source_pos<false>(oy, tap / K, d, pad, s.stride, s.src_h);
-        const int ix = source_pos<false>(ox, tap % K, d, pad, s.stride, s.src_w);
-        if (iy < 0 || ix < 0) continue;
-        const int64_t x_off = CHANNELS_LAST
-            ? ((b * s.src_h + iy) * s.src_w + ix) * s.C + c
-            : ((b * s.C + c) * s.src_h + iy) * s.src_w + ix;
-        acc += g * static_cast<float>(x[x_off]);
       }
     }
-    float total;
-    if (CHANNELS_LAST) {  // fixed-order sum over the y-lanes of each channel
-      scratch[threadIdx.y * 32 + threadIdx.x] = acc;
-      __syncthreads();
-      total = 0.f;
-      if (threadIdx.y == 0)
-        for (int y = 0; y < blockDim.y; ++y) total += scratch[y * 32 + threadIdx.x];
-      __syncthreads();
-    } else {
-      total = block_sum(acc, scratch);
-    }
     const bool writer = CHANNELS_LAST ? threadIdx.y == 0 : (threadIdx.x == 0 && threadIdx.y == 0);
-    if (writer && channel_ok) {
-      const int64_t row = blockIdx.x * static_cast<int64_t>(s.C) + c;
-      if (tap < 0) db_partial[row] = total;
-      else dw_partial[row * K * K + tap] = total;
+    const int64_t out_row = blockIdx.x * static_cast<int64_t>(s.C) + c;
+#pragma unroll
+    for (int u = 0; u <= kTapsPerPass; ++u) {
+      if (u == kTapsPerPass && first != 0) break;  // the bias gradient, once
+      float total;
+      if (CHANNELS_LAST) {  // fixed-order sum over the y-lanes of each channel
+        scratch[threadIdx.y * 32 + threadIdx.x] = acc[u];
+        __syncthreads();
+        total = 0.f;
+        if (threadIdx.y == 0)
+          for (int y = 0; y < blockDim.y; ++y) total += scratch[y * 32 + threadIdx.x];
+        __syncthreads();
+      } else {
+        total = block_sum(acc[u], scratch);
+      }
+      if (writer && channel_ok) {
+        if (u == kTapsPerPass) db_partial[out_row] = total;
+        else dw_partial[out_row * K * K + first + u] = total;
+      }
     }
   }
 }
@@ -179,11 +199,6 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
 // is 'contiguous' in both formats.
 bool is_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-int grid_for(int64_t total) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), sms * 32)));
 }
 
 template <typename Fn>
@@ -196,35 +211,44 @@ void dispatch_kernel_size(int k, Fn&& fn) {
   }
 }
 
+unsigned grid_z(int64_t count) { return static_cast<unsigned>(std::min<int64_t>(count, kMaxGridZ)); }
+
 // channel_run: the largest power of two (<= 8) dividing C such that each aligned run of that
 // many channels shares one dilation; the vector width is capped at 16 bytes.
 template <typename T, bool TRANSPOSED>
 void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bias,
                    const at::Tensor& dilation, at::Tensor& dst, const ConvShape& s,
                    bool channels_last, int64_t channel_run) {
-  const int64_t total = dst.numel();
-  if (total == 0) return;
+  if (dst.numel() == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* src_ptr = src.data_ptr<T>();
   const T* w_ptr = weight.data_ptr<T>();
   const int* d_ptr = dilation.data_ptr<int>();
   T* dst_ptr = dst.data_ptr<T>();
+  const int64_t batch = dst.size(0);
   dispatch_kernel_size(s.k, [&](auto kt) {
     constexpr int KT = decltype(kt)::value;
     if (channels_last) {
       constexpr int kMaxVec = 16 / sizeof(T);
       const bool aligned = reinterpret_cast<uintptr_t>(src_ptr) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(dst_ptr) % 16 == 0;
-      if (aligned && channel_run >= kMaxVec && s.C % kMaxVec == 0) {
-        gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED><<<grid_for(total / kMaxVec), kThreads, 0, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, total / kMaxVec, s);
+      const bool vector = aligned && channel_run >= kMaxVec && s.C % kMaxVec == 0;
+      const int runs = vector ? s.C / kMaxVec : s.C;
+      const int lanes_c = std::min(32, 1 << (32 - __builtin_clz((std::max(runs, 1) - 1) | 1)));  // pow2 >= runs
+      const dim3 block(lanes_c, kThreads / lanes_c);
+      const dim3 grid(ceil_div(runs, block.x), ceil_div(s.dst_w, block.y), grid_z(batch * s.dst_h));
+      if (vector) {
+        gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED><<<grid, block, 0, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.dst_h, s);
       } else {
-        gather_nhwc_kernel<T, KT, 1, TRANSPOSED><<<grid_for(total), kThreads, 0, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, total, s);
+        gather_nhwc_kernel<T, KT, 1, TRANSPOSED><<<grid, block, 0, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.dst_h, s);
       }
     } else {
-      gather_nchw_kernel<T, KT, TRANSPOSED><<<grid_for(total), kThreads, 0, stream>>>(
-          src_ptr, w_ptr, bias, d_ptr, dst_ptr, total, s);
+      const dim3 block(32, kThreads / 32);
+      const dim3 grid(ceil_div(s.dst_w, 32), ceil_div(s.dst_h, block.y), grid_z(batch * s.C));
+      gather_nchw_kernel<T, KT, TRANSPOSED><<<grid, block, 0, stream>>>(
+          src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -291,15 +315,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
   TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_out dtype differs from x dtype");
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(format));
   const int64_t channels = x.size(1), taps = weight.size(-1) * weight.size(-1);
-  const int64_t pixels = g.size(0) * g.size(2) * g.size(3);
+  const int64_t rows = g.size(0) * g.size(2);  // output rows b*H_out + y
   const int channel_blocks = channels_last ? ceil_div(channels, 32) : static_cast<int>(channels);
+  TORCH_CHECK(channel_blocks <= kMaxGridZ, "dilated_conv2d_bwd: too many channels (", channels, ")");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Enough chunks to fill the GPU a few times; the count depends only on the shape and the
-  // device, so the summation order (and the bits) repeat from call to call.
+  // Enough chunks of rows to fill the GPU a few times; the count depends only on the shape and
+  // the device, so the summation order (and the bits) repeat from call to call.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(
-      ceil_div(4 * sms, std::max(channel_blocks, 1)), ceil_div(pixels, kThreads)));
-  const int64_t chunk = std::max<int64_t>(1, ceil_div(pixels, chunks));
-  const int64_t used_chunks = pixels > 0 ? ceil_div(pixels, chunk) : 0;
+      ceil_div(4 * sms, std::max(channel_blocks, 1)), rows));
+  const int64_t rows_per_chunk = std::max<int64_t>(1, ceil_div(rows, chunks));
+  const int64_t used_chunks = rows > 0 ? ceil_div(rows, rows_per_chunk) : 0;
   at::Tensor dw_partial = at::zeros({std::max<int64_t>(used_chunks, 1), channels, taps},
                                     x.options().dtype(at::kFloat));
   at::Tensor db_partial = at::zeros({std::max<int64_t>(used_chunks, 1), channels},
@@ -318,11 +343,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
       if (channels_last) {
         grad_weight_partial_kernel<T, KT, true><<<grid, block, 0, stream>>>(
             g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
-            db_partial.data_ptr<float>(), pixels, chunk, s);
+            db_partial.data_ptr<float>(), rows, rows_per_chunk, s);
       } else {
         grad_weight_partial_kernel<T, KT, false><<<grid, block, 0, stream>>>(
             g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
-            db_partial.data_ptr<float>(), pixels, chunk, s);
+            db_partial.data_ptr<float>(), rows, rows_per_chunk, s);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

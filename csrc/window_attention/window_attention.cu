@@ -255,31 +255,37 @@ struct Native<at::BFloat16> {
   static __device__ __forceinline__ type from(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Shared-memory layout of the tensor-core forward. Rows are padded (16-bit tiles by 8
-// elements, float tiles by 4) so that wmma's row accesses spread over the banks; every
-// region and every 16x16 tile starts on a 32-byte boundary, as wmma requires.
+// Shared-memory layout of the tensor-core kernels (regions the forward does not use have size
+// 0). Rows are padded (16-bit tiles by 8 elements, float tiles by 4) so that wmma's row
+// accesses spread over the banks; every region and every 16x16 tile starts on a 32-byte
+// boundary, as wmma requires.
 struct TcLayout {
-  int np, ld16, ldp, lds, ldo;
-  size_t q, k, v, s, p, o, info, rows, bytes;
+  int np, ld16, ldf, ldh, ldo;
+  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, rows, bytes;
 };
 
-__host__ __device__ inline TcLayout tc_layout(int tokens, int dim) {
+__host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward, bool bias_grad) {
   TcLayout l;
   l.np = (tokens + 15) / 16 * 16;
-  l.ld16 = dim + 8;
-  l.ldp = l.np + 8;
-  l.lds = l.np + 4;
-  l.ldo = dim + 4;
+  l.ld16 = dim + 8;   // Q, K, V, dO (16-bit)
+  l.ldf = l.np + 4;   // S, dP (float)
+  l.ldh = l.np + 8;   // P, dS (16-bit)
+  l.ldo = dim + 4;    // the float staging tile of O, dV, dK, dQ
+  const size_t np = l.np, rows16 = np * l.ld16 * 2;
   size_t off = 0;
   auto take = [&off](size_t bytes) { const size_t at = off; off += (bytes + 127) / 128 * 128; return at; };
-  l.q = take(size_t(l.np) * l.ld16 * 2);
-  l.k = take(size_t(l.np) * l.ld16 * 2);
-  l.v = take(size_t(l.np) * l.ld16 * 2);
-  l.s = take(size_t(l.np) * l.lds * 4);
-  l.p = take(size_t(l.np) * l.ldp * 2);
-  l.o = take(size_t(l.np) * l.ldo * 4);
-  l.info = take(size_t(l.np) * 4 * 3);  // packed token info, row max, row sum
-  l.rows = take(size_t(l.np) * 8 * 4);   // row offsets in q, k, v, out
+  l.q = take(rows16);
+  l.k = take(rows16);
+  l.v = take(rows16);
+  l.dout = take(backward ? rows16 : 0);
+  l.s = take(np * l.ldf * 4);
+  l.dp = take(backward ? np * l.ldf * 4 : 0);
+  l.p = take(np * l.ldh * 2);
+  l.ds = take(backward ? np * l.ldh * 2 : 0);
+  l.stage = take(np * l.ldo * 4);
+  l.dbias = take(backward && bias_grad ? size_t(tokens) * tokens * 4 : 0);
+  l.info = take(np * 4 * 3);                  // packed token info + two floats per row
+  l.rows = take(np * 8 * (backward ? 6 : 4));  // row offsets: q, k, v, out | q, k, v, dO, out, grads
   l.bytes = off;
   return l;
 }
@@ -355,14 +361,14 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   using namespace nvcuda;
   using NT = typename Native<T>::type;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const TcLayout L = tc_layout(g.tokens, g.head_dim);
+  const TcLayout L = tc_layout(g.tokens, g.head_dim, false, false);
   int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
   NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
   NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
   NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
   float* ss = reinterpret_cast<float*>(smem_raw + L.s);
   NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
-  float* os = reinterpret_cast<float*>(smem_raw + L.o);
+  float* os = reinterpret_cast<float*>(smem_raw + L.stage);
   int* info = reinterpret_cast<int*>(smem_raw + L.info);
   float* row_max = reinterpret_cast<float*>(info + L.np);
   float* row_sum = row_max + L.np;
@@ -390,7 +396,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
       wmma::load_matrix_sync(fb, ks + 16 * b * L.ld16 + kk, L.ld16);
       wmma::mma_sync(acc, fa, fb, acc);
     }
-    wmma::store_matrix_sync(ss + 16 * a * L.lds + 16 * b, acc, L.lds, wmma::mem_row_major);
+    wmma::store_matrix_sync(ss + 16 * a * L.ldf + 16 * b, acc, L.ldf, wmma::mem_row_major);
   }
   __syncthreads();
 
@@ -401,7 +407,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
       const int tj = info[j];
       float s = -INFINITY;
       if (ti >= 0 && tj >= 0 && (ti & 15) == (tj & 15)) {
-        s = ss[i * L.lds + j] * scale;
+        s = ss[i * L.ldf + j] * scale;
         if (bias_kind == kBiasTable) {
           const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
           s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
@@ -409,14 +415,14 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
           s += bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
         }
       }
-      ss[i * L.lds + j] = s;
+      ss[i * L.ldf + j] = s;
       m = fmaxf(m, s);
     }
     m = warp_max(m);
     float l = 0.f;
     for (int j = lane; j < L.np; j += 32) {
-      const float p = ti >= 0 ? __expf(ss[i * L.lds + j] - m) : 0.f;  // masked: exp(-inf) = 0
-      ps[i * L.ldp + j] = Native<T>::from(p);
+      const float p = ti >= 0 ? __expf(ss[i * L.ldf + j] - m) : 0.f;  // masked: exp(-inf) = 0
+      ps[i * L.ldh + j] = Native<T>::from(p);
       l += p;
     }
     l = warp_sum(l);
@@ -435,7 +441,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     for (int kk = 0; kk < L.np; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, ps + 16 * a * L.ldp + kk, L.ldp);
+      wmma::load_matrix_sync(fa, ps + 16 * a * L.ldh + kk, L.ldh);
       wmma::load_matrix_sync(fb, vs + kk * L.ld16 + 16 * c, L.ld16);
       wmma::mma_sync(acc, fa, fb, acc);
     }
@@ -455,36 +461,6 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
 // there), then dV = P^T dO, dK = dS^T Q, dQ = dS K (wmma, P and dS rounded to 16 bits as in
 // FlashAttention), each staged through one float tile before it is written.
 constexpr int kTcBwdThreads = 256;
-
-struct TcBwdLayout {
-  int np, ld16, ldf, ldh, ldo;
-  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, rows, bytes;
-};
-
-__host__ __device__ inline TcBwdLayout tc_bwd_layout(int tokens, int dim, bool bias_grad) {
-  TcBwdLayout l;
-  l.np = (tokens + 15) / 16 * 16;
-  l.ld16 = dim + 8;
-  l.ldf = l.np + 4;
-  l.ldh = l.np + 8;
-  l.ldo = dim + 4;
-  size_t off = 0;
-  auto take = [&off](size_t bytes) { const size_t at = off; off += (bytes + 127) / 128 * 128; return at; };
-  l.q = take(size_t(l.np) * l.ld16 * 2);
-  l.k = take(size_t(l.np) * l.ld16 * 2);
-  l.v = take(size_t(l.np) * l.ld16 * 2);
-  l.dout = take(size_t(l.np) * l.ld16 * 2);
-  l.s = take(size_t(l.np) * l.ldf * 4);
-  l.dp = take(size_t(l.np) * l.ldf * 4);
-  l.p = take(size_t(l.np) * l.ldh * 2);
-  l.ds = take(size_t(l.np) * l.ldh * 2);
-  l.stage = take(size_t(l.np) * l.ldo * 4);
-  l.dbias = take(bias_grad ? size_t(tokens) * tokens * 4 : 0);
-  l.info = take(size_t(l.np) * 4 * 3);  // packed token info, lse, delta
-  l.rows = take(size_t(l.np) * 8 * 6);   // row offsets in q, k, v, dO, out, grads
-  l.bytes = off;
-  return l;
-}
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // C (np x dim, float, staged) = op(A) B over the window: A is np x np (16-bit, row-major, or
@@ -527,7 +503,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   using NT = typename Native<T>::type;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const bool bias_grad = dbias_partial != nullptr;
-  const TcBwdLayout L = tc_bwd_layout(g.tokens, g.head_dim, bias_grad);
+  const TcLayout L = tc_layout(g.tokens, g.head_dim, true, bias_grad);
   NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
   NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
   NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
@@ -722,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const dim3 grid(static_cast<unsigned>(windows), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const size_t tc_smem = tc_layout(g.tokens, g.head_dim).bytes;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, false).bytes;
   if (tensor_core_path(q, g, tc_smem)) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &out});
     auto launch = [&](auto tag) {
@@ -785,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   const dim3 grid(static_cast<unsigned>(runs), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
   float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
-  const size_t tc_smem = tc_bwd_layout(g.tokens, g.head_dim, bias_grad).bytes;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_grad).bytes;
   if (tensor_core_path(q, g, tc_smem)) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq});
     auto launch = [&](auto tag) {

@@ -180,6 +180,13 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (tokens * tokens if bias_grad else 0))
 
 
+@torch._dynamo.assume_constant_result
+def _shared_memory_limit(device_index: int) -> int:
+    """Opt-in shared memory per block of a CUDA device; a constant to torch.compile, which
+    cannot trace device queries."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
 def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool):
     def reason(backend: str) -> Optional[str]:
         if backend == "reference":
@@ -192,7 +199,7 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
             tokens = window[0] * window[1]
             need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
                        cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))
-            limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+            limit = _shared_memory_limit(q.device.index)
             if need > limit:
                 return (f"window {window} with head_dim {q.shape[-1]} needs {need} bytes of shared "
                         f"memory per block in the CUDA kernels; the device allows {limit}")

@@ -199,6 +199,17 @@ _window_attn_fwd_autotuned = triton.autotune(
 )(_window_attn_fwd_kernel)
 
 
+def launch_config(head_dim: int, backward: bool) -> dict:
+    """Warps and pipeline depth of the plain (untuned) launches. Compiled for sm_90, the
+    backward with 3 stages needs up to 377 KB of shared memory (fp32, D=128) and 263 KB (bf16,
+    D=128), over the 227 KB a block may have; these settings stay under 215 KB
+    (tools/compile_triton.py checks every case)."""
+    warps = 4 if head_dim <= 64 else 8
+    if backward:
+        return dict(num_warps=warps, num_stages=2 if head_dim <= 64 else 1)
+    return dict(num_warps=warps, num_stages=2)
+
+
 def _block(tokens: int) -> int:
     return max(16, min(64, triton.next_power_of_2(tokens)))
 
@@ -244,7 +255,7 @@ def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
             *_bias_strides(bias))
     if flags["DOT_FP32"] or not autotune_enabled():  # one plain launch
-        _window_attn_fwd_kernel[grid](*args, **flags, num_warps=4)
+        _window_attn_fwd_kernel[grid](*args, **flags, **launch_config(head_dim, False))
     else:
         _window_attn_fwd_autotuned[grid](*args, **flags)
     return out, lse
@@ -287,8 +298,7 @@ def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int,
             geo["n_windows"], per_program, scale,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
             *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0, *_strides4(dq[0] if blocks > 1 else dq),
-            *_bias_strides(bias), **flags, BIAS_GRAD=bias_grad,
-            num_warps=4 if head_dim <= 64 else 8)
+            *_bias_strides(bias), **flags, BIAS_GRAD=bias_grad, **launch_config(head_dim, True))
     if blocks > 1:
         dq = dq.sum(0).to(q.dtype)
     return dq, dk, dv, (dbias.sum(0) if dbias is not None else None)

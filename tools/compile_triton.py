@@ -74,23 +74,26 @@ def cases():
                     ones=("ssw", "sdw"))
         yield _case(f"conv grad-weight nhwc {element}", conv._dilated_conv_grad_weight_kernel, element,
                     dict(K=5, STRIDE=1, CHANNEL_RUN=32, **tile_nhwc), ones=("sdyc", "sxc"))
-        for d in (32, 128):
-            for window in ((7, 7), (16, 16)):
-                tokens = window[0] * window[1]
-                block = attn._block(tokens)
-                common = dict(WH=window[0], WW=window[1], SH=window[0] // 2, SW=window[1] // 2, D=d,
-                              BIAS_KIND=1, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),
-                              DOT_FP32=False, PRECISION="ieee" if element == "fp32" else "tf32")
-                strides = [n for n in attn._window_attn_bwd_kernel.arg_names
-                           if n.startswith("s") and n != "scale" and not n.startswith("sbias")]
-                yield _case(f"attention fwd {element} d{d} window{window[0]}x{window[1]}",
-                            attn._window_attn_fwd_kernel, element, common,
-                            divisible=strides, **attn.launch_config(d, False))
-                dq = "*fp32" if common["NUM_BLOCKS"] > 1 else f"*{element}"
-                yield _case(f"attention bwd {element} d{d} window{window[0]}x{window[1]}",
-                            attn._window_attn_bwd_kernel, element, dict(common, BIAS_GRAD=True),
-                            overrides={"dq_ptr": dq}, divisible=strides,
-                            **attn.launch_config(d, True))
+        variants = [(d, window, 1) for d in (32, 128) for window in ((7, 7), (16, 16))]
+        variants += [(32, (7, 7), 0), (32, (4, 6), 2)]  # no bias; dense bias, rectangular
+        for d, window, bias_kind in variants:
+            tokens = window[0] * window[1]
+            block = attn._block(tokens)
+            common = dict(WH=window[0], WW=window[1], SH=window[0] // 2, SW=window[1] // 2, D=d,
+                          BIAS_KIND=bias_kind, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),
+                          DOT_FP32=False, PRECISION="ieee" if element == "fp32" else "tf32")
+            strides = [n for n in attn._window_attn_bwd_kernel.arg_names
+                       if n.startswith("s") and n != "scale" and not n.startswith("sbias")]
+            tag = f"{element} d{d} window{window[0]}x{window[1]}"
+            tag += "" if bias_kind == 1 else f" bias{bias_kind}"
+            yield _case(f"attention fwd {tag}",
+                        attn._window_attn_fwd_kernel, element, common,
+                        divisible=strides, **attn.launch_config(d, False))
+            dq = "*fp32" if common["NUM_BLOCKS"] > 1 else f"*{element}"
+            yield _case(f"attention bwd {tag}",
+                        attn._window_attn_bwd_kernel, element, dict(common, BIAS_GRAD=True),
+                        overrides={"dq_ptr": dq}, divisible=strides,
+                        **attn.launch_config(d, True))
 
 
 def compile_case(case, arch: int) -> dict:

@@ -19,6 +19,7 @@ import sys
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tools/compile_triton.py: unset TRITON_INTERPRET (it needs compiled kernels)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -72,8 +73,16 @@ def cases():
         yield _case(f"conv grad-input nchw {element}", conv._dilated_conv_gather_kernel, element,
                     dict(K=3, STRIDE=2, HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=32, **tile_nchw),
                     ones=("ssw", "sdw"))
-        yield _case(f"conv grad-weight nhwc {element}", conv._dilated_conv_grad_weight_kernel, element,
-                    dict(K=5, STRIDE=1, CHANNEL_RUN=32, **tile_nhwc), ones=("sdyc", "sxc"))
+        for k, layout in ((3, torch.channels_last), (5, torch.contiguous_format)):
+            taps = triton.next_power_of_2(k * k)
+            sample = torch.empty(1, 96, 8, 8).to(memory_format=layout)
+            tile = conv._grad_weight_tile(sample, taps, 32)
+            warps = tile.pop("num_warps")
+            ones = ("sdyc", "sxc") if layout == torch.channels_last else ("sdyw", "sxw")
+            yield _case(f"conv grad-weight {'nhwc' if ones[0] == 'sdyc' else 'nchw'} {element} k{k}",
+                        conv._dilated_conv_grad_weight_kernel, element,
+                        dict(K=k, STRIDE=1, CHANNEL_RUN=32, TAPS=taps, **tile), num_warps=warps,
+                        ones=ones, divisible=("C", "sdyb", "sdyh", "sdyw", "sxb", "sxh", "sxw"))
         variants = [(d, window, 1) for d in (32, 128) for window in ((7, 7), (16, 16))]
         variants += [(32, (7, 7), 0), (32, (4, 6), 2)]  # no bias; dense bias, rectangular
         for d, window, bias_kind in variants:

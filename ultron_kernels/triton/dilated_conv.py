@@ -99,31 +99,59 @@ def _dilated_conv_gather_kernel(
 @triton.jit
 def _dilated_conv_grad_weight_kernel(
         dy_ptr, x_ptr, dil_ptr, dw_partial_ptr, db_partial_ptr,
-        C, H, W, H_out, W_out,
+        C, H, W, H_out, W_out, n_tiles,
         sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
-        K: tl.constexpr, STRIDE: tl.constexpr, CHANNEL_RUN: tl.constexpr,
+        K: tl.constexpr, STRIDE: tl.constexpr, CHANNEL_RUN: tl.constexpr, TAPS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # Partial sums of one output tile: dw_partial[tile, c, tap] and db_partial[tile, c].
-    pid_pixels = tl.program_id(0)
-    batch, channel, oh, ow, channel_ok, out_ok = _tile_coords(
-        pid_pixels, tl.program_id(1), C, H_out, W_out,
-        BLOCK_C, BLOCK_H, BLOCK_W)
-    dil = _dilation(dil_ptr, channel, channel_ok, BLOCK_C, CHANNEL_RUN)
-    pad = dil * (K // 2)
-    dy_offset = (batch.to(tl.int64) * sdyb + channel[:, None].to(tl.int64) * sdyc
-                 + oh[None, :] * sdyh + ow[None, :] * sdyw)
-    g = tl.load(dy_ptr + dy_offset, mask=out_ok, other=0.0).to(tl.float32)
-    partial_row = pid_pixels.to(tl.int64) * C + channel
-    tl.store(db_partial_ptr + partial_row, tl.sum(g, axis=1), mask=channel_ok)
-    x_base = x_ptr + batch.to(tl.int64) * sxb + channel[:, None].to(tl.int64) * sxc
-    for kh in tl.static_range(K):
-        ih, row_ok = _source_pos(oh[None, :], kh, dil, pad, STRIDE, H, False)
-        row_ok = row_ok & out_ok
-        for kw in tl.static_range(K):
-            iw, col_ok = _source_pos(ow[None, :], kw, dil, pad, STRIDE, W, False)
-            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=row_ok & col_ok, other=0.0).to(tl.float32)
-            tl.store(dw_partial_ptr + partial_row * (K * K) + (kh * K + kw),
-                     tl.sum(g * xv, axis=1), mask=channel_ok)
+    # Program p sums the output tiles p, p + P, p + 2P, ... (P programs along axis 0) into
+    # dw_partial[p, c, tap] and db_partial[p, c]. The taps are a tensor axis (TAPS = K*K
+    # padded to a power of two): one (channels x pixels x taps) gather per tile, reduced
+    # over the pixels, so each program keeps one (channels x taps) accumulator.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tap = tl.arange(0, TAPS)
+    kh = (tap // K)[None, None, :]
+    kw = (tap % K)[None, None, :]
+    tap_ok = (tap < K * K)[None, None, :]
+    acc = tl.zeros((BLOCK_C, TAPS), dtype=tl.float32)
+    acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for tile in range(pid, n_tiles, programs):
+        batch, channel, oh, ow, channel_ok, out_ok = _tile_coords(
+            tile, tl.program_id(1), C, H_out, W_out, BLOCK_C, BLOCK_H, BLOCK_W)
+        dil = _dilation(dil_ptr, channel, channel_ok, BLOCK_C, CHANNEL_RUN)
+        pad = dil * (K // 2)
+        dy_offset = (batch.to(tl.int64) * sdyb + channel[:, None].to(tl.int64) * sdyc
+                     + oh[None, :] * sdyh + ow[None, :] * sdyw)
+        g = tl.load(dy_ptr + dy_offset, mask=out_ok, other=0.0).to(tl.float32)
+        acc_bias += tl.sum(g, axis=1)
+        dil3 = dil if CHANNEL_RUN % BLOCK_C == 0 else dil[:, :, None]
+        pad3 = pad if CHANNEL_RUN % BLOCK_C == 0 else pad[:, :, None]
+        ih, row_ok = _source_pos(oh[None, :, None], kh, dil3, pad3, STRIDE, H, False)
+        iw, col_ok = _source_pos(ow[None, :, None], kw, dil3, pad3, STRIDE, W, False)
+        x_offset = (batch.to(tl.int64) * sxb + channel[:, None, None].to(tl.int64) * sxc
+                    + ih * sxh + iw * sxw)
+        ok = out_ok[:, :, None] & row_ok & col_ok & tap_ok
+        xv = tl.load(x_ptr + x_offset, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(g[:, :, None] * xv, axis=1)
+    channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channel < C
+    row = pid.to(tl.int64) * C + channel
+    tl.store(db_partial_ptr + row, acc_bias, mask=channel_ok)
+    tl.store(dw_partial_ptr + row[:, None] * (K * K) + tap[None, :], acc,
+             mask=channel_ok[:, None] & (tap < K * K)[None, :])
+
+
+def _grad_weight_tile(t: torch.Tensor, taps: int, channel_run: int) -> dict:
+    """Fixed tile of the grad-weight kernel: about 8K (channel, pixel, tap) elements, the
+    channel block inside a run of equal dilations where the run allows it."""
+    budget = 8192 // taps
+    if t.stride(1) == 1 and t.shape[1] > 1:  # channels_last
+        block_c = min(32, triton.next_power_of_2(t.shape[1]), max(channel_run, 8))
+        pixels = max(1, budget // block_c)
+        block_w = min(pixels, 8)
+        return dict(BLOCK_C=block_c, BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, num_warps=4)
+    block_w = min(budget, 32)
+    return dict(BLOCK_C=1, BLOCK_H=max(1, budget // block_w), BLOCK_W=block_w, num_warps=4)
 
 
 def _tile(t: torch.Tensor) -> dict:
@@ -155,6 +183,14 @@ def _grid(batch: int, height: int, width: int, channels: int):
         tiles = triton.cdiv(height, meta["BLOCK_H"]) * triton.cdiv(width, meta["BLOCK_W"])
         return (batch * tiles, triton.cdiv(channels, meta["BLOCK_C"]))
     return grid
+
+
+def _program_budget(device: torch.device) -> int:
+    """Programs for the reduction kernels: a few per multiprocessor on a GPU; few in the
+    interpreter, where every program costs Python time."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(layout_of: torch.Tensor, grid_shape, *args, **flags):
@@ -195,16 +231,22 @@ def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
                 grad_out, weight, weight, dilation, grad_x, channels, h_out, w_out, height, width,
                 *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride,
                 HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=channel_run)
-    # Grad weight: one fixed tile, so that the partial-sum order never depends on tuning.
-    tile = _tile(x)
-    grid = _grid(batch, h_out, w_out, channels)(tile)
-    dw_partial = torch.empty((grid[0], channels, kernel_size * kernel_size),
+    # Grad weight: a fixed tile and program count (from the shape and the device only), so
+    # that the partial-sum order never depends on tuning.
+    taps = triton.next_power_of_2(kernel_size * kernel_size)
+    tile = _grad_weight_tile(x, taps, channel_run)
+    n_tiles, channel_blocks = _grid(batch, h_out, w_out, channels)(tile)
+    programs = max(1, min(n_tiles, _program_budget(x.device) // max(channel_blocks, 1)))
+    dw_partial = torch.empty((programs, channels, kernel_size * kernel_size),
                              device=x.device, dtype=torch.float32)
-    db_partial = torch.empty((grid[0], channels), device=x.device, dtype=torch.float32)
-    if grid[0] > 0 and channels > 0:
-        _dilated_conv_grad_weight_kernel[grid](
-            grad_out, x, dilation, dw_partial, db_partial, *geometry,
+    db_partial = torch.empty((programs, channels), device=x.device, dtype=torch.float32)
+    if n_tiles > 0 and channels > 0:
+        _dilated_conv_grad_weight_kernel[(programs, channel_blocks)](
+            grad_out, x, dilation, dw_partial, db_partial, *geometry, n_tiles,
             *grad_out.stride(), *x.stride(), K=kernel_size, STRIDE=stride,
-            CHANNEL_RUN=channel_run, **tile)
+            CHANNEL_RUN=channel_run, TAPS=taps, **tile)
+    else:
+        dw_partial.zero_()
+        db_partial.zero_()
     grad_weight = dw_partial.sum(0).view(channels, kernel_size, kernel_size)
     return grad_x, grad_weight, db_partial.sum(0)

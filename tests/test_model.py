@@ -110,3 +110,23 @@ def test_ddp_two_gloo_processes_keep_parameters_identical(tmp_path):
     losses = [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+
+
+def test_imports_leave_triton_unloaded():
+    """TRITON_INTERPRET only works if set before triton is imported: importing our packages
+    must not import it (a torch._dynamo import would)."""
+    code = ("import sys, ultron_kernels, ultron, ultron.model; "
+            "sys.exit(int('triton' in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")])}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode == 0
+
+
+def test_demo_main_job_passes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python")])
+    proc = subprocess.run([sys.executable, "-m", "ultron", "demo"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "parity: PASS" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "timings need a GPU" in proc.stdout

@@ -180,10 +180,9 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (tokens * tokens if bias_grad else 0))
 
 
-@torch._dynamo.assume_constant_result
+@functools.lru_cache(maxsize=16)
 def _shared_memory_limit(device_index: int) -> int:
-    """Opt-in shared memory per block of a CUDA device; a constant to torch.compile, which
-    cannot trace device queries."""
+    """Opt-in shared memory per block of a CUDA device."""
     return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
@@ -195,7 +194,10 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
         if q.shape[-1] not in FUSED_HEAD_DIMS:
             return f"head_dim {q.shape[-1]} is not one of the fused head dims {FUSED_HEAD_DIMS}"
-        if backend == "cuda":
+        # Under torch.compile the device query is left out (the kernels' own check still
+        # names the limit); importing torch._dynamo here would import triton too early for
+        # TRITON_INTERPRET to take effect.
+        if backend == "cuda" and not torch.compiler.is_compiling():
             tokens = window[0] * window[1]
             need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
                        cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))

@@ -295,6 +295,22 @@ __device__ __forceinline__ int pack_token(const Token& t) {
   return t.real ? (t.region | (t.r << 4) | (t.c << 12)) : -1;
 }
 
+// Score of the pair (i, j) from its raw Q.K product: scaled and biased, or -inf where the
+// shifted-window mask forbids it or either token is padding (ti, tj: packed token info).
+__device__ __forceinline__ float packed_score(float qk, float scale, const float* bias, int kind,
+                                              const Geometry& g, int head, int i, int j, int ti,
+                                              int tj) {
+  if (ti < 0 || tj < 0 || (ti & 15) != (tj & 15)) return -INFINITY;
+  float s = qk * scale;
+  if (kind == kBiasTable) {
+    const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
+    s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
+  } else if (kind == kBiasDense) {
+    s += bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
+  }
+  return s;
+}
+
 // Per window, once per token: its packed info and the element offset of its row in each of
 // `count` tensors (-1 for padding). The copy loops below then need no index arithmetic.
 __device__ void token_rows(const Geometry& g, int64_t window, int head, int np, int* info,
@@ -404,17 +420,8 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     const int ti = info[i];
     float m = -FLT_MAX;
     for (int j = lane; j < L.np; j += 32) {
-      const int tj = info[j];
-      float s = -INFINITY;
-      if (ti >= 0 && tj >= 0 && (ti & 15) == (tj & 15)) {
-        s = ss[i * L.ldf + j] * scale;
-        if (bias_kind == kBiasTable) {
-          const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
-          s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
-        } else if (bias_kind == kBiasDense) {
-          s += bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
-        }
-      }
+      const float s = packed_score(ss[i * L.ldf + j], scale, bias, bias_kind, g, head, i, j, ti,
+                                   info[j]);
       ss[i * L.ldf + j] = s;
       m = fmaxf(m, s);
     }
@@ -567,16 +574,10 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
 
     for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
       const int i = e / np, j = e % np;
-      const int ti = info[i], tj = info[j];
+      const float s = packed_score(ss[i * L.ldf + j], scale, bias, bias_kind, g, head, i, j,
+                                   info[i], info[j]);
       float p = 0.f, ds = 0.f;
-      if (ti >= 0 && tj >= 0 && (ti & 15) == (tj & 15)) {
-        float s = ss[i * L.ldf + j] * scale;
-        if (bias_kind == kBiasTable) {
-          const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
-          s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
-        } else if (bias_kind == kBiasDense) {
-          s += bias[(static_cast<int64_t>(head) * n + i) * n + j];
-        }
+      if (s > -INFINITY) {
         p = __expf(s - row_lse[i]);
         ds = p * (dps[i * L.ldf + j] - row_delta[i]);
       }

@@ -53,6 +53,17 @@ def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, batch, y, x, head, real, skb, skh, skw, skn, svb, svh, svw, svn,
+             D: tl.constexpr, DOT_FP32: tl.constexpr):
+    k = _load_rows(k_ptr, batch, y, x, head, real, skb, skh, skw, skn, D)
+    v = _load_rows(v_ptr, batch, y, x, head, real, svb, svh, svw, svn, D)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k, scale,
             sbias0, sbias1, sbias2,
             WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr,
@@ -93,11 +104,8 @@ def _window_attn_fwd_kernel(
     for k_block in range(NUM_BLOCKS):
         _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
             window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-        k = _load_rows(k_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn, D)
-        v = _load_rows(v_ptr, batch, yk, xk, head, real_k, svb, svh, svw, svn, D)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
+                        svb, svh, svw, svn, D, DOT_FP32)
         s = _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k,
                     scale, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -139,11 +147,8 @@ def _window_attn_bwd_kernel(
     for window in range(first, last):
         batch, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
             window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-        k = _load_rows(k_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn, D)
-        v = _load_rows(v_ptr, batch, yk, xk, head, real_k, svb, svh, svw, svn, D)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
+                        svb, svh, svw, svn, D, DOT_FP32)
         dk = tl.zeros((BLOCK, D), dtype=tl.float32)
         dv = tl.zeros((BLOCK, D), dtype=tl.float32)
         for q_block in range(NUM_BLOCKS):

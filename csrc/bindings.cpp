@@ -12,10 +12,10 @@
 namespace ultron {
 at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& dilation,
-                              int64_t stride, int64_t channel_run);
+                              int64_t stride, int64_t channel_run, int64_t max_dilation);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& dilation, int64_t stride, int64_t channel_run);
+    const at::Tensor& dilation, int64_t stride, int64_t channel_run, int64_t max_dilation);
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
@@ -36,9 +36,9 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ultron_kernels_cuda, m) {
   m.def("dilated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor dilation, int stride, "
-        "int channel_run) -> Tensor");
+        "int channel_run, int max_dilation) -> Tensor");
   m.def("dilated_conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor dilation, int stride, "
-        "int channel_run) -> (Tensor, Tensor, Tensor)");
+        "int channel_run, int max_dilation) -> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
         "int[] window, int[] shift, float scale) -> (Tensor, Tensor)");
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "

@@ -83,6 +83,8 @@ def check_case(device, backend, shape, k, dilation, stride, dtype, channels_last
     (1, (1, 4), 1, (2, 4, 5, 7)),
     (3, 8, 1, (1, 3, 5, 7)),       # dilated kernel far larger than the image
     (3, (1, 3), 1, (1, 2, 1, 1)),  # 1x1 image
+    (3, (1, 3, 6), 1, (1, 3, 70, 45)),  # several tiles per plane, partial ones at the edges
+    (5, (2, 20), 2, (1, 2, 37, 41)),    # halo too large for a shared-memory tile
 ])
 def test_parity_float32(device, backend, channels_last, k, dilation, stride, shape):
     check_case(device, backend, shape, k, dilation, stride, torch.float32, channels_last)

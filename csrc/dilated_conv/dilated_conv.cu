@@ -5,8 +5,10 @@
 //  * forward and grad input share one gather kernel per layout: grad input is the forward
 //    gather read backwards (o*stride = i + pad - k*d), so there are no atomics;
 //  * channels_last: one thread per (pixel, run of VEC channels with equal dilation), one
-//    16-byte load per tap; NCHW: one thread per output element, W fastest across the warp,
-//    tap re-reads served by L1/L2;
+//    16-byte load per tap;
+//  * NCHW: a 32 x 32 output tile per block, its source window and halo (sized by the largest
+//    rate) staged once in shared memory; rates whose halo does not fit take a direct kernel
+//    (one thread per output, tap re-reads served by L1);
 //  * grad weight/bias: per-chunk partial sums reduced in a fixed tree order inside the block,
 //    then over chunks by at::sum: bitwise-deterministic.
 #include "../common.cuh"
@@ -89,7 +91,9 @@ __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
   }
 }
 
-// NCHW: a (32, 8) block covers 32 x 8 outputs of a plane; grid (W_dst / 32, H_dst / 8, planes).
+// NCHW, direct: a (32, 8) block covers 32 x 8 outputs of a plane; grid (W_dst / 32,
+// H_dst / 8, planes); tap re-reads are served by L1. Taken when a channel's halo is too large
+// for the shared-memory tile below.
 template <typename T, int KT, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
@@ -118,6 +122,103 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
       }
     }
     dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);
+  }
+}
+
+// NCHW, shared-memory tile: a (32, 8) block computes a kTileW x kTileH output tile of one
+// plane (kTileH / 8 rows per thread). The source window the tile reads, halo included, is
+// loaded once, coalesced, with zeros where it leaves the image, so the K*K taps then read
+// shared memory with no bounds checks. grid (W_dst / kTileW, H_dst / kTileH, planes).
+constexpr int kTileW = 32, kTileH = 32;
+// Shared memory per block up to which the tile kernel runs (7 blocks of 256 threads per SM).
+constexpr size_t kTileSmemBudget = 32 * 1024;
+
+__host__ __device__ __forceinline__ int floor_div(int a, int b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// First source position and extent, along one axis, read by destination positions
+// [first, last] of a channel with padding `pad`.
+template <bool TRANSPOSED>
+__host__ __device__ __forceinline__ int2 source_span(int first, int last, int pad, int stride) {
+  if (TRANSPOSED) {  // src*stride = pos + pad - k*d, k*d in [0, 2*pad]
+    const int lo = floor_div(first - pad, stride);
+    return make_int2(lo, floor_div(last + pad, stride) - lo + 1);
+  }
+  return make_int2(first * stride - pad, (last - first) * stride + 1 + 2 * pad);
+}
+
+// Shared memory of the tile kernel: the K*K weights, then the largest source window.
+template <bool TRANSPOSED>
+size_t tile_smem_bytes(int k, int max_dilation, int stride) {
+  const int pad = max_dilation * (k / 2);
+  const int2 rows = source_span<TRANSPOSED>(0, kTileH - 1, pad, stride);
+  const int2 cols = source_span<TRANSPOSED>(0, kTileW - 1, pad, stride);
+  return sizeof(float) * (static_cast<size_t>(k) * k + static_cast<size_t>(rows.y) * cols.y);
+}
+
+template <typename T, int KT, bool TRANSPOSED>
+__global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
+    const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
+    const int* __restrict__ dilation, T* __restrict__ dst, int64_t planes, ConvShape s,
+    int window_capacity) {
+  extern __shared__ float smem[];
+  const int K = KT > 0 ? KT : s.k;
+  float* taps = smem;
+  float* window = smem + K * K;
+  const int x0 = blockIdx.x * kTileW, y0 = blockIdx.y * kTileH;
+  const int x_last = min(x0 + kTileW, s.dst_w) - 1, y_last = min(y0 + kTileH, s.dst_h) - 1;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {  // plane = b*C + c
+    const int c = static_cast<int>(plane % s.C);
+    const int d = dilation[c];
+    const int pad = d * (K / 2);
+    const int2 rows = source_span<TRANSPOSED>(y0, y_last, pad, s.stride);
+    const int2 cols = source_span<TRANSPOSED>(x0, x_last, pad, s.stride);
+    if (rows.y * cols.y > window_capacity) __trap();  // max_dilation was below this rate
+    const T* image = src + plane * s.src_h * s.src_w;
+    for (int e = tid; e < K * K; e += kThreads) taps[e] = static_cast<float>(weight[c * K * K + e]);
+    for (int r = threadIdx.y; r < rows.y; r += blockDim.y) {
+      const int sy = rows.x + r;
+      const bool row_in = sy >= 0 && sy < s.src_h;
+      for (int col = threadIdx.x; col < cols.y; col += blockDim.x) {
+        const int sx = cols.x + col;
+        window[r * cols.y + col] = row_in && sx >= 0 && sx < s.src_w
+            ? static_cast<float>(image[static_cast<int64_t>(sy) * s.src_w + sx]) : 0.f;
+      }
+    }
+    __syncthreads();
+    const int x = x0 + threadIdx.x;
+    const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
+    for (int y = y0 + threadIdx.y; x <= x_last && y <= y_last; y += blockDim.y) {
+      float acc = b;
+#pragma unroll
+      for (int kh = 0; kh < K; ++kh) {
+        int wy;  // row of the window that tap kh reads
+        if (TRANSPOSED) {
+          const int scaled = y + pad - kh * d;
+          if (s.stride == 2 && (scaled & 1)) continue;
+          wy = (scaled >> (s.stride - 1)) - rows.x;  // arithmetic shift: floor(scaled / stride)
+        } else {
+          wy = (y - y0) * s.stride + kh * d;
+        }
+        const float* line = window + wy * cols.y;
+#pragma unroll
+        for (int kw = 0; kw < K; ++kw) {
+          int wx;
+          if (TRANSPOSED) {
+            const int scaled = x + pad - kw * d;
+            if (s.stride == 2 && (scaled & 1)) continue;
+            wx = (scaled >> (s.stride - 1)) - cols.x;
+          } else {
+            wx = (x - x0) * s.stride + kw * d;
+          }
+          acc += line[wx] * taps[kh * K + kw];
+        }
+      }
+      dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);
+    }
+    __syncthreads();  // the next plane overwrites the window
   }
 }
 
@@ -214,11 +315,12 @@ void dispatch_kernel_size(int k, Fn&& fn) {
 unsigned grid_z(int64_t count) { return static_cast<unsigned>(std::min<int64_t>(count, kMaxGridZ)); }
 
 // channel_run: the largest power of two (<= 8) dividing C such that each aligned run of that
-// many channels shares one dilation; the vector width is capped at 16 bytes.
+// many channels shares one dilation; the vector width is capped at 16 bytes. max_dilation
+// sizes the NCHW tile's halo.
 template <typename T, bool TRANSPOSED>
 void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bias,
                    const at::Tensor& dilation, at::Tensor& dst, const ConvShape& s,
-                   bool channels_last, int64_t channel_run) {
+                   bool channels_last, int64_t channel_run, int64_t max_dilation) {
   if (dst.numel() == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* src_ptr = src.data_ptr<T>();
@@ -246,16 +348,24 @@ void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bia
       }
     } else {
       const dim3 block(32, kThreads / 32);
-      const dim3 grid(ceil_div(s.dst_w, 32), ceil_div(s.dst_h, block.y), grid_z(batch * s.C));
-      gather_nchw_kernel<T, KT, TRANSPOSED><<<grid, block, 0, stream>>>(
-          src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s);
+      const size_t smem = tile_smem_bytes<TRANSPOSED>(s.k, static_cast<int>(max_dilation), s.stride);
+      if (smem <= kTileSmemBudget) {
+        const dim3 grid(ceil_div(s.dst_w, kTileW), ceil_div(s.dst_h, kTileH), grid_z(batch * s.C));
+        const int capacity = static_cast<int>(smem / sizeof(float)) - s.k * s.k;
+        gather_nchw_tile_kernel<T, KT, TRANSPOSED><<<grid, block, smem, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s, capacity);
+      } else {
+        const dim3 grid(ceil_div(s.dst_w, 32), ceil_div(s.dst_h, block.y), grid_z(batch * s.C));
+        gather_nchw_kernel<T, KT, TRANSPOSED><<<grid, block, 0, stream>>>(
+            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s);
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dilation,
-                  int64_t stride) {
+                  int64_t stride, int64_t max_dilation) {
   check_cuda(x, "x");
   check_cuda(weight, "weight");
   check_cuda(dilation, "dilation");
@@ -270,6 +380,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(dilation.scalar_type() == at::kInt && dilation.numel() == x.size(1),
               "dilation must be an int32 tensor of C elements");
   TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  // The NCHW tile's halo is sized by max_dilation: a smaller value than a channel's rate
+  // would read outside the tile, so the caller's value must be exact.
+  TORCH_CHECK(max_dilation >= 1 && max_dilation < (1 << 20), "max_dilation must be in [1, 2^20), got ",
+              max_dilation);
 }
 
 ConvShape shape_of(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& weight,
@@ -284,8 +398,8 @@ ConvShape shape_of(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
 
 at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const at::Tensor& dilation,
-                              int64_t stride, int64_t channel_run) {
-  check_inputs(x, weight, dilation, stride);
+                              int64_t stride, int64_t channel_run, int64_t max_dilation) {
+  check_inputs(x, weight, dilation, stride, max_dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto format = is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
@@ -298,15 +412,16 @@ at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
     using T = decltype(tag);
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     launch_gather<T, false>(x, weight, b.defined() ? b.data_ptr<T>() : nullptr, dilation, out,
-                            shape_of(x, out, weight, stride), is_channels_last(x), channel_run);
+                            shape_of(x, out, weight, stride), is_channels_last(x), channel_run,
+                            max_dilation);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& dilation, int64_t stride, int64_t channel_run) {
-  check_inputs(x, weight, dilation, stride);
+    const at::Tensor& dilation, int64_t stride, int64_t channel_run, int64_t max_dilation) {
+  check_inputs(x, weight, dilation, stride, max_dilation);
   check_cuda(grad_out, "grad_out");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool channels_last = is_channels_last(x);
@@ -332,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
   dispatch_float_types(x.scalar_type(), "dilated_conv2d_bwd", [&](auto tag) {
     using T = decltype(tag);
     launch_gather<T, true>(g, weight, nullptr, dilation, grad_x, shape_of(g, grad_x, weight, stride),
-                           channels_last, channel_run);
+                           channels_last, channel_run, max_dilation);
     if (used_chunks == 0 || channels == 0) return;
     const ConvShape s = shape_of(x, g, weight, stride);
     const dim3 grid(static_cast<unsigned>(used_chunks), channel_blocks);

@@ -74,6 +74,12 @@ def channel_run(rates: tuple[int, ...], cap: int) -> int:
     return run
 
 
+def _cuda_rate_summary(rates: tuple[int, ...]) -> tuple[int, int]:
+    """What the CUDA kernels need to know about the rates on the host: the channel run of
+    the 16-byte channels_last vectors, and the largest rate (it sizes the NCHW tile's halo)."""
+    return channel_run(rates, 8), max(rates, default=1)
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous():
         return torch.contiguous_format
@@ -98,7 +104,7 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         return dilated_conv_forward(x, weight, bias, rates, channel_run(tuple(dilation), 64),
                                     stride, out)
     return _cuda.cuda_ops().dilated_conv2d_fwd(x, weight, bias, rates, stride,
-                                               channel_run(tuple(dilation), 8))
+                                               *_cuda_rate_summary(tuple(dilation)))
 
 
 @_fused_forward.register_fake
@@ -120,7 +126,7 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             grad_out, x, weight, rates, channel_run(tuple(dilation), 64), stride, torch.empty_like(x))
     else:
         grad_x, grad_w, grad_b = _cuda.cuda_ops().dilated_conv2d_bwd(
-            grad_out, x, weight, rates, stride, channel_run(tuple(dilation), 8))
+            grad_out, x, weight, rates, stride, *_cuda_rate_summary(tuple(dilation)))
     return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 

@@ -188,6 +188,10 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
       }
     }
     __syncthreads();
+    // A compile-time K keeps the weights in registers: one shared load per tap, not two.
+    float w[KT > 0 ? KT * KT : 1];
+#pragma unroll
+    for (int e = 0; e < (KT > 0 ? KT * KT : 0); ++e) w[e] = taps[e];
     const int x = x0 + threadIdx.x;
     const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
     for (int y = y0 + threadIdx.y; x <= x_last && y <= y_last; y += blockDim.y) {
@@ -213,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
           } else {
             wx = (x - x0) * s.stride + kw * d;
           }
-          acc += line[wx] * taps[kh * K + kw];
+          acc += line[wx] * (KT > 0 ? w[kh * K + kw] : taps[kh * K + kw]);
         }
       }
       dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);

@@ -46,12 +46,26 @@ struct ConvShape {
 constexpr int kMaxGridZ = 65535;
 
 // channels_last: x-lanes take runs of VEC channels (one dilation each), y-lanes take output
-// columns; grid (runs / blockDim.x, W_dst / blockDim.y, rows).
+// columns; grid (runs / blockDim.x, W_dst / blockDim.y, rows), each block looping over rows.
+// For a compile-time K the block first stages its channels' weights tap-major in shared
+// memory, so a tap's VEC weights are one 16-byte shared load rather than VEC scattered
+// global loads (the instruction count that would otherwise bound the kernel).
 template <typename T, int KT, int VEC, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
     const int* __restrict__ dilation, T* __restrict__ dst, int64_t rows, ConvShape s) {
+  __shared__ __align__(16) T staged[KT > 0 ? KT * KT * 32 * VEC : 1];  // [tap][block channel]
   const int K = KT > 0 ? KT : s.k;
+  const int block_channels = blockDim.x * VEC;
+  if (KT > 0) {
+    const int first = blockIdx.x * block_channels;
+    for (int e = threadIdx.y * blockDim.x + threadIdx.x; e < KT * KT * block_channels;
+         e += blockDim.x * blockDim.y) {
+      const int tap = e / block_channels, c = first + e % block_channels;
+      staged[e] = c < s.C ? weight[c * KT * KT + tap] : static_cast<T>(0.f);
+    }
+    __syncthreads();
+  }
   const int run = blockIdx.x * blockDim.x + threadIdx.x;
   const int x = blockIdx.y * blockDim.y + threadIdx.y;
   if (run >= s.C / VEC || x >= s.dst_w) return;  // no block-wide synchronisation below
@@ -78,10 +92,17 @@ __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
         if (sx < 0) continue;
         const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(
             image + (static_cast<int64_t>(sy) * s.src_w + sx) * s.C);
+        Pack<T, VEC> w;
+        if (KT > 0) {
+          w = *reinterpret_cast<const Pack<T, VEC>*>(
+              staged + (kh * K + kw) * block_channels + threadIdx.x * VEC);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) w.v[v] = weight[(c0 + v) * K * K + kh * K + kw];
+        }
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          acc[v] += static_cast<float>(in.v[v]) *
-                    static_cast<float>(weight[(c0 + v) * K * K + kh * K + kw]);
+          acc[v] += static_cast<float>(in.v[v]) * static_cast<float>(w.v[v]);
       }
     }
     Pack<T, VEC> result;
@@ -342,7 +363,12 @@ void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bia
       const int runs = vector ? s.C / kMaxVec : s.C;
       const int lanes_c = std::min(32, 1 << (32 - __builtin_clz((std::max(runs, 1) - 1) | 1)));  // pow2 >= runs
       const dim3 block(lanes_c, kThreads / lanes_c);
-      const dim3 grid(ceil_div(runs, block.x), ceil_div(s.dst_w, block.y), grid_z(batch * s.dst_h));
+      // Rows per block: about two waves of blocks over the GPU, so the weight staging is
+      // paid a few times per block rather than once per row.
+      const int64_t row_blocks = ceil_div(runs, block.x) * static_cast<int64_t>(ceil_div(s.dst_w, block.y));
+      const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int64_t z = std::min<int64_t>(batch * s.dst_h, std::max<int64_t>(1, 16 * sms / row_blocks));
+      const dim3 grid(ceil_div(runs, block.x), ceil_div(s.dst_w, block.y), grid_z(z));
       if (vector) {
         gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED><<<grid, block, 0, stream>>>(
             src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.dst_h, s);

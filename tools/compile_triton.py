@@ -112,7 +112,10 @@ def compile_case(case, arch: int) -> dict:
                             options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
     ptx = kernel.asm["ptx"]
     return dict(name=case["name"], shared_bytes=kernel.metadata.shared,
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+                # 16-byte global reads: vector loads, or asynchronous copies into shared
+                # memory (what the software pipeliner turns a loop's loads into).
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx))
+                + len(re.findall(r"cp\.async(?:\.\w+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(?:16|0x10)\b", ptx)),
                 scalar_loads=len(re.findall(r"ld\.global(?:\.(?!v[24])\w+)*\s", ptx)),
                 mma=len(re.findall(r"\b(?:mma|wgmma)\.", ptx)))
 

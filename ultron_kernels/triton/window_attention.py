@@ -1,8 +1,8 @@
-"""Triton kernels for window attention (FlashAttention-style, one window per program).
+"""Triton kernels for window attention (FlashAttention-style, runs of whole windows per program).
 
-A program takes one block of a window's queries for one head; the keys of that window are
-streamed in blocks with an online softmax (one block for windows up to 64 tokens, which
-covers 7x7 and 8x8). Padding, the cyclic shift, the shifted-window region mask and the
+A program takes one block of queries of a run of windows for one head; the keys of each
+window are streamed in blocks with an online softmax (one block for windows up to 64
+tokens, which covers 7x7 and 8x8, and then the bias tile is gathered once per run). Padding, the cyclic shift, the shifted-window region mask and the
 relative-position-bias gather are index arithmetic inside the kernel: no padded, rolled or
 partitioned copies, and q/k/v may be strided views of a packed qkv tensor.
 
@@ -64,19 +64,31 @@ def _load_kv(k_ptr, v_ptr, batch, y, x, head, real, skb, skh, skw, skn, svb, svh
 
 
 @triton.jit
-def _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k, scale,
-            sbias0, sbias1, sbias2,
-            WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """Biased, masked scores (fp32); -inf where attention is not allowed."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+               WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Relative position bias (fp32) of query block ``q_block`` against key block ``k_block``.
+    It does not depend on the window, so programs that loop over windows gather it once."""
+    tq = q_block * BLOCK + tl.arange(0, BLOCK)
+    tk = k_block * BLOCK + tl.arange(0, BLOCK)
     both = (tq < WH * WW)[:, None] & (tk < WH * WW)[None, :]
     if BIAS_KIND == 1:
+        rq = tq // WW
+        cq = tq % WW
+        rk = tk // WW
+        ck = tk % WW
         rel = (rq[:, None] - rk[None, :] + WH - 1) * (2 * WW - 1) + (cq[:, None] - ck[None, :] + WW - 1)
-        s += tl.load(bias_ptr + rel * sbias0 + head * sbias1, mask=both, other=0.0).to(tl.float32)
-    if BIAS_KIND == 2:
-        s += tl.load(bias_ptr + head * sbias0 + tq[:, None] * sbias1 + tk[None, :] * sbias2,
-                     mask=both, other=0.0).to(tl.float32)
+        return tl.load(bias_ptr + rel * sbias0 + head * sbias1, mask=both, other=0.0).to(tl.float32)
+    elif BIAS_KIND == 2:
+        return tl.load(bias_ptr + head * sbias0 + tq[:, None] * sbias1 + tk[None, :] * sbias2,
+                       mask=both, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+
+
+@triton.jit
+def _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION: tl.constexpr):
+    """Biased, masked scores (fp32); -inf where attention is not allowed."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias
     allowed = real_k[None, :] & (region_q[:, None] == region_k[None, :])
     return tl.where(allowed, s, float("-inf"))
 
@@ -84,43 +96,54 @@ def _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, re
 @triton.jit
 def _window_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, scale,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    window = tl.program_id(0) // NUM_BLOCKS
+    # Program (run, q_block) handles query block q_block of windows
+    # [run * windows_per_program, ...) for one head.
+    run = tl.program_id(0) // NUM_BLOCKS
     q_block = tl.program_id(0) % NUM_BLOCKS
     head = tl.program_id(1)
-    batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
-        window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-    q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
-    for k_block in range(NUM_BLOCKS):
-        _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
-            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-        k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
-                        svb, svh, svw, svn, D, DOT_FP32)
-        s = _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k,
-                    scale, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    o_offs = (batch.to(tl.int64) * sob + head * son + (yq.to(tl.int64) * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
-    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
-    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
-    tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw, lse, mask=real_q)
+    if NUM_BLOCKS == 1:  # one bias tile serves every window of the run
+        bias_once = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
+    first = run * windows_per_program
+    last = tl.minimum(first + windows_per_program, n_windows)
+    for window in range(first, last):
+        batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
+            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+        q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+        for k_block in range(NUM_BLOCKS):
+            _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
+                window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+            k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
+                            svb, svh, svw, svn, D, DOT_FP32)
+            if NUM_BLOCKS == 1:
+                bias = bias_once
+            else:
+                bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                                  WH, WW, BIAS_KIND, BLOCK)
+            s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_offs = (batch.to(tl.int64) * sob + head * son + (yq.to(tl.int64) * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
+        tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
+        lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
+        tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw, lse, mask=real_q)
 
 
 @triton.jit
@@ -142,6 +165,8 @@ def _window_attn_bwd_kernel(
     head = tl.program_id(1)
     n_tok = WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
+    if NUM_BLOCKS == 1:  # one bias tile serves every window of the run
+        bias_once = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
     first = run * windows_per_program
     last = tl.minimum(first + windows_per_program, n_windows)
     for window in range(first, last):
@@ -163,8 +188,12 @@ def _window_attn_bwd_kernel(
             if DOT_FP32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            s = _scores(q, k, head, bias_ptr, tq, rq, cq, region_q, tk, rk, ck, region_k, real_k,
-                        scale, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, PRECISION)
+            if NUM_BLOCKS == 1:
+                bias = bias_once
+            else:
+                bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                                  WH, WW, BIAS_KIND, BLOCK)
+            s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
             p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -254,9 +283,12 @@ def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale
     flags = _flags(q, window, shift, bias_kind)
     if out.numel() == 0:
         return out, lse
-    grid = (geo["n_windows"] * flags["NUM_BLOCKS"], heads)
+    per_program = _windows_per_program(geo["n_windows"], heads * flags["NUM_BLOCKS"], q.device,
+                                       programs_per_sm=8)
+    grid = (triton.cdiv(geo["n_windows"], per_program) * flags["NUM_BLOCKS"], heads)
     args = (q, k, v, bias if bias is not None else q, out, lse,
-            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"], scale,
+            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
+            geo["n_windows"], per_program, scale,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
             *_bias_strides(bias))
     if flags["DOT_FP32"] or not autotune_enabled():  # one plain launch
@@ -270,11 +302,13 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride()[:4]
 
 
-def _windows_per_program(n_windows: int, parallel: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU a few times over; fewer partial bias sums beyond that."""
-    if device.type != "cuda":
-        return n_windows
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
+                         programs_per_sm: int) -> int:
+    """Enough programs to fill the GPU a few times over; beyond that, longer runs of windows
+    per program: one bias gather per run, fewer partial bias-gradient sums."""
+    if device.type != "cuda":  # the interpreter: three runs, so the CPU tests cross run ends
+        return max(1, -(-n_windows // 3))
+    target = programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_windows, (n_windows * parallel) // target))
 
 
@@ -291,7 +325,8 @@ def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int,
     dv = torch.empty(shape, device=q.device, dtype=q.dtype)
     dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
           torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
-    per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device)
+    per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
+                                       programs_per_sm=4)
     runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
     dbias = (torch.zeros((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
              if bias_grad else None)

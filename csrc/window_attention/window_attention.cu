@@ -64,11 +64,12 @@ __device__ __forceinline__ int64_t offset(const Strides& s, const Token& t, int 
   return t.batch * s.b + t.y * s.h + t.x * s.w + head * s.n;
 }
 
-// bias is float: a (T, heads) table or a (heads, N, N) dense tensor, both contiguous.
+// Bias of the in-window token pair (i, j), both < tokens. bias is float: a (T, heads) table
+// or a (heads, N, N) dense tensor, both contiguous. It does not depend on the window.
 __device__ __forceinline__ float bias_at(const float* bias, int kind, const Geometry& g, int head,
-                                         int i, int j, const Token& ti, const Token& tj) {
+                                         int i, int j) {
   if (kind == kBiasTable) {
-    const int entry = (ti.r - tj.r + g.wh - 1) * (2 * g.ww - 1) + (ti.c - tj.c + g.ww - 1);
+    const int entry = (i / g.ww - j / g.ww + g.wh - 1) * (2 * g.ww - 1) + (i % g.ww - j % g.ww + g.ww - 1);
     return bias[entry * g.heads + head];
   }
   if (kind == kBiasDense) return bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
       if (tj.real && tj.region == ti.region) {
         float dot = 0.f;
         for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
-        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti, tj);
+        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j);
       }
       probs[j] = s;
       row_max = fmaxf(row_max, s);
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
           s += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        s = s * scale + bias_at(bias, bias_kind, g, head, i, j, ti, tj);
+        s = s * scale + bias_at(bias, bias_kind, g, head, i, j);
         p = __expf(s - row_lse[i]);
         ds = p * (dp - row_delta[i]);
       }
@@ -261,10 +262,11 @@ struct Native<at::BFloat16> {
 // boundary, as wmma requires.
 struct TcLayout {
   int np, ld16, ldf, ldh, ldo;
-  size_t q, k, v, dout, s, dp, p, ds, stage, dbias, info, rows, bytes;
+  size_t q, k, v, dout, s, dp, p, ds, stage, bias, dbias, info, rows, bytes;
 };
 
-__host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward, bool bias_grad) {
+__host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward, bool has_bias,
+                                              bool bias_grad) {
   TcLayout l;
   l.np = (tokens + 15) / 16 * 16;
   l.ld16 = dim + 8;   // Q, K, V, dO (16-bit)
@@ -278,37 +280,38 @@ __host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward
   l.k = take(rows16);
   l.v = take(rows16);
   l.dout = take(backward ? rows16 : 0);
-  l.s = take(np * l.ldf * 4);
+  // S, and once it is consumed, the float staging tile of O / dV / dK / dQ (same region).
+  l.s = take(np * (l.ldf > l.ldo ? l.ldf : l.ldo) * 4);
+  l.stage = l.s;
   l.dp = take(backward ? np * l.ldf * 4 : 0);
   l.p = take(np * l.ldh * 2);
   l.ds = take(backward ? np * l.ldh * 2 : 0);
-  l.stage = take(np * l.ldo * 4);
+  l.bias = take(has_bias ? size_t(tokens) * tokens * 4 : 0);  // staged once per block
   l.dbias = take(backward && bias_grad ? size_t(tokens) * tokens * 4 : 0);
-  l.info = take(np * 4 * 3);                  // packed token info + two floats per row
+  l.info = take(np * 4 * 3);                  // token region + two floats per row
   l.rows = take(np * 8 * (backward ? 6 : 4));  // row offsets: q, k, v, out | q, k, v, dO, out, grads
   l.bytes = off;
   return l;
 }
 
-// Token info packed in one int: -1 for padding, else region | r << 4 | c << 12.
-__device__ __forceinline__ int pack_token(const Token& t) {
-  return t.real ? (t.region | (t.r << 4) | (t.c << 12)) : -1;
+// Token info in one int: -1 for padding, else the token's shift region.
+__device__ __forceinline__ int pack_token(const Token& t) { return t.real ? t.region : -1; }
+
+// Score of the pair (i, j) from its raw Q.K product: scaled and biased (bias: the staged
+// n x n tile, or nullptr), or -inf where the shifted-window mask forbids it or either token
+// is padding (ti, tj: token info; padding includes i, j >= n, so the tile is only read
+// inside).
+__device__ __forceinline__ float packed_score(float qk, float scale, const float* bias, int n,
+                                              int i, int j, int ti, int tj) {
+  if (ti < 0 || ti != tj) return -INFINITY;
+  return qk * scale + (bias != nullptr ? bias[i * n + j] : 0.f);
 }
 
-// Score of the pair (i, j) from its raw Q.K product: scaled and biased, or -inf where the
-// shifted-window mask forbids it or either token is padding (ti, tj: packed token info).
-__device__ __forceinline__ float packed_score(float qk, float scale, const float* bias, int kind,
-                                              const Geometry& g, int head, int i, int j, int ti,
-                                              int tj) {
-  if (ti < 0 || tj < 0 || (ti & 15) != (tj & 15)) return -INFINITY;
-  float s = qk * scale;
-  if (kind == kBiasTable) {
-    const int dr = ((ti >> 4) & 255) - ((tj >> 4) & 255), dc = (ti >> 12) - (tj >> 12);
-    s += bias[((dr + g.wh - 1) * (2 * g.ww - 1) + dc + g.ww - 1) * g.heads + head];
-  } else if (kind == kBiasDense) {
-    s += bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
-  }
-  return s;
+// The bias of every token pair (n x n), staged once per block: it is the same for every
+// window, and the gather from a table would otherwise cost one scattered load per score.
+__device__ void stage_bias(float* dst, const float* bias, int kind, const Geometry& g, int head) {
+  const int n = g.tokens;
+  for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = bias_at(bias, kind, g, head, e / n, e % n);
 }
 
 // Per window, once per token: its packed info and the element offset of its row in each of
@@ -371,13 +374,16 @@ template <typename T>
 __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
-    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, float scale, bool vec) {
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, float scale, int64_t windows,
+    int windows_per_block, bool vec) {
+  // Block (run, head) takes windows [run * windows_per_block, ...) of one head.
   // out and lse are contiguous (this op allocates them): lse index = out row offset / D.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using NT = typename Native<T>::type;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const TcLayout L = tc_layout(g.tokens, g.head_dim, false, false);
+  const bool has_bias = bias != nullptr;
+  const TcLayout L = tc_layout(g.tokens, g.head_dim, false, has_bias, false);
   int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
   NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
   NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
@@ -385,81 +391,85 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   float* ss = reinterpret_cast<float*>(smem_raw + L.s);
   NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
   float* os = reinterpret_cast<float*>(smem_raw + L.stage);
+  float* bias_s = has_bias ? reinterpret_cast<float*>(smem_raw + L.bias) : nullptr;
   int* info = reinterpret_cast<int*>(smem_raw + L.info);
   float* row_max = reinterpret_cast<float*>(info + L.np);
   float* row_sum = row_max + L.np;
-  const int64_t window = blockIdx.x;
   const int head = blockIdx.y, dim = g.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-
   const Strides strides[4] = {sq, sk, sv, so};
-  token_rows(g, window, head, L.np, info, rows, strides, 4);
-  __syncthreads();
-  load_tile(qs, L.ld16, q, rows, L.np, dim, vec);
-  load_tile(ks, L.ld16, k, rows + L.np, L.np, dim, vec);
-  load_tile(vs, L.ld16, v, rows + 2 * L.np, L.np, dim, vec);
-  __syncthreads();
-
-  const int tiles = L.np / 16;
-  for (int tile = warp; tile < tiles * tiles; tile += warps) {  // S = Q K^T
-    const int a = tile / tiles, b = tile % tiles;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < dim; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::col_major> fb;  // K^T
-      wmma::load_matrix_sync(fa, qs + 16 * a * L.ld16 + kk, L.ld16);
-      wmma::load_matrix_sync(fb, ks + 16 * b * L.ld16 + kk, L.ld16);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(ss + 16 * a * L.ldf + 16 * b, acc, L.ldf, wmma::mem_row_major);
-  }
-  __syncthreads();
-
-  for (int i = warp; i < L.np; i += warps) {  // softmax, one warp per row; P unnormalised
-    const int ti = info[i];
-    float m = -FLT_MAX;
-    for (int j = lane; j < L.np; j += 32) {
-      const float s = packed_score(ss[i * L.ldf + j], scale, bias, bias_kind, g, head, i, j, ti,
-                                   info[j]);
-      ss[i * L.ldf + j] = s;
-      m = fmaxf(m, s);
-    }
-    m = warp_max(m);
-    float l = 0.f;
-    for (int j = lane; j < L.np; j += 32) {
-      const float p = ti >= 0 ? __expf(ss[i * L.ldf + j] - m) : 0.f;  // masked: exp(-inf) = 0
-      ps[i * L.ldh + j] = Native<T>::from(p);
-      l += p;
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      row_max[i] = m;
-      row_sum[i] = l;
-    }
-  }
-  __syncthreads();
-
-  const int dtiles = dim / 16;
-  for (int tile = warp; tile < tiles * dtiles; tile += warps) {  // O = P V
-    const int a = tile / dtiles, c = tile % dtiles;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < L.np; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, ps + 16 * a * L.ldh + kk, L.ldh);
-      wmma::load_matrix_sync(fb, vs + kk * L.ld16 + 16 * c, L.ld16);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(os + 16 * a * L.ldo + 16 * c, acc, L.ldo, wmma::mem_row_major);
-  }
-  __syncthreads();
-
   const int64_t* out_rows = rows + 3 * L.np;
-  store_tile(out, out_rows, os, L.ldo, row_sum, 1.f, L.np, dim, vec);
-  for (int t = threadIdx.x; t < L.np; t += blockDim.x)
-    if (out_rows[t] >= 0) lse[out_rows[t] / dim] = row_max[t] + logf(row_sum[t]);
+  const int tiles = L.np / 16, dtiles = dim / 16;
+  if (has_bias) stage_bias(bias_s, bias, bias_kind, g, head);  // read after a barrier below
+
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
+  const int64_t last = min(first + windows_per_block, windows);
+  for (int64_t window = first; window < last; ++window) {
+    token_rows(g, window, head, L.np, info, rows, strides, 4);
+    __syncthreads();
+    load_tile(qs, L.ld16, q, rows, L.np, dim, vec);
+    load_tile(ks, L.ld16, k, rows + L.np, L.np, dim, vec);
+    load_tile(vs, L.ld16, v, rows + 2 * L.np, L.np, dim, vec);
+    __syncthreads();
+
+    for (int tile = warp; tile < tiles * tiles; tile += warps) {  // S = Q K^T
+      const int a = tile / tiles, b = tile % tiles;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < dim; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::col_major> fb;  // K^T
+        wmma::load_matrix_sync(fa, qs + 16 * a * L.ld16 + kk, L.ld16);
+        wmma::load_matrix_sync(fb, ks + 16 * b * L.ld16 + kk, L.ld16);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(ss + 16 * a * L.ldf + 16 * b, acc, L.ldf, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    for (int i = warp; i < L.np; i += warps) {  // softmax, one warp per row; P unnormalised
+      const int ti = info[i];
+      float m = -FLT_MAX;
+      for (int j = lane; j < L.np; j += 32) {
+        const float s = packed_score(ss[i * L.ldf + j], scale, bias_s, g.tokens, i, j, ti, info[j]);
+        ss[i * L.ldf + j] = s;
+        m = fmaxf(m, s);
+      }
+      m = warp_max(m);
+      float l = 0.f;
+      for (int j = lane; j < L.np; j += 32) {
+        const float p = ti >= 0 ? __expf(ss[i * L.ldf + j] - m) : 0.f;  // masked: exp(-inf) = 0
+        ps[i * L.ldh + j] = Native<T>::from(p);
+        l += p;
+      }
+      l = warp_sum(l);
+      if (lane == 0) {
+        row_max[i] = m;
+        row_sum[i] = l;
+      }
+    }
+    __syncthreads();
+
+    for (int tile = warp; tile < tiles * dtiles; tile += warps) {  // O = P V
+      const int a = tile / dtiles, c = tile % dtiles;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < L.np; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, NT, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, NT, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, ps + 16 * a * L.ldh + kk, L.ldh);
+        wmma::load_matrix_sync(fb, vs + kk * L.ld16 + 16 * c, L.ld16);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(os + 16 * a * L.ldo + 16 * c, acc, L.ldo, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    store_tile(out, out_rows, os, L.ldo, row_sum, 1.f, L.np, dim, vec);
+    for (int t = threadIdx.x; t < L.np; t += blockDim.x)
+      if (out_rows[t] >= 0) lse[out_rows[t] / dim] = row_max[t] + logf(row_sum[t]);
+    __syncthreads();  // the next window rewrites rows, info and the tiles
+  }
 #endif
 }
 
@@ -509,8 +519,8 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   using namespace nvcuda;
   using NT = typename Native<T>::type;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const bool bias_grad = dbias_partial != nullptr;
-  const TcLayout L = tc_layout(g.tokens, g.head_dim, true, bias_grad);
+  const bool bias_grad = dbias_partial != nullptr, has_bias = bias != nullptr;
+  const TcLayout L = tc_layout(g.tokens, g.head_dim, true, has_bias, bias_grad);
   NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
   NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
   NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
@@ -521,6 +531,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   NT* dss = reinterpret_cast<NT*>(smem_raw + L.ds);
   float* stage = reinterpret_cast<float*>(smem_raw + L.stage);
   float* dbias = reinterpret_cast<float*>(smem_raw + L.dbias);
+  float* bias_s = has_bias ? reinterpret_cast<float*>(smem_raw + L.bias) : nullptr;
   int* info = reinterpret_cast<int*>(smem_raw + L.info);
   float* row_lse = reinterpret_cast<float*>(info + L.np);
   float* row_delta = row_lse + L.np;
@@ -530,6 +541,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (bias_grad)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
+  if (has_bias) stage_bias(bias_s, bias, bias_kind, g, head);  // read after a barrier below
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
@@ -574,8 +586,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
 
     for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
       const int i = e / np, j = e % np;
-      const float s = packed_score(ss[i * L.ldf + j], scale, bias, bias_kind, g, head, i, j,
-                                   info[i], info[j]);
+      const float s = packed_score(ss[i * L.ldf + j], scale, bias_s, n, i, j, info[i], info[j]);
       float p = 0.f, ds = 0.f;
       if (s > -INFINITY) {
         p = __expf(s - row_lse[i]);
@@ -671,6 +682,14 @@ bool rows_are_16_byte_aligned(std::initializer_list<const at::Tensor*> tensors) 
   return true;
 }
 
+// Windows per block so that windows x heads blocks come to about blocks_per_sm per SM;
+// depends only on the shape and the device, so the bias-gradient partials repeat bitwise.
+int windows_per_block(int64_t windows, int heads, int blocks_per_sm) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(windows, ceil_div(blocks_per_sm * sms, heads)));
+  return static_cast<int>(std::max<int64_t>(1, ceil_div(windows, runs)));
+}
+
 template <typename Kernel>
 void reserve_smem(Kernel kernel, size_t bytes, const char* op) {
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
@@ -697,10 +716,13 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch");
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
-  const dim3 grid(static_cast<unsigned>(windows), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, false).bytes;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, bias_ptr != nullptr, false).bytes;
   if (tensor_core_path(q, g, tc_smem)) {
+    // Runs of windows per block, about two waves of blocks: the staged bias is reused
+    // across the run.
+    const int per_block = windows_per_block(windows, g.heads, 8);
+    const dim3 grid(static_cast<unsigned>(ceil_div(windows, per_block)), g.heads);
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &out});
     auto launch = [&](auto tag) {
       using T = decltype(tag);
@@ -708,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
       window_attn_fwd_tc_kernel<T><<<grid, kTcThreads, tc_smem, stream>>>(
           q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
           lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-          static_cast<float>(scale), vec);
+          static_cast<float>(scale), windows, per_block, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (q.scalar_type() == at::kHalf) launch(at::Half{});
@@ -716,6 +738,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     return {out, lse};
   }
   const size_t smem = fwd_smem_bytes(g);
+  const dim3 grid(static_cast<unsigned>(windows), g.heads);
   dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
     using T = decltype(tag);
     reserve_smem(window_attn_fwd_kernel<T>, smem, "window_attention_fwd");
@@ -746,10 +769,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   at::Tensor dv = at::empty(q.sizes(), q.options());
   const at::Tensor b = float_bias(bias, bias_kind);
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Runs of windows per block: enough blocks to fill the GPU a few times, fewer bias partials.
-  const int64_t runs_wanted = std::max<int64_t>(1, std::min<int64_t>(windows, ceil_div(8 * sms, g.heads)));
-  const int per_block = static_cast<int>(std::max<int64_t>(1, ceil_div(windows, runs_wanted)));
+  const int per_block = windows_per_block(windows, g.heads, 8);
   const int64_t runs = windows > 0 ? ceil_div(windows, per_block) : 0;
   at::Tensor dbias = bias_grad
       ? at::zeros({std::max<int64_t>(runs, 1), g.heads, g.tokens, g.tokens}, q.options().dtype(at::kFloat))
@@ -762,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   const dim3 grid(static_cast<unsigned>(runs), g.heads);
   auto stream = at::cuda::getCurrentCUDAStream();
   float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
-  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_grad).bytes;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad).bytes;
   if (tensor_core_path(q, g, tc_smem)) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq});
     auto launch = [&](auto tag) {

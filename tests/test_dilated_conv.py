@@ -97,6 +97,14 @@ def test_parity_half(device, backend, dtype, channels_last):
     check_case(device, backend, (2, 16, 11, 9), 3, (1, 3, 6, 2), 1, dtype, channels_last)
 
 
+@pytest.mark.parametrize("device,backend", [c for c in FUSED_CASES if c.values[0] == "cuda"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_many_rows_and_planes(device, backend, channels_last):
+    """GPU-sized input: the CUDA channels_last blocks loop over several rows each (weights
+    staged once per block), NCHW planes span several shared-memory tiles."""
+    check_case(device, backend, (16, 48, 61, 67), 3, (1, 3, 6), 1, torch.bfloat16, channels_last)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_per_channel_tensor_dilation_no_bias(device, backend):
     dilation = torch.tensor([1, 5, 2, 8, 3])

@@ -96,6 +96,18 @@ def test_parity_half(device, backend, dtype, shape, window, shift, bias_kind, he
     check_case(device, backend, (b, h, w), heads, head_dim, window, shift, bias_kind, dtype)
 
 
+GPU_FUSED_CASES = [case for case in FUSED_CASES if case.values[0] == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", GPU_FUSED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_runs_of_windows_per_program(device, backend, dtype):
+    """Enough windows (1100 x 2 heads) that the GPU launches give each program or block a run
+    of several windows, the last run shorter: the bias staged once per run, the loop's
+    barriers and the run ends all matter here."""
+    check_case(device, backend, (11, 70, 70), 2, 32, (7, 7), (3, 3), "table", dtype)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @given(b=st.integers(1, 2), h=st.integers(1, 15), w=st.integers(1, 15), heads=st.integers(1, 2),
        wh=st.integers(2, 8), ww=st.integers(2, 8), bias_kind=st.sampled_from([None, "table", "dense"]),

@@ -86,6 +86,29 @@ def _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
 
 
 @triton.jit
+def _program_run(n_windows, windows_per_program, NUM_BLOCKS: tl.constexpr):
+    """Program (run, block) along axis 0, head along axis 1: the run's first and last+1
+    window, its token block and its head."""
+    run = tl.program_id(0) // NUM_BLOCKS
+    first = run * windows_per_program
+    last = tl.minimum(first + windows_per_program, n_windows)
+    return run, tl.program_id(0) % NUM_BLOCKS, tl.program_id(1), first, last
+
+
+@triton.jit
+def _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+               WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr,
+               NUM_BLOCKS: tl.constexpr):
+    """The bias tile of (q_block, k_block): with one block per window, the run's tile
+    gathered before the window loop; else gathered here."""
+    if NUM_BLOCKS == 1:
+        return run_bias
+    else:
+        return _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                          WH, WW, BIAS_KIND, BLOCK)
+
+
+@triton.jit
 def _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION: tl.constexpr):
     """Biased, masked scores (fp32); -inf where attention is not allowed."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias
@@ -102,15 +125,9 @@ def _window_attn_fwd_kernel(
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    # Program (run, q_block) handles query block q_block of windows
-    # [run * windows_per_program, ...) for one head.
-    run = tl.program_id(0) // NUM_BLOCKS
-    q_block = tl.program_id(0) % NUM_BLOCKS
-    head = tl.program_id(1)
-    if NUM_BLOCKS == 1:  # one bias tile serves every window of the run
-        bias_once = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
-    first = run * windows_per_program
-    last = tl.minimum(first + windows_per_program, n_windows)
+    # Program (run, q_block): query block q_block of a run of windows, one head.
+    _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
+    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
     for window in range(first, last):
         batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
             window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
@@ -125,11 +142,8 @@ def _window_attn_fwd_kernel(
                 window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
             k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
                             svb, svh, svw, svn, D, DOT_FP32)
-            if NUM_BLOCKS == 1:
-                bias = bias_once
-            else:
-                bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                                  WH, WW, BIAS_KIND, BLOCK)
+            bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                              WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,15 +174,10 @@ def _window_attn_bwd_kernel(
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
     # per-key-block contributions (stride sdq_part) that the launcher sums in order.
-    run = tl.program_id(0) // NUM_BLOCKS
-    k_block = tl.program_id(0) % NUM_BLOCKS
-    head = tl.program_id(1)
+    run, k_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     n_tok = WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
-    if NUM_BLOCKS == 1:  # one bias tile serves every window of the run
-        bias_once = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
-    first = run * windows_per_program
-    last = tl.minimum(first + windows_per_program, n_windows)
+    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
     for window in range(first, last):
         batch, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
             window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
@@ -188,11 +197,8 @@ def _window_attn_bwd_kernel(
             if DOT_FP32:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            if NUM_BLOCKS == 1:
-                bias = bias_once
-            else:
-                bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                                  WH, WW, BIAS_KIND, BLOCK)
+            bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                              WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
             p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)

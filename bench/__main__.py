@@ -46,14 +46,35 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def agreement(case: Case) -> dict[str, float]:
+    """Relative error of each variant's forward against the first variant's (the eager
+    reference), on the first input set: a peer or backend that computes something else must
+    not be timed as if it were the same op. Variants whose output is laid out differently
+    (SDPA and FlexAttention keep the windows partitioned) are not compared."""
+    errors, first = {}, None
+    with torch.no_grad():
+        for name, forward in case.variants.items():
+            try:
+                out = forward(*case.inputs[0]).double()
+            except Exception:  # reported by the timing below
+                continue
+            if first is None:
+                first = out
+            elif out.shape == first.shape:
+                errors[name] = ((out - first).norm() / first.norm().clamp_min(1e-30)).item()
+    return errors
+
+
 def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
     rows = []
+    errors = agreement(case)
     for direction, floor_bytes in (("fwd", case.floor_bytes_fwd), ("fwd+bwd", case.floor_bytes_fwd_bwd)):
         floor_ms = floor_bytes / bandwidth * 1e3
         for name, forward in case.variants.items():
             fn = forward if direction == "fwd" else fwd_bwd(forward)
             row = dict(op=case.op, shape=case.shape, dtype=str(case.dtype).replace("torch.", ""),
-                       layout=case.layout, direction=direction, variant=name, floor_ms=floor_ms)
+                       layout=case.layout, direction=direction, variant=name, floor_ms=floor_ms,
+                       rel_err_vs_eager=errors.get(name))
             try:
                 if direction == "fwd":
                     with torch.no_grad():
@@ -121,15 +142,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
              f"copy bandwidth {meta['copy_TBps']:.2f} TB/s, {meta['timestamp']}", "",
-             "| op | shape | dtype | layout | dir | variant | ms | floor ms | floor fraction | vs best peer |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| op | shape | dtype | layout | dir | variant | ms | floor ms | floor fraction | vs best peer "
+             "| rel. err vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.4f}" if r.get("ms") is not None else f"skipped ({r.get('note', '')})"
         floor = f"{r['floor_ms']:.4f}" if r.get("floor_ms") is not None else "-"
         frac = f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") is not None else "-"
         speed = f"{r['speedup_vs_best_peer']:.2f}x" if r.get("speedup_vs_best_peer") else "-"
+        err = f"{r['rel_err_vs_eager']:.1e}" if r.get("rel_err_vs_eager") is not None else "-"
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['layout']} | {r['direction']} "
-                     f"| {r['variant']} | {ms} | {floor} | {frac} | {speed} |")
+                     f"| {r['variant']} | {ms} | {floor} | {frac} | {speed} | {err} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,13 +185,33 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
     return written
 
 
+def save(rows: list[dict], meta: dict, out_dir: str, copy_to: str | None, with_plots: bool) -> None:
+    """results.json and results.md (and the plots) under out_dir, copied to copy_to."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(rows, meta))
+    written = plots(rows, out_dir) if with_plots else []
+    if copy_to:
+        os.makedirs(copy_to, exist_ok=True)
+        for name in ["results.json", "results.md"] + [os.path.basename(w) for w in written]:
+            shutil.copy(os.path.join(out_dir, name), copy_to)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--op", choices=["conv", "attention", "model", "all"], default="all")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="dtype of every shape of the preset")
+    p.add_argument("--also-dtypes", default="fp16,fp32",
+                   help="comma-separated dtypes run on the first shape of each op only (GPU)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
+    unknown = [n for n in args.also_dtypes.split(",") if n and n not in DTYPES]
+    if unknown:
+        p.error(f"--also-dtypes: unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     preset = args.preset if gpu else "tiny"
@@ -183,30 +226,24 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 copy_TBps=bandwidth / 1e12, preset=preset, dtype=str(dtype),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_")[:40]
+    out_dir = os.path.join(os.path.dirname(__file__), "results", slug)
     rows = []
     builders = []
     if args.op in ("conv", "all"):
         builders.append(conv_cases)
     if args.op in ("attention", "all"):
         builders.append(attention_cases)
-    for build in builders:
-        for case in build(preset, dtype, device):
-            rows += run_case(case, device, bandwidth)
-            print(f"done: {case.op} {case.shape} {case.layout}", flush=True)
+    also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []
+    for case_dtype, shapes in [(dtype, None)] + [(d, 1) for d in also if d != dtype]:
+        for build in builders:
+            for case in build(preset, case_dtype, device, shapes):
+                rows += run_case(case, device, bandwidth)
+                save(rows, meta, out_dir, args.out, with_plots=False)  # a timeout keeps these
+                print(f"done: {case.op} {case.shape} {case.dtype} {case.layout}", flush=True)
     if args.op in ("model", "all") and gpu:
         rows += model_rows(device)
-    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_")[:40]
-    out_dir = os.path.join(os.path.dirname(__file__), "results", slug)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(rows, meta))
-    written = plots(rows, out_dir)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        for name in ["results.json", "results.md"] + [os.path.basename(w) for w in written]:
-            shutil.copy(os.path.join(out_dir, name), args.out)
+    save(rows, meta, out_dir, args.out, with_plots=True)
     print(markdown([r for r in rows if r.get("ms") is not None], meta)[-6000:])
     print(f"results in {os.path.relpath(out_dir)}")
     return 0

@@ -21,10 +21,10 @@ CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups
     "quick": [(32, 96, 56, 56), (32, 192, 28, 28), (16, 64, 128, 128), (16, 128, 64, 64)],
     "tiny": [(2, 12, 16, 16)],
 }
-ATTN_SHAPES = {  # (B, H, W, heads, D), window 7, table bias
-    "quick": [(32, 56, 56, 4, 32), (32, 28, 28, 8, 32), (16, 28, 28, 10, 32), (64, 14, 14, 16, 32),
-              (32, 28, 28, 4, 64)],
-    "tiny": [(2, 14, 14, 2, 16)],
+ATTN_SHAPES = {  # (B, H, W, heads, D, window), table bias
+    "quick": [(32, 56, 56, 4, 32, 7), (32, 28, 28, 8, 32, 7), (16, 28, 28, 10, 32, 7),
+              (64, 14, 14, 16, 32, 7), (32, 28, 28, 4, 64, 7), (32, 56, 56, 4, 32, 8)],
+    "tiny": [(2, 14, 14, 2, 16, 7)],
 }
 DILATIONS = (1, 3, 6)
 
@@ -67,10 +67,12 @@ def _input_sets(make: Callable, bytes_per_set: int, device) -> list:
     return [make() for _ in range(count)]
 
 
-def conv_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Case]:
+def conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
+               shapes: Optional[int] = None) -> list[Case]:
+    """Cases for the preset's first ``shapes`` shapes (all by default), both layouts."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    for b, c, h, w in CONV_SHAPES[preset]:
+    for b, c, h, w in CONV_SHAPES[preset][:shapes]:
         for layout in ("nchw", "nhwc"):
             elt = torch.tensor([], dtype=dtype).element_size()
             act = b * c * h * w * elt
@@ -88,7 +90,7 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Ca
             case.inputs = _input_sets(make, act, device)
             width = c // len(DILATIONS)
 
-            def split_conv_cat(x, weight, bias):
+            def split_conv_cat(x, weight, bias, width=width):  # bound now: runs after the loop
                 xs, ws, bs = x.split(width, 1), weight.split(width, 0), bias.split(width, 0)
                 return torch.cat([F.conv2d(xi, wi, bi, 1, same_padding(d, 3), d, width)
                                   for xi, wi, bi, d in zip(xs, ws, bs, DILATIONS)], 1)
@@ -107,33 +109,36 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Ca
     return cases
 
 
-def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> list[Case]:
+def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
+                    shapes: Optional[int] = None) -> list[Case]:
+    """Cases for the preset's first ``shapes`` shapes (all by default)."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    window = 7
-    n = window * window
-    for b, h, w, heads, d in ATTN_SHAPES[preset]:
+    for b, h, w, heads, d, window in ATTN_SHAPES[preset][:shapes]:
+        n = window * window
         elt = torch.tensor([], dtype=dtype).element_size()
         act = b * h * w * heads * d * elt
 
-        def make(b=b, h=h, w=w, heads=heads, d=d):
+        def make(b=b, h=h, w=w, heads=heads, d=d, window=window):
             qkv = torch.randn(b, h, w, 3, heads, d, device=device, dtype=dtype)
             table = torch.randn((2 * window - 1) ** 2, heads, device=device, dtype=torch.float32) * 0.1
             return [t.requires_grad_() for t in (*qkv.unbind(3), table)]
 
-        case = Case("window_attention", f"B{b} {h}x{w} h{heads} d{d} w7", dtype, "-", 4 * act, 12 * act)
+        case = Case("window_attention", f"B{b} {h}x{w} h{heads} d{d} w{window}", dtype, "-",
+                    4 * act, 12 * act)
         case.inputs = [[t.detach().requires_grad_() for t in s]
                        for s in _input_sets(make, 3 * act, device)]
 
-        def eager(q, k, v, table):
+        # Shape values are bound as defaults: the variants run after this loop has moved on.
+        def eager(q, k, v, table, window=window, d=d):
             return window_attention_reference(q, k, v, (window, window), (0, 0), table, d ** -0.5)
 
-        def partition(t):
+        def partition(t, window=window, n=n):
             bb, hh, ww, nh, dd = t.shape
             t = t.reshape(bb, hh // window, window, ww // window, window, nh, dd)
             return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, n, dd)
 
-        def sdpa(q, k, v, table):
+        def sdpa(q, k, v, table, window=window, heads=heads, partition=partition):
             bias = dense_bias(table, window, window, heads).to(q.dtype)[None]
             out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
             return out  # kept partitioned: the reverse copy would only add to the peer's time
@@ -145,7 +150,7 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> li
             try:
                 from torch.nn.attention.flex_attention import flex_attention
 
-                def flex_peer(q, k, v, table):
+                def flex_peer(q, k, v, table, window=window, heads=heads, partition=partition):
                     # Compiled as a whole (score_mod included), as FlexAttention is meant to
                     # be used: one graph, no recompilation per call.
                     bias = dense_bias(table, window, window, heads)
@@ -157,8 +162,8 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device) -> li
             except ImportError as exc:
                 print(f"skipping FlexAttention peer: {exc}")
         for name in backends:
-            variants[f"ours: {name}"] = (lambda name: lambda q, k, v, table: uk.window_attention(
-                q, k, v, window, 0, table, backend=name))(name)
+            variants[f"ours: {name}"] = (lambda name, window: lambda q, k, v, table: uk.window_attention(
+                q, k, v, window, 0, table, backend=name))(name, window)
         case.variants = variants
         cases.append(case)
     return cases

@@ -19,12 +19,12 @@ from ultron_kernels.reference.window_attention import dense_bias, window_attenti
 
 CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups
     "quick": [(32, 96, 56, 56), (32, 192, 28, 28), (16, 64, 128, 128), (16, 128, 64, 64)],
-    "tiny": [(2, 12, 16, 16)],
+    "tiny": [(2, 12, 16, 16), (1, 6, 9, 11)],
 }
 ATTN_SHAPES = {  # (B, H, W, heads, D, window), table bias
     "quick": [(32, 56, 56, 4, 32, 7), (32, 28, 28, 8, 32, 7), (16, 28, 28, 10, 32, 7),
               (64, 14, 14, 16, 32, 7), (32, 28, 28, 4, 64, 7), (32, 56, 56, 4, 32, 8)],
-    "tiny": [(2, 14, 14, 2, 16, 7)],
+    "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8)],
 }
 DILATIONS = (1, 3, 6)
 

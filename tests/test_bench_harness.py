@@ -1,0 +1,33 @@
+"""The benchmark harness on the CPU (tiny preset): every variant of a case computes the same
+op as the eager peer, and a run writes its JSON, table and plots. Timings need a GPU; these
+tests check what the timings are of."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import agreement, main
+from bench.cases import attention_cases, conv_cases
+
+
+@pytest.mark.parametrize("build", [conv_cases, attention_cases], ids=["conv", "attention"])
+def test_every_variant_agrees_with_eager(build):
+    # Two shapes per op: a variant that read another case's shape (a closure bound late)
+    # computes a different result or fails, and this catches it.
+    cases = build("tiny", torch.float32, torch.device("cpu"))
+    assert len({case.shape for case in cases}) == 2
+    for case in cases:
+        errors = agreement(case)
+        compared = [name for name in case.variants if name != next(iter(case.variants))]
+        assert sorted(errors) == sorted(compared), f"{case.shape}: some variants did not run"
+        assert all(err < 1e-5 for err in errors.values()), (case.shape, errors)
+
+
+def test_run_writes_results(tmp_path):
+    assert main(["--op", "conv", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["rows"] and all(row["ms"] is not None for row in result["rows"])
+    assert (tmp_path / "results.md").exists() and (tmp_path / "speedup.png").exists()

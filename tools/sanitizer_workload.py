@@ -18,9 +18,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             leaves = [t.requires_grad_() for t in (x, w, b)]
             y = uk.channelwise_dilated_conv2d(*leaves, (1, 2, 3, 8), stride, backend="cuda")
             torch.autograd.grad(y, leaves, torch.randn_like(y))
-    for window, shift, size in (((7, 7), (3, 3), (15, 17)), ((4, 6), (0, 3), (9, 7)), ((10, 10), (5, 5), (12, 11))):
-        qkv = torch.randn(2, *size, 3, 2, 32, device="cuda", dtype=dtype)
-        table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), 2, device="cuda").requires_grad_()
+    # Tall and thin: enough rows that channels_last blocks loop over several.
+    x = torch.randn(8, 16, 300, 8, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 3, 3, device="cuda", dtype=dtype)
+    leaves = [t.requires_grad_() for t in (x, w)]
+    y = uk.channelwise_dilated_conv2d(*leaves, None, (1, 6), 1, backend="cuda")
+    torch.autograd.grad(y, leaves, torch.randn_like(y))
+    # (window, shift, grid, heads, head_dim); the last: 16 heads over 200 windows, so each
+    # block takes a run of several windows (the barriers between windows matter).
+    for window, shift, size, heads, dim in (((7, 7), (3, 3), (15, 17), 2, 32), ((4, 6), (0, 3), (9, 7), 2, 32),
+                                            ((10, 10), (5, 5), (12, 11), 2, 32), ((7, 7), (3, 3), (70, 70), 16, 16)):
+        qkv = torch.randn(2, *size, 3, heads, dim, device="cuda", dtype=dtype)
+        table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), heads, device="cuda").requires_grad_()
         q, k, v = (t.requires_grad_() for t in qkv.unbind(3))
         out = uk.window_attention(q, k, v, window, shift, table, backend="cuda")
         torch.autograd.grad(out, (q, k, v, table), torch.randn_like(out))

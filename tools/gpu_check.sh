@@ -2,10 +2,11 @@
 # One call on the GPU machine: build the extension in place, GPU test suite, compute-sanitizer
 # (memcheck, racecheck) on the CUDA kernels, the demo, the quick benchmark. Logs, JUnit XML
 # and benchmark JSON/plots land in $OUT. Each step has its own time limit; all steps together
-# exceed one 10-minute device call, so split them over three calls (a fresh machine rebuilds:
-# about 1-2 minutes; the benchmark saves its JSON after every case, so a timeout keeps them):
+# exceed one 10-minute device call, so split them over three calls, made back to back so
+# that the machine stays warm and `build` finds its objects (a fresh machine rebuilds in
+# 1-2 minutes; the benchmark saves its JSON after every case, so a timeout keeps them):
 #   bash tools/gpu_check.sh build tests
-#   bash tools/gpu_check.sh build sanitizer demo
+#   bash tools/gpu_check.sh build sanitizer profile demo
 #   bash tools/gpu_check.sh build bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build tests sanitizer demo bench)
+[ ${#steps[@]} -gt 0 ] || steps=(build tests sanitizer profile demo bench)
 summary=()
 status=0
 
@@ -38,8 +39,12 @@ for step in "${steps[@]}"; do
       run memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitizer_workload.py
       run racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/sanitizer_workload.py ;;
     demo) run demo 180 $PY -m ultron demo ;;
+    profile)  # per kernel: time, DRAM bytes and throughput, LSU wavefronts (see bench/NOTES.md)
+      run profile 150 ncu --target-processes all --kernel-name "regex:dilated|window|gather|grad_weight" \
+        --metrics gpu__time_duration.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts.sum,smsp__inst_executed.sum \
+        --csv --log-file "$OUT/ncu.csv" $PY tools/profile_workload.py ;;
     bench) run bench 420 $PY -m bench --preset quick --out "$OUT" ;;
-    *) echo "unknown step $step (build tests sanitizer demo bench)"; exit 2 ;;
+    *) echo "unknown step $step (build tests sanitizer demo profile bench)"; exit 2 ;;
   esac
 done
 echo

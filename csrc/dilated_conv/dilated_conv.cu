@@ -41,6 +41,24 @@ struct ConvShape {
   int C, src_h, src_w, dst_h, dst_w, stride, k;
 };
 
+// Calls visit(sy, sx, tap) for each tap of destination (y, x) whose source lies inside the
+// image (the others read the zero padding). K is a compile-time constant after inlining
+// whenever the caller's is, so both loops unroll.
+template <bool TRANSPOSED, typename Visit>
+__device__ __forceinline__ void for_each_source_tap(int y, int x, int d, int pad, int K,
+                                                    const ConvShape& s, Visit&& visit) {
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+    const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
+    if (sy < 0) continue;
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
+      if (sx >= 0) visit(sy, sx, kh * K + kw);
+    }
+  }
+}
+
 // Grids are 3-D so that no thread divides a 64-bit index per element: z walks rows
 // (channels_last: b*H + y) or planes (NCHW: b*C + c), with a grid-stride loop past 65535.
 constexpr int kMaxGridZ = 65535;
@@ -82,29 +100,19 @@ __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     float acc[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] = b[v];
+    for_each_source_tap<TRANSPOSED>(y, x, d, pad, K, s, [&](int sy, int sx, int tap) {
+      const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(
+          image + (static_cast<int64_t>(sy) * s.src_w + sx) * s.C);
+      Pack<T, VEC> w;
+      if (KT > 0) {
+        w = *reinterpret_cast<const Pack<T, VEC>*>(staged + tap * block_channels + threadIdx.x * VEC);
+      } else {
 #pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
-      if (sy < 0) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
-        if (sx < 0) continue;
-        const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(
-            image + (static_cast<int64_t>(sy) * s.src_w + sx) * s.C);
-        Pack<T, VEC> w;
-        if (KT > 0) {
-          w = *reinterpret_cast<const Pack<T, VEC>*>(
-              staged + (kh * K + kw) * block_channels + threadIdx.x * VEC);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) w.v[v] = weight[(c0 + v) * K * K + kh * K + kw];
-        }
-#pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          acc[v] += static_cast<float>(in.v[v]) * static_cast<float>(w.v[v]);
+        for (int v = 0; v < VEC; ++v) w.v[v] = weight[(c0 + v) * K * K + tap];
       }
-    }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += static_cast<float>(in.v[v]) * static_cast<float>(w.v[v]);
+    });
     Pack<T, VEC> result;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) result.v[v] = static_cast<T>(acc[v]);
@@ -130,18 +138,10 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
     const T* w = weight + c * K * K;
     float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
     const T* image = src + plane * s.src_h * s.src_w;
-#pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int sy = source_pos<TRANSPOSED>(y, kh, d, pad, s.stride, s.src_h);
-      if (sy < 0) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        const int sx = source_pos<TRANSPOSED>(x, kw, d, pad, s.stride, s.src_w);
-        if (sx < 0) continue;
-        acc += static_cast<float>(image[static_cast<int64_t>(sy) * s.src_w + sx]) *
-               static_cast<float>(w[kh * K + kw]);
-      }
-    }
+    for_each_source_tap<TRANSPOSED>(y, x, d, pad, K, s, [&](int sy, int sx, int tap) {
+      acc += static_cast<float>(image[static_cast<int64_t>(sy) * s.src_w + sx]) *
+             static_cast<float>(w[tap]);
+    });
     dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);
   }
 }

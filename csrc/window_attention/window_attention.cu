@@ -294,6 +294,26 @@ __host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward
   return l;
 }
 
+// Pointers to the regions of a TcLayout in a block's shared memory (NT: the 16-bit type).
+template <typename NT>
+struct TcTiles {
+  NT *q, *k, *v, *dout, *p, *ds;
+  float *s, *dp, *stage, *bias, *dbias, *row_a, *row_b;  // row_a/b: two floats per row
+  int* info;
+  int64_t* rows;
+  __device__ TcTiles(unsigned char* base, const TcLayout& L, bool has_bias)
+      : q(reinterpret_cast<NT*>(base + L.q)), k(reinterpret_cast<NT*>(base + L.k)),
+        v(reinterpret_cast<NT*>(base + L.v)), dout(reinterpret_cast<NT*>(base + L.dout)),
+        p(reinterpret_cast<NT*>(base + L.p)), ds(reinterpret_cast<NT*>(base + L.ds)),
+        s(reinterpret_cast<float*>(base + L.s)), dp(reinterpret_cast<float*>(base + L.dp)),
+        stage(reinterpret_cast<float*>(base + L.stage)),
+        bias(has_bias ? reinterpret_cast<float*>(base + L.bias) : nullptr),
+        dbias(reinterpret_cast<float*>(base + L.dbias)),
+        row_a(reinterpret_cast<float*>(base + L.info) + L.np),
+        row_b(reinterpret_cast<float*>(base + L.info) + 2 * L.np),
+        info(reinterpret_cast<int*>(base + L.info)), rows(reinterpret_cast<int64_t*>(base + L.rows)) {}
+};
+
 // Token info in one int: -1 for padding, else the token's shift region.
 __device__ __forceinline__ int pack_token(const Token& t) { return t.real ? t.region : -1; }
 
@@ -384,17 +404,11 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const bool has_bias = bias != nullptr;
   const TcLayout L = tc_layout(g.tokens, g.head_dim, false, has_bias, false);
-  int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
-  NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
-  NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
-  NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
-  float* ss = reinterpret_cast<float*>(smem_raw + L.s);
-  NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
-  float* os = reinterpret_cast<float*>(smem_raw + L.stage);
-  float* bias_s = has_bias ? reinterpret_cast<float*>(smem_raw + L.bias) : nullptr;
-  int* info = reinterpret_cast<int*>(smem_raw + L.info);
-  float* row_max = reinterpret_cast<float*>(info + L.np);
-  float* row_sum = row_max + L.np;
+  const TcTiles<NT> t(smem_raw, L, has_bias);
+  NT *qs = t.q, *ks = t.k, *vs = t.v, *ps = t.p;
+  float *ss = t.s, *os = t.stage, *bias_s = t.bias, *row_max = t.row_a, *row_sum = t.row_b;
+  int* info = t.info;
+  int64_t* rows = t.rows;
   const int head = blockIdx.y, dim = g.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const Strides strides[4] = {sq, sk, sv, so};
@@ -521,21 +535,12 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const bool bias_grad = dbias_partial != nullptr, has_bias = bias != nullptr;
   const TcLayout L = tc_layout(g.tokens, g.head_dim, true, has_bias, bias_grad);
-  NT* qs = reinterpret_cast<NT*>(smem_raw + L.q);
-  NT* ks = reinterpret_cast<NT*>(smem_raw + L.k);
-  NT* vs = reinterpret_cast<NT*>(smem_raw + L.v);
-  NT* dos = reinterpret_cast<NT*>(smem_raw + L.dout);
-  float* ss = reinterpret_cast<float*>(smem_raw + L.s);
-  float* dps = reinterpret_cast<float*>(smem_raw + L.dp);
-  NT* ps = reinterpret_cast<NT*>(smem_raw + L.p);
-  NT* dss = reinterpret_cast<NT*>(smem_raw + L.ds);
-  float* stage = reinterpret_cast<float*>(smem_raw + L.stage);
-  float* dbias = reinterpret_cast<float*>(smem_raw + L.dbias);
-  float* bias_s = has_bias ? reinterpret_cast<float*>(smem_raw + L.bias) : nullptr;
-  int* info = reinterpret_cast<int*>(smem_raw + L.info);
-  float* row_lse = reinterpret_cast<float*>(info + L.np);
-  float* row_delta = row_lse + L.np;
-  int64_t* rows = reinterpret_cast<int64_t*>(smem_raw + L.rows);
+  const TcTiles<NT> t(smem_raw, L, has_bias);
+  NT *qs = t.q, *ks = t.k, *vs = t.v, *dos = t.dout, *ps = t.p, *dss = t.ds;
+  float *ss = t.s, *dps = t.dp, *stage = t.stage, *dbias = t.dbias, *bias_s = t.bias;
+  float *row_lse = t.row_a, *row_delta = t.row_b;
+  int* info = t.info;
+  int64_t* rows = t.rows;
   const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
   const Strides strides[6] = {sq, sk, sv, sdo, so, sgrad};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;

@@ -2,9 +2,10 @@
 
 A program takes one block of queries of a run of windows for one head; the keys of each
 window are streamed in blocks with an online softmax (one block for windows up to 64
-tokens, which covers 7x7 and 8x8, and then the bias tile is gathered once per run). Padding, the cyclic shift, the shifted-window region mask and the
-relative-position-bias gather are index arithmetic inside the kernel: no padded, rolled or
-partitioned copies, and q/k/v may be strided views of a packed qkv tensor.
+tokens, which covers 7x7 and 8x8; the bias tile is then gathered once per run). Padding,
+the cyclic shift, the shifted-window region mask and the relative-position-bias gather are
+index arithmetic inside the kernel: no padded, rolled or partitioned copies, and q/k/v may
+be strided views of a packed qkv tensor.
 
 Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores;
 each program owns one key block of a run of windows, so dk/dv need no atomics, dq is written

@@ -40,7 +40,7 @@ for step in "${steps[@]}"; do
       run racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/sanitizer_workload.py ;;
     demo) run demo 180 $PY -m ultron demo ;;
     profile)  # per kernel: time, DRAM bytes and throughput, LSU wavefronts (see bench/NOTES.md)
-      run profile 150 ncu --target-processes all --kernel-name "regex:dilated|window|gather|grad_weight" \
+      run profile 150 ncu --clock-control none --target-processes all --kernel-name "regex:dilated|window|gather|grad_weight" \
         --metrics gpu__time_duration.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__data_pipe_lsu_wavefronts.sum,smsp__inst_executed.sum \
         --csv --log-file "$OUT/ncu.csv" $PY tools/profile_workload.py ;;
     bench) run bench 420 $PY -m bench --preset quick --out "$OUT" ;;

@@ -22,10 +22,10 @@ TOLERANCES = {
 # set; the tests leave it off.
 
 
-def backend_cases(include_reference: bool = True):
-    """(device, backend) pairs runnable here, GPU pairs marked ``gpu``."""
+def backend_cases(include_reference: bool = True, devices=("cpu", "cuda")):
+    """(device, backend) pairs runnable here on ``devices``, GPU pairs marked ``gpu``."""
     cases = []
-    for device in ("cpu", "cuda"):
+    for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             continue
         status = available_backends(device)

@@ -97,7 +97,7 @@ def test_parity_half(device, backend, dtype, channels_last):
     check_case(device, backend, (2, 16, 11, 9), 3, (1, 3, 6, 2), 1, dtype, channels_last)
 
 
-@pytest.mark.parametrize("device,backend", [c for c in FUSED_CASES if c.values[0] == "cuda"])
+@pytest.mark.parametrize("device,backend", backend_cases(include_reference=False, devices=("cuda",)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_many_rows_and_planes(device, backend, channels_last):
     """GPU-sized input: the CUDA channels_last blocks loop over several rows each (weights

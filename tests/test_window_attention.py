@@ -96,10 +96,7 @@ def test_parity_half(device, backend, dtype, shape, window, shift, bias_kind, he
     check_case(device, backend, (b, h, w), heads, head_dim, window, shift, bias_kind, dtype)
 
 
-GPU_FUSED_CASES = [case for case in FUSED_CASES if case.values[0] == "cuda"]
-
-
-@pytest.mark.parametrize("device,backend", GPU_FUSED_CASES)
+@pytest.mark.parametrize("device,backend", backend_cases(include_reference=False, devices=("cuda",)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_runs_of_windows_per_program(device, backend, dtype):
     """Enough windows (1100 x 2 heads) that the GPU launches give each program or block a run

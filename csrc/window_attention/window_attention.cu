@@ -64,12 +64,13 @@ __device__ __forceinline__ int64_t offset(const Strides& s, const Token& t, int 
   return t.batch * s.b + t.y * s.h + t.x * s.w + head * s.n;
 }
 
-// Bias of the in-window token pair (i, j), both < tokens. bias is float: a (T, heads) table
-// or a (heads, N, N) dense tensor, both contiguous. It does not depend on the window.
+// Bias of the in-window token pair (i, j), both < tokens, at window rows/cols (ri, ci) and
+// (rj, cj). bias is float: a (T, heads) table or a (heads, N, N) dense tensor, both
+// contiguous. It does not depend on the window.
 __device__ __forceinline__ float bias_at(const float* bias, int kind, const Geometry& g, int head,
-                                         int i, int j) {
+                                         int i, int j, int ri, int ci, int rj, int cj) {
   if (kind == kBiasTable) {
-    const int entry = (i / g.ww - j / g.ww + g.wh - 1) * (2 * g.ww - 1) + (i % g.ww - j % g.ww + g.ww - 1);
+    const int entry = (ri - rj + g.wh - 1) * (2 * g.ww - 1) + (ci - cj + g.ww - 1);
     return bias[entry * g.heads + head];
   }
   if (kind == kBiasDense) return bias[(static_cast<int64_t>(head) * g.tokens + i) * g.tokens + j];
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
       if (tj.real && tj.region == ti.region) {
         float dot = 0.f;
         for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
-        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j);
+        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti.r, ti.c, tj.r, tj.c);
       }
       probs[j] = s;
       row_max = fmaxf(row_max, s);
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
           s += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        s = s * scale + bias_at(bias, bias_kind, g, head, i, j);
+        s = s * scale + bias_at(bias, bias_kind, g, head, i, j, ti.r, ti.c, tj.r, tj.c);
         p = __expf(s - row_lse[i]);
         ds = p * (dp - row_delta[i]);
       }
@@ -331,7 +332,10 @@ __device__ __forceinline__ float packed_score(float qk, float scale, const float
 // window, and the gather from a table would otherwise cost one scattered load per score.
 __device__ void stage_bias(float* dst, const float* bias, int kind, const Geometry& g, int head) {
   const int n = g.tokens;
-  for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = bias_at(bias, kind, g, head, e / n, e % n);
+  for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+    const int i = e / n, j = e % n;
+    dst[e] = bias_at(bias, kind, g, head, i, j, i / g.ww, i % g.ww, j / g.ww, j % g.ww);
+  }
 }
 
 // Per window, once per token: its packed info and the element offset of its row in each of

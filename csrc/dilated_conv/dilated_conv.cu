@@ -154,19 +154,30 @@ constexpr int kTileW = 32, kTileH = 32;
 // Shared memory per block up to which the tile kernel runs (7 blocks of 256 threads per SM).
 constexpr size_t kTileSmemBudget = 32 * 1024;
 
-__host__ __device__ __forceinline__ int floor_div(int a, int b) {
-  return a >= 0 ? a / b : -((-a + b - 1) / b);
-}
+// floor(a / stride) for stride 1 or 2, negative a included (arithmetic shift).
+__host__ __device__ __forceinline__ int floor_div_stride(int a, int stride) { return a >> (stride - 1); }
 
 // First source position and extent, along one axis, read by destination positions
 // [first, last] of a channel with padding `pad`.
 template <bool TRANSPOSED>
 __host__ __device__ __forceinline__ int2 source_span(int first, int last, int pad, int stride) {
   if (TRANSPOSED) {  // src*stride = pos + pad - k*d, k*d in [0, 2*pad]
-    const int lo = floor_div(first - pad, stride);
-    return make_int2(lo, floor_div(last + pad, stride) - lo + 1);
+    const int lo = floor_div_stride(first - pad, stride);
+    return make_int2(lo, floor_div_stride(last + pad, stride) - lo + 1);
   }
   return make_int2(first * stride - pad, (last - first) * stride + 1 + 2 * pad);
+}
+
+// Position, inside a staged source window that starts at `origin` (from source_span), that
+// tap k of destination `pos` reads; -1 where grad input has no such tap (stride 2, odd
+// offset). The window holds the zero padding, so nothing else can fall outside it.
+template <bool TRANSPOSED>
+__device__ __forceinline__ int window_pos(int pos, int k, int d, int pad, int stride, int origin) {
+  if (TRANSPOSED) {
+    const int scaled = pos + pad - k * d;
+    return stride == 2 && (scaled & 1) ? -1 : floor_div_stride(scaled, stride) - origin;
+  }
+  return pos * stride - pad + k * d - origin;
 }
 
 // Shared memory of the tile kernel: the K*K weights, then the largest source window.
@@ -219,25 +230,13 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
       float acc = b;
 #pragma unroll
       for (int kh = 0; kh < K; ++kh) {
-        int wy;  // row of the window that tap kh reads
-        if (TRANSPOSED) {
-          const int scaled = y + pad - kh * d;
-          if (s.stride == 2 && (scaled & 1)) continue;
-          wy = (scaled >> (s.stride - 1)) - rows.x;  // arithmetic shift: floor(scaled / stride)
-        } else {
-          wy = (y - y0) * s.stride + kh * d;
-        }
+        const int wy = window_pos<TRANSPOSED>(y, kh, d, pad, s.stride, rows.x);
+        if (TRANSPOSED && wy < 0) continue;  // forward taps always land inside
         const float* line = window + wy * cols.y;
 #pragma unroll
         for (int kw = 0; kw < K; ++kw) {
-          int wx;
-          if (TRANSPOSED) {
-            const int scaled = x + pad - kw * d;
-            if (s.stride == 2 && (scaled & 1)) continue;
-            wx = (scaled >> (s.stride - 1)) - cols.x;
-          } else {
-            wx = (x - x0) * s.stride + kw * d;
-          }
+          const int wx = window_pos<TRANSPOSED>(x, kw, d, pad, s.stride, cols.x);
+          if (TRANSPOSED && wx < 0) continue;
           acc += line[wx] * (KT > 0 ? w[kh * K + kw] : taps[kh * K + kw]);
         }
       }

@@ -38,7 +38,7 @@ NV_INCLUDE = $(shell $(PY) -c "import nvidia, os; print(os.path.join(list(nvidia
 
 # Editable install (ultron_kernels and python/ultron) plus the extension; redone only when
 # the C++/CUDA sources or the build files change.
-BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.cpp')
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h')
 $(VENV)/.built: $(VENV)/.ready $(BUILD_INPUTS)
 	CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" $(PIP) install -q --no-build-isolation -e .
 	$(PY) -c "import ultron_kernels._cuda as c; print('ultron_kernels._C built:', c.HAS_CUDA_EXTENSION, c.CUDA_EXTENSION_ERROR)"

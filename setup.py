@@ -1,9 +1,14 @@
-"""Build of ultron_kernels: pure Python, plus the CUDA extension ``ultron_kernels._C`` (csrc/)
-when a CUDA-enabled torch and nvcc are present.
+"""Build of ultron_kernels: pure Python, plus two extensions from the same csrc/ sources:
 
-ULTRON_KERNELS_BUILD_CUDA=1 forces the extension (fails loudly if it cannot be built),
-ULTRON_KERNELS_BUILD_CUDA=0 skips it. TORCH_CUDA_ARCH_LIST picks the targets (default 9.0),
-MAX_JOBS the parallel compile jobs, ULTRON_KERNELS_DEBUG=1 builds with -O0 -g -G.
+* ``ultron_kernels._C``: the CUDA kernels, when a CUDA-enabled torch and nvcc are present.
+  ULTRON_KERNELS_BUILD_CUDA=1 forces it (fails loudly if it cannot be built), =0 skips it.
+* ``ultron_kernels._C_sim``: the same kernels compiled as host C++ against the CUDA host
+  simulation (csrc/sim/), for CPU tensors; needs only torch, a C++20 compiler and the CUDA
+  headers (cuda_fp16.h, ...: a CUDA toolkit or pip's nvidia runtime headers). Built whenever
+  those are found; ULTRON_KERNELS_BUILD_SIM=1 forces it, =0 skips it.
+
+TORCH_CUDA_ARCH_LIST picks the CUDA targets (default 9.0), MAX_JOBS the parallel compile
+jobs, ULTRON_KERNELS_DEBUG=1 builds with -O0 -g (-G for CUDA).
 """
 
 import glob
@@ -26,23 +31,68 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
-def _extensions():
-    if not _want_cuda():
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+def _cuda_header_dirs() -> list[str]:
+    """Folders holding the host-usable CUDA headers the simulation build includes."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    try:
+        import nvidia
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        candidates += [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
+        candidates += [os.path.join(p, "cuda_runtime", "include") for p in nvidia.__path__]
+    except ImportError:
+        pass
+    return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
+
+
+def _want_sim() -> bool:
+    flag = os.environ.get("ULTRON_KERNELS_BUILD_SIM")
+    if flag is not None:
+        return flag == "1"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return bool(_cuda_header_dirs())
+
+
+def _extensions():
+    exts = []
     debug = os.environ.get("ULTRON_KERNELS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    nvcc = opt + (["-G"] if debug else ["-lineinfo"]) + ["--use_fast_math"]
-    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True)) + ["csrc/bindings.cpp"]
-    ext = CUDAExtension(
-        name="ultron_kernels._C",
-        sources=sources,
-        extra_compile_args={"cxx": opt, "nvcc": nvcc},
-        py_limited_api=False,
-    )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    if _want_cuda():
+        from torch.utils.cpp_extension import CUDAExtension
+
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        nvcc = opt + (["-G"] if debug else ["-lineinfo"]) + ["--use_fast_math"]
+        sources = sorted(glob.glob("csrc/*/*.cu")) + ["csrc/bindings.cpp"]
+        exts.append(CUDAExtension(
+            name="ultron_kernels._C",
+            sources=sources,
+            extra_compile_args={"cxx": opt, "nvcc": nvcc},
+            py_limited_api=False,
+        ))
+    if _want_sim():
+        from torch.utils.cpp_extension import CppExtension
+
+        exts.append(CppExtension(
+            name="ultron_kernels._C_sim",
+            sources=sorted(glob.glob("csrc/sim/*.cpp")),
+            include_dirs=_cuda_header_dirs(),
+            define_macros=[("ULTRON_CUDA_SIM", "1")],
+            extra_compile_args={"cxx": (["-O0", "-g"] if debug else ["-O2"])},
+            py_limited_api=False,
+        ))
+    if not exts:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,6 +1,12 @@
-// Registers the CUDA kernels as PyTorch operators in the namespace `ultron_kernels_cuda`.
-// The Python package wraps them in its own custom ops (fake kernels, autograd), see
-// ultron_kernels/ops/. Importing `ultron_kernels._C` runs these registrations.
+// Registers the CUDA kernels as PyTorch operators. The Python package wraps them in its own
+// custom ops (fake kernels, autograd), see ultron_kernels/ops/.
+//
+// Built two ways from this one file:
+//  * ultron_kernels._C: namespace `ultron_kernels_cuda`, CUDA tensors;
+//  * ultron_kernels._C_sim (-DULTRON_CUDA_SIM, csrc/sim/): namespace `ultron_kernels_cuda_sim`,
+//    CPU tensors, the same kernels run by the host simulation; it also registers
+//    `device_properties`, the simulated device the host code sees.
+// Importing the module runs these registrations.
 #include <Python.h>
 
 #include <optional>
@@ -9,13 +15,25 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#ifdef ULTRON_CUDA_SIM
+#include "common.cuh"
+#define ULTRON_OPS_NAMESPACE ultron_kernels_cuda_sim
+#define ULTRON_OPS_DEVICE CPU
+#define ULTRON_MODULE_NAME "_C_sim"
+#define ULTRON_MODULE_INIT PyInit__C_sim
+#else
+#define ULTRON_OPS_NAMESPACE ultron_kernels_cuda
+#define ULTRON_OPS_DEVICE CUDA
+#define ULTRON_MODULE_NAME "_C"
+#define ULTRON_MODULE_INIT PyInit__C
+#endif
+
 namespace ultron {
 at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const at::Tensor& dilation,
-                              int64_t stride, int64_t channel_run, int64_t max_dilation);
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t stride);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& dilation, int64_t stride, int64_t channel_run, int64_t max_dilation);
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
+    int64_t stride);
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
@@ -28,25 +46,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
 
 extern "C" {
 // `import ultron_kernels._C` needs a module object; the operators are registered below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyObject* ULTRON_MODULE_INIT(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, ULTRON_MODULE_NAME, nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 
-TORCH_LIBRARY(ultron_kernels_cuda, m) {
-  m.def("dilated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor dilation, int stride, "
-        "int channel_run, int max_dilation) -> Tensor");
-  m.def("dilated_conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor dilation, int stride, "
-        "int channel_run, int max_dilation) -> (Tensor, Tensor, Tensor)");
+TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
+  m.def("dilated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, int[] dilation, int stride) -> Tensor");
+  m.def("dilated_conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[] dilation, int stride) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
         "int[] window, int[] shift, float scale) -> (Tensor, Tensor)");
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor? bias, int bias_kind, bool bias_grad, int[] window, int[] shift, "
         "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+#ifdef ULTRON_CUDA_SIM
+  // [SM count, major, minor, shared memory per block with opt-in] of the simulated device.
+  m.def("device_properties() -> int[]", [] {
+    const ultron::DeviceInfo d = ultron::current_device();
+    return std::vector<int64_t>{d.sms, d.major, d.minor, d.smem_optin};
+  });
+#endif
 }
 
-TORCH_LIBRARY_IMPL(ultron_kernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(ULTRON_OPS_NAMESPACE, ULTRON_OPS_DEVICE, m) {
   m.impl("dilated_conv2d_fwd", &ultron::dilated_conv2d_fwd);
   m.impl("dilated_conv2d_bwd", &ultron::dilated_conv2d_bwd);
   m.impl("window_attention_fwd", &ultron::window_attention_fwd);

@@ -1,13 +1,26 @@
-"""Loads the compiled extension ``ultron_kernels._C`` (csrc/), if it was built.
+"""Loads the compiled extensions built from csrc/, when they were built.
 
-Importing it registers the ``ultron_kernels_cuda::*`` operators with PyTorch. When the
-extension is missing, ``HAS_CUDA_EXTENSION`` is False and ``CUDA_EXTENSION_ERROR`` says why,
-so that backend selection can report the reason instead of failing later.
+* ``ultron_kernels._C``: the CUDA kernels as ``torch.ops.ultron_kernels_cuda.*``, for CUDA
+  tensors.
+* ``ultron_kernels._C_sim``: the same kernel sources compiled as host C++ against the CUDA
+  host simulation (csrc/sim/), as ``torch.ops.ultron_kernels_cuda_sim.*`` for CPU tensors.
+  It is used only when ``ULTRON_KERNELS_CUDA_SIM=1``: it runs the CUDA backend's own code on
+  the CPU, slowly, to test it without a GPU (as ``TRITON_INTERPRET=1`` does for Triton).
+
+When an extension is missing, the ``*_ERROR`` strings say why, so that backend selection can
+report the reason instead of failing later.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import Optional
+
 import torch
+
+SIM_ENV_VAR = "ULTRON_KERNELS_CUDA_SIM"
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
 
 HAS_CUDA_EXTENSION = False
 CUDA_EXTENSION_ERROR = ""
@@ -18,13 +31,54 @@ try:
     HAS_CUDA_EXTENSION = True
 except ImportError as exc:  # the extension is optional: pure-Python installs have no _C
     CUDA_EXTENSION_ERROR = (
-        f"ultron_kernels._C is not built ({exc}); build it with "
-        "`pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA-enabled torch"
-    )
+        f"ultron_kernels._C is not built ({exc}); {_BUILD_HINT} on a machine with nvcc and a "
+        "CUDA-enabled torch")
 
 
-def cuda_ops():
-    """The namespace of the compiled operators; raises with the reason if not built."""
+def simulation_enabled() -> bool:
+    """ULTRON_KERNELS_CUDA_SIM=1: backend="cuda" runs on CPU tensors through the simulation."""
+    return os.environ.get(SIM_ENV_VAR, "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _load_simulation() -> str:
+    """Imports ultron_kernels._C_sim once; returns why it cannot be, or ''."""
+    try:
+        from ultron_kernels import _C_sim  # noqa: F401  (import registers the operators)
+    except ImportError as exc:
+        return (f"ultron_kernels._C_sim is not built ({exc}); {_BUILD_HINT} with torch and the "
+                "CUDA headers (cuda_fp16.h) present")
+    return ""
+
+
+def simulation_reason() -> Optional[str]:
+    """Why the CUDA kernels cannot run on CPU tensors here, or None when they can."""
+    if not simulation_enabled():
+        return (f"tensors are on 'cpu'; the CUDA kernels need a CUDA device (or {SIM_ENV_VAR}=1 "
+                "to run them on the CPU through the host simulation)")
+    return _load_simulation() or None
+
+
+def cuda_ops(device: torch.device):
+    """The namespace of the compiled operators for tensors on ``device``; raises with the
+    reason if the extension that serves it is missing."""
+    if device.type == "cpu":
+        why = simulation_reason()
+        if why is not None:
+            raise RuntimeError(why)
+        return torch.ops.ultron_kernels_cuda_sim
     if not HAS_CUDA_EXTENSION:
         raise RuntimeError(CUDA_EXTENSION_ERROR)
     return torch.ops.ultron_kernels_cuda
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block of ``device``: the simulated device's on the CPU."""
+    if device.type == "cpu":
+        return int(cuda_ops(device).device_properties()[3])
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_shared_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin

@@ -68,10 +68,12 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
         return (f"tensors are on '{device.type}'; Triton needs a CUDA device "
                 "(or TRITON_INTERPRET=1 set before importing triton, to run on the CPU)")
     if backend == "cuda":
-        if not _cuda.HAS_CUDA_EXTENSION:
-            return _cuda.CUDA_EXTENSION_ERROR
+        if device.type == "cpu":
+            return _cuda.simulation_reason()
         if device.type != "cuda":
             return f"tensors are on '{device.type}'; the CUDA kernels need a CUDA device"
+        if not _cuda.HAS_CUDA_EXTENSION:
+            return _cuda.CUDA_EXTENSION_ERROR
         return None
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 

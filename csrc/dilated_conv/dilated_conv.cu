@@ -13,6 +13,11 @@
 //    then over chunks by at::sum: bitwise-deterministic.
 #include "../common.cuh"
 
+#include <algorithm>
+#include <map>
+#include <tuple>
+#include <vector>
+
 namespace ultron {
 namespace {
 
@@ -72,7 +77,7 @@ template <typename T, int KT, int VEC, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
     const int* __restrict__ dilation, T* __restrict__ dst, int64_t rows, ConvShape s) {
-  __shared__ __align__(16) T staged[KT > 0 ? KT * KT * 32 * VEC : 1];  // [tap][block channel]
+  ULTRON_SHARED_ARRAY(T, staged, KT > 0 ? KT * KT * 32 * VEC : 1);  // [tap][block channel]
   const int K = KT > 0 ? KT : s.k;
   const int block_channels = blockDim.x * VEC;
   if (KT > 0) {
@@ -194,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
     const int* __restrict__ dilation, T* __restrict__ dst, int64_t planes, ConvShape s,
     int window_capacity) {
-  extern __shared__ float smem[];
+  ULTRON_DYNAMIC_SMEM(float, smem);
   const int K = KT > 0 ? KT : s.k;
   float* taps = smem;
   float* window = smem + K * K;
@@ -258,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
     float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows,
     int64_t rows_per_chunk, ConvShape s) {
   constexpr int kTapsPerPass = KT > 0 ? KT * KT : 1;
-  __shared__ float scratch[kThreads];
+  ULTRON_SHARED_ARRAY(float, scratch, kThreads);
   const int K = KT > 0 ? KT : s.k;
   const int c = CHANNELS_LAST ? blockIdx.y * 32 + threadIdx.x : blockIdx.y;
   const bool channel_ok = c < s.C;
@@ -338,18 +343,57 @@ void dispatch_kernel_size(int k, Fn&& fn) {
 
 unsigned grid_z(int64_t count) { return static_cast<unsigned>(std::min<int64_t>(count, kMaxGridZ)); }
 
-// channel_run: the largest power of two (<= 8) dividing C such that each aligned run of that
-// many channels shares one dilation; the vector width is capped at 16 bytes. max_dilation
-// sizes the NCHW tile's halo.
+// What the host derives from the rates, once per distinct rate list: the rates as an int32
+// tensor on the device, the channel run (the largest power of two <= 8 such that every
+// aligned run of that many channels shares one rate: the channels_last vector width) and
+// the largest rate (it sizes the NCHW tile's halo). Computed here, never taken from the
+// caller, so a C++ caller cannot pass values that disagree with the rates.
+struct Rates {
+  at::Tensor device_rates;
+  int channel_run;
+  int max_dilation;
+};
+
+Rates rates_of(at::IntArrayRef dilation, const at::Tensor& x) {
+  TORCH_CHECK(static_cast<int64_t>(dilation.size()) == x.size(1), "dilation must have one rate per channel (",
+              x.size(1), "), got ", dilation.size());
+  std::vector<int> rates(dilation.size());
+  for (size_t c = 0; c < dilation.size(); ++c) {
+    TORCH_CHECK(dilation[c] >= 1 && dilation[c] < (1 << 20), "dilation[", c, "] must be in [1, 2^20), got ",
+                dilation[c]);
+    rates[c] = static_cast<int>(dilation[c]);
+  }
+  int run = 8;
+  auto run_holds = [&](int r) {
+    if (rates.size() % r != 0) return false;
+    for (size_t c = 0; c < rates.size(); ++c)
+      if (rates[c] != rates[c - c % r]) return false;
+    return true;
+  };
+  while (run > 1 && !run_holds(run)) run /= 2;
+  const int max_dilation = rates.empty() ? 1 : *std::max_element(rates.begin(), rates.end());
+  // The device copy is cached per (device, rates): a model calls with a few rate lists, and a
+  // host-to-device copy per call would be a synchronising transfer.
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, std::vector<int>>, at::Tensor> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto key = std::make_tuple(static_cast<int>(x.device().type()), static_cast<int>(x.device().index()), rates);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    if (cache.size() >= 256) cache.clear();
+    at::Tensor host = at::tensor(rates, at::TensorOptions().dtype(at::kInt));
+    found = cache.emplace(std::move(key), host.to(x.device())).first;
+  }
+  return Rates{found->second, run, max_dilation};
+}
+
 template <typename T, bool TRANSPOSED>
-void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bias,
-                   const at::Tensor& dilation, at::Tensor& dst, const ConvShape& s,
-                   bool channels_last, int64_t channel_run, int64_t max_dilation) {
+void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bias, const Rates& rates,
+                   at::Tensor& dst, const ConvShape& s, bool channels_last) {
   if (dst.numel() == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
   const T* src_ptr = src.data_ptr<T>();
   const T* w_ptr = weight.data_ptr<T>();
-  const int* d_ptr = dilation.data_ptr<int>();
+  const int* d_ptr = rates.device_rates.data_ptr<int>();
   T* dst_ptr = dst.data_ptr<T>();
   const int64_t batch = dst.size(0);
   dispatch_kernel_size(s.k, [&](auto kt) {
@@ -358,61 +402,54 @@ void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bia
       constexpr int kMaxVec = 16 / sizeof(T);
       const bool aligned = reinterpret_cast<uintptr_t>(src_ptr) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(dst_ptr) % 16 == 0;
-      const bool vector = aligned && channel_run >= kMaxVec && s.C % kMaxVec == 0;
+      const bool vector = aligned && rates.channel_run >= kMaxVec && s.C % kMaxVec == 0;
       const int runs = vector ? s.C / kMaxVec : s.C;
       const int lanes_c = std::min(32, 1 << (32 - __builtin_clz((std::max(runs, 1) - 1) | 1)));  // pow2 >= runs
       const dim3 block(lanes_c, kThreads / lanes_c);
       // Rows per block: about two waves of blocks over the GPU, so the weight staging is
       // paid a few times per block rather than once per row.
-      const int64_t row_blocks = ceil_div(runs, block.x) * static_cast<int64_t>(ceil_div(s.dst_w, block.y));
-      const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-      const int64_t z = std::min<int64_t>(batch * s.dst_h, std::max<int64_t>(1, 16 * sms / row_blocks));
+      const int64_t row_blocks = ceil_div(runs, block.x) * ceil_div(s.dst_w, block.y);
+      const int64_t z = std::min<int64_t>(batch * s.dst_h,
+                                          std::max<int64_t>(1, 16 * current_device().sms / row_blocks));
       const dim3 grid(ceil_div(runs, block.x), ceil_div(s.dst_w, block.y), grid_z(z));
       if (vector) {
-        gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED><<<grid, block, 0, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.dst_h, s);
+        launch<gather_nhwc_kernel<T, KT, kMaxVec, TRANSPOSED>>(grid, block, 0, src_ptr, w_ptr, bias, d_ptr,
+                                                              dst_ptr, batch * s.dst_h, s);
       } else {
-        gather_nhwc_kernel<T, KT, 1, TRANSPOSED><<<grid, block, 0, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.dst_h, s);
+        launch<gather_nhwc_kernel<T, KT, 1, TRANSPOSED>>(grid, block, 0, src_ptr, w_ptr, bias, d_ptr, dst_ptr,
+                                                        batch * s.dst_h, s);
       }
     } else {
       const dim3 block(32, kThreads / 32);
-      const size_t smem = tile_smem_bytes<TRANSPOSED>(s.k, static_cast<int>(max_dilation), s.stride);
+      const size_t smem = tile_smem_bytes<TRANSPOSED>(s.k, rates.max_dilation, s.stride);
       if (smem <= kTileSmemBudget) {
         const dim3 grid(ceil_div(s.dst_w, kTileW), ceil_div(s.dst_h, kTileH), grid_z(batch * s.C));
         const int capacity = static_cast<int>(smem / sizeof(float)) - s.k * s.k;
-        gather_nchw_tile_kernel<T, KT, TRANSPOSED><<<grid, block, smem, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s, capacity);
+        launch<gather_nchw_tile_kernel<T, KT, TRANSPOSED>>(grid, block, smem, src_ptr, w_ptr, bias, d_ptr,
+                                                           dst_ptr, batch * s.C, s, capacity);
       } else {
         const dim3 grid(ceil_div(s.dst_w, 32), ceil_div(s.dst_h, block.y), grid_z(batch * s.C));
-        gather_nchw_kernel<T, KT, TRANSPOSED><<<grid, block, 0, stream>>>(
-            src_ptr, w_ptr, bias, d_ptr, dst_ptr, batch * s.C, s);
+        launch<gather_nchw_kernel<T, KT, TRANSPOSED>>(grid, block, 0, src_ptr, w_ptr, bias, d_ptr, dst_ptr,
+                                                      batch * s.C, s);
       }
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dilation,
-                  int64_t stride, int64_t max_dilation) {
-  check_cuda(x, "x");
-  check_cuda(weight, "weight");
-  check_cuda(dilation, "dilation");
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  check_device(x, "x");
+  check_device(weight, "weight");
+  TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), ", x on ", x.device());
   TORCH_CHECK(x.dim() == 4, "x must be 4-D, got ", x.dim(), "-D");
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "x must be NCHW- or channels_last-contiguous");
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == x.size(1) && weight.size(1) == weight.size(2) &&
               weight.size(1) % 2 == 1 && weight.is_contiguous(),
-              "weight must be a contiguous (C, K, K) tensor with K odd");
+              "weight must be a contiguous (C, K, K) tensor with K odd, got sizes ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
               " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(dilation.scalar_type() == at::kInt && dilation.numel() == x.size(1),
-              "dilation must be an int32 tensor of C elements");
   TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
-  // The NCHW tile's halo is sized by max_dilation: a smaller value than a channel's rate
-  // would read outside the tile, so the caller's value must be exact.
-  TORCH_CHECK(max_dilation >= 1 && max_dilation < (1 << 20), "max_dilation must be in [1, 2^20), got ",
-              max_dilation);
+  for (int d = 1; d < 4; ++d) checked_int(x.size(d), "a dimension of x");
 }
 
 ConvShape shape_of(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& weight,
@@ -426,47 +463,55 @@ ConvShape shape_of(const at::Tensor& src, const at::Tensor& dst, const at::Tenso
 }  // namespace
 
 at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const at::Tensor& dilation,
-                              int64_t stride, int64_t channel_run, int64_t max_dilation) {
-  check_inputs(x, weight, dilation, stride, max_dilation);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto format = is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation,
+                              int64_t stride) {
+  check_inputs(x, weight, stride);
+  const Rates rates = rates_of(dilation, x);
+  const DeviceGuard guard(x.device());
+  const bool channels_last = is_channels_last(x);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
                               (x.size(3) - 1) / stride + 1}, x.options().memory_format(format));
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) && bias->is_cuda(),
-                "bias must be a CUDA tensor of C elements with x's dtype");
+    check_device(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) &&
+                bias->device() == x.device(), "bias must hold C = ", x.size(1), " elements of x's dtype on ",
+                x.device(), ", got ", bias->numel(), " of ", bias->scalar_type(), " on ", bias->device());
   }
   dispatch_float_types(x.scalar_type(), "dilated_conv2d_fwd", [&](auto tag) {
     using T = decltype(tag);
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    launch_gather<T, false>(x, weight, b.defined() ? b.data_ptr<T>() : nullptr, dilation, out,
-                            shape_of(x, out, weight, stride), is_channels_last(x), channel_run,
-                            max_dilation);
+    launch_gather<T, false>(x, weight, b.defined() ? b.data_ptr<T>() : nullptr, rates, out,
+                            shape_of(x, out, weight, stride), channels_last);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& dilation, int64_t stride, int64_t channel_run, int64_t max_dilation) {
-  check_inputs(x, weight, dilation, stride, max_dilation);
-  check_cuda(grad_out, "grad_out");
-  const c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
+    int64_t stride) {
+  check_inputs(x, weight, stride);
+  check_device(grad_out, "grad_out");
+  const Rates rates = rates_of(dilation, x);
+  const std::vector<int64_t> out_sizes = {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
+                                          (x.size(3) - 1) / stride + 1};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes), "grad_out must have the forward output's sizes ",
+              at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+              "grad_out must have x's dtype and device, got ", grad_out.scalar_type(), " on ", grad_out.device());
+  const DeviceGuard guard(x.device());
   const bool channels_last = is_channels_last(x);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor g = grad_out.contiguous(format);
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_out dtype differs from x dtype");
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(format));
   const int64_t channels = x.size(1), taps = weight.size(-1) * weight.size(-1);
   const int64_t rows = g.size(0) * g.size(2);  // output rows b*H_out + y
-  const int channel_blocks = channels_last ? ceil_div(channels, 32) : static_cast<int>(channels);
+  const int64_t channel_blocks = channels_last ? ceil_div(channels, 32) : channels;
   TORCH_CHECK(channel_blocks <= kMaxGridZ, "dilated_conv2d_bwd: too many channels (", channels, ")");
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Enough chunks of rows to fill the GPU a few times; the count depends only on the shape and
   // the device, so the summation order (and the bits) repeat from call to call.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(
-      ceil_div(4 * sms, std::max(channel_blocks, 1)), rows));
+      ceil_div(4 * current_device().sms, std::max<int64_t>(channel_blocks, 1)), rows));
   const int64_t rows_per_chunk = std::max<int64_t>(1, ceil_div(rows, chunks));
   const int64_t used_chunks = rows > 0 ? ceil_div(rows, rows_per_chunk) : 0;
   at::Tensor dw_partial = at::zeros({std::max<int64_t>(used_chunks, 1), channels, taps},
@@ -475,25 +520,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
                                     x.options().dtype(at::kFloat));
   dispatch_float_types(x.scalar_type(), "dilated_conv2d_bwd", [&](auto tag) {
     using T = decltype(tag);
-    launch_gather<T, true>(g, weight, nullptr, dilation, grad_x, shape_of(g, grad_x, weight, stride),
-                           channels_last, channel_run, max_dilation);
+    launch_gather<T, true>(g, weight, nullptr, rates, grad_x, shape_of(g, grad_x, weight, stride), channels_last);
     if (used_chunks == 0 || channels == 0) return;
     const ConvShape s = shape_of(x, g, weight, stride);
-    const dim3 grid(static_cast<unsigned>(used_chunks), channel_blocks);
+    const dim3 grid(checked_int(used_chunks, "row chunks"), static_cast<unsigned>(channel_blocks));
     const dim3 block(32, 8);
-    auto stream = at::cuda::getCurrentCUDAStream();
+    const int* d_ptr = rates.device_rates.data_ptr<int>();
     dispatch_kernel_size(s.k, [&](auto kt) {
       constexpr int KT = decltype(kt)::value;
       if (channels_last) {
-        grad_weight_partial_kernel<T, KT, true><<<grid, block, 0, stream>>>(
-            g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
-            db_partial.data_ptr<float>(), rows, rows_per_chunk, s);
+        launch<grad_weight_partial_kernel<T, KT, true>>(grid, block, 0, g.data_ptr<T>(), x.data_ptr<T>(), d_ptr,
+                                                        dw_partial.data_ptr<float>(), db_partial.data_ptr<float>(),
+                                                        rows, rows_per_chunk, s);
       } else {
-        grad_weight_partial_kernel<T, KT, false><<<grid, block, 0, stream>>>(
-            g.data_ptr<T>(), x.data_ptr<T>(), dilation.data_ptr<int>(), dw_partial.data_ptr<float>(),
-            db_partial.data_ptr<float>(), rows, rows_per_chunk, s);
+        launch<grad_weight_partial_kernel<T, KT, false>>(grid, block, 0, g.data_ptr<T>(), x.data_ptr<T>(), d_ptr,
+                                                         dw_partial.data_ptr<float>(), db_partial.data_ptr<float>(),
+                                                         rows, rows_per_chunk, s);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {grad_x, dw_partial.sum(0).view(weight.sizes()), db_partial.sum(0)};

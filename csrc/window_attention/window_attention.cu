@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
     Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, float scale) {
-  extern __shared__ float smem[];
+  ULTRON_DYNAMIC_SMEM(float, smem);
   const int n = g.tokens, dim = g.head_dim, ld = dim + 1;
   float* ks = smem;
   float* vs = ks + n * ld;
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
       probs[j] = s;
       row_max = fmaxf(row_max, s);
     }
-    row_max = warp_max(row_max);  // finite: a real query always sees itself
+    row_max = warp_max(row_max);  // -FLT_MAX when every key is masked
     float row_sum = 0.f;
     for (int j = lane; j < n; j += 32) {
       const float p = __expf(probs[j] - row_max);  // exp(-inf) = 0 for masked keys
@@ -141,7 +141,9 @@ __global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
     }
     row_sum = warp_sum(row_sum);
     __syncwarp();
-    const float inv = 1.f / row_sum;
+    // A row whose every key is masked (a -inf bias) has output 0 and lse -inf, on every
+    // backend; its gradients are 0.
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
     for (int d = lane; d < dim; d += 32) {
       float acc = 0.f;
       for (int j = 0; j < n; ++j) acc += probs[j] * vs[j * ld + d];
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
     Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, float scale, int64_t windows,
     int windows_per_block) {
-  extern __shared__ float smem[];
+  ULTRON_DYNAMIC_SMEM(float, smem);
   const int n = g.tokens, dim = g.head_dim, ld = dim + 1, lp = n + 1;
   float* qs = smem;
   float* ks = qs + n * ld;
@@ -207,8 +209,10 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
         s = s * scale + bias_at(bias, bias_kind, g, head, i, j, ti.r, ti.c, tj.r, tj.c);
-        p = __expf(s - row_lse[i]);
-        ds = p * (dp - row_delta[i]);
+        if (s > -INFINITY) {  // a -inf bias masks the pair (lse may be -inf too)
+          p = __expf(s - row_lse[i]);
+          ds = p * (dp - row_delta[i]);
+        }
       }
       ps[i * lp + j] = p;
       dss[i * lp + j] = ds;
@@ -350,36 +354,46 @@ __device__ void token_rows(const Geometry& g, int64_t window, int head, int np, 
 }
 
 // Rows of a window -> shared memory (16-bit, row stride ld), zeros for padding. `vec`: every
-// row starts on 16 bytes, so 8 elements move as one 16-byte access, bits unchanged.
+// row starts on 16 bytes, so 8 elements move as one 16-byte cp.async, bits unchanged; the
+// caller completes them with finish_tile_loads. Any head_dim that is a multiple of 16.
 template <typename T, typename NT>
 __device__ void load_tile(NT* dst, int ld, const T* src, const int64_t* rows, int np, int dim,
                           bool vec) {
   if (vec) {
-    const int chunks = dim / 8, shift = __ffs(chunks) - 1;
+    const int chunks = dim / 8;
     for (int e = threadIdx.x; e < np * chunks; e += blockDim.x) {
-      const int t = e >> shift, c = (e & (chunks - 1)) * 8;
-      uint4 bits = make_uint4(0, 0, 0, 0);
-      if (rows[t] >= 0) bits = *reinterpret_cast<const uint4*>(src + rows[t] + c);
-      *reinterpret_cast<uint4*>(dst + t * ld + c) = bits;
+      const int t = e / chunks, c = (e - t * chunks) * 8;
+      if (rows[t] >= 0) {
+        cp_async_16(dst + t * ld + c, src + rows[t] + c);
+      } else {
+        *reinterpret_cast<uint4*>(dst + t * ld + c) = make_uint4(0, 0, 0, 0);
+      }
     }
     return;
   }
-  const int shift = __ffs(dim) - 1;
   for (int e = threadIdx.x; e < np * dim; e += blockDim.x) {
-    const int t = e >> shift, d = e & (dim - 1);
+    const int t = e / dim, d = e - t * dim;
     dst[t * ld + d] = Native<T>::from(rows[t] >= 0 ? static_cast<float>(src[rows[t] + d]) : 0.f);
   }
+}
+
+// Completes this thread's load_tile copies; a __syncthreads must follow before any thread
+// reads the tiles.
+__device__ __forceinline__ void finish_tile_loads() {
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 
 // Float rows in shared memory (row stride ld) times factor / row_div[t] -> T rows.
 template <typename T>
 __device__ void store_tile(T* dst, const int64_t* rows, const float* src, int ld,
                            const float* row_div, float factor, int np, int dim, bool vec) {
-  const int width = vec ? 8 : 1, chunks = dim / width, shift = __ffs(chunks) - 1;
+  const int width = vec ? 8 : 1, chunks = dim / width;
   for (int e = threadIdx.x; e < np * chunks; e += blockDim.x) {
-    const int t = e >> shift, c = (e & (chunks - 1)) * width;
+    const int t = e / chunks, c = (e - t * chunks) * width;
     if (rows[t] < 0) continue;
-    const float f = row_div != nullptr ? factor / row_div[t] : factor;
+    // A row whose every key is masked has row_div 0: its output is 0 (see the forward).
+    const float f = row_div == nullptr ? factor : (row_div[t] > 0.f ? factor / row_div[t] : 0.f);
     if (vec) {
       union {
         uint4 bits;
@@ -402,10 +416,10 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     int windows_per_block, bool vec) {
   // Block (run, head) takes windows [run * windows_per_block, ...) of one head.
   // out and lse are contiguous (this op allocates them): lse index = out row offset / D.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if ULTRON_TENSOR_CORE_BODY
   using namespace nvcuda;
   using NT = typename Native<T>::type;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  ULTRON_DYNAMIC_SMEM(unsigned char, smem_raw);
   const bool has_bias = bias != nullptr;
   const TcLayout L = tc_layout(g.tokens, g.head_dim, false, has_bias, false);
   const TcTiles<NT> t(smem_raw, L, has_bias);
@@ -428,6 +442,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     load_tile(qs, L.ld16, q, rows, L.np, dim, vec);
     load_tile(ks, L.ld16, k, rows + L.np, L.np, dim, vec);
     load_tile(vs, L.ld16, v, rows + 2 * L.np, L.np, dim, vec);
+    finish_tile_loads();
     __syncthreads();
 
     for (int tile = warp; tile < tiles * tiles; tile += warps) {  // S = Q K^T
@@ -488,6 +503,8 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
       if (out_rows[t] >= 0) lse[out_rows[t] / dim] = row_max[t] + logf(row_sum[t]);
     __syncthreads();  // the next window rewrites rows, info and the tiles
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture without bf16 wmma: never launched (kernel_ptx_version)
 #endif
 }
 
@@ -497,7 +514,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
 // FlashAttention), each staged through one float tile before it is written.
 constexpr int kTcBwdThreads = 256;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if ULTRON_TENSOR_CORE_BODY
 // C (np x dim, float, staged) = op(A) B over the window: A is np x np (16-bit, row-major, or
 // its transpose when A_TRANSPOSED), B is np x dim (16-bit, row-major).
 template <typename NT, bool A_TRANSPOSED>
@@ -533,10 +550,10 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
     Strides sv, Strides so, Strides sdo, Strides sgrad, float scale, int64_t windows,
     int windows_per_block, bool vec) {
   // out and lse are the contiguous forward outputs: lse index = out row offset / D.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if ULTRON_TENSOR_CORE_BODY
   using namespace nvcuda;
   using NT = typename Native<T>::type;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  ULTRON_DYNAMIC_SMEM(unsigned char, smem_raw);
   const bool bias_grad = dbias_partial != nullptr, has_bias = bias != nullptr;
   const TcLayout L = tc_layout(g.tokens, g.head_dim, true, has_bias, bias_grad);
   const TcTiles<NT> t(smem_raw, L, has_bias);
@@ -573,6 +590,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
         row_lse[i] = row >= 0 ? lse[row / dim] : 0.f;
       }
     }
+    finish_tile_loads();  // the copies overlapped the loop above
     __syncthreads();
 
     const int tiles = np / 16;
@@ -622,6 +640,8 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
     float* dst = dbias_partial + (static_cast<int64_t>(blockIdx.x) * gridDim.y + head) * n * n;
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture without bf16 wmma: never launched (kernel_ptx_version)
 #endif
 }
 
@@ -630,36 +650,61 @@ Strides strides_of(const at::Tensor& t) {
 }
 
 Geometry geometry_of(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRef shift) {
-  TORCH_CHECK(window.size() == 2 && shift.size() == 2, "window and shift must be pairs");
+  TORCH_CHECK(window.size() == 2 && shift.size() == 2, "window and shift must be pairs, got ", window, " and ",
+              shift);
+  for (int a = 0; a < 2; ++a) {
+    TORCH_CHECK(window[a] >= 1 && window[a] <= 1024, "window must be in [1, 1024] per axis, got ", window);
+    TORCH_CHECK(shift[a] >= 0 && shift[a] < window[a], "shift must be in [0, window) per axis, got shift ", shift,
+                " for window ", window);
+  }
   Geometry g;
-  g.H = static_cast<int>(q.size(1));
-  g.W = static_cast<int>(q.size(2));
-  g.heads = static_cast<int>(q.size(3));
-  g.head_dim = static_cast<int>(q.size(4));
+  g.H = checked_int(q.size(1), "H");
+  g.W = checked_int(q.size(2), "W");
+  g.heads = checked_int(q.size(3), "heads");
+  g.head_dim = checked_int(q.size(4), "head_dim");
   g.wh = static_cast<int>(window[0]);
   g.ww = static_cast<int>(window[1]);
   g.sh = static_cast<int>(shift[0]);
   g.sw = static_cast<int>(shift[1]);
-  g.win_h = ceil_div(g.H, g.wh);
-  g.win_w = ceil_div(g.W, g.ww);
-  g.Hp = g.win_h * g.wh;
-  g.Wp = g.win_w * g.ww;
+  g.win_h = checked_int(ceil_div(g.H, g.wh), "windows per column");
+  g.win_w = checked_int(ceil_div(g.W, g.ww), "windows per row");
+  g.Hp = checked_int(static_cast<int64_t>(g.win_h) * g.wh, "padded H");
+  g.Wp = checked_int(static_cast<int64_t>(g.win_w) * g.ww, "padded W");
   g.tokens = g.wh * g.ww;
   return g;
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    check_cuda(*t, "q/k/v");
-    TORCH_CHECK(t->dim() == 5 && t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type(),
-                "q, k, v must be 5-D tensors of one shape and dtype");
-    TORCH_CHECK(t->stride(4) == 1, "q, k, v: the last dimension must be contiguous");
+  const char* names[3] = {"q", "k", "v"};
+  const at::Tensor* tensors[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& t = *tensors[i];
+    check_device(t, names[i]);
+    TORCH_CHECK(t.dim() == 5, names[i], " must be 5-D (B, H, W, heads, head_dim), got ", t.dim(), "-D");
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
+                "q, k, v must have one shape, dtype and device; ", names[i], " is ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device(), ", q is ", q.sizes(), " ", q.scalar_type(), " on ", q.device());
+    TORCH_CHECK(t.stride(4) == 1, names[i], ": the last dimension must be contiguous, stride ", t.stride(4));
   }
 }
 
-at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t kind) {
-  if (!bias.has_value() || kind == 0) return at::Tensor();
-  check_cuda(*bias, "rel_pos_bias");
+// The bias as the kernels read it: float, contiguous, of the shape its kind says.
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t kind, const at::Tensor& q,
+                      const Geometry& g) {
+  TORCH_CHECK(kind == 0 || kind == kBiasTable || kind == kBiasDense,
+              "bias_kind must be 0 (none), 1 (table) or 2 (dense), got ", kind);
+  if (kind == 0) return at::Tensor();
+  TORCH_CHECK(bias.has_value(), "bias_kind ", kind, " needs a bias tensor");
+  check_device(*bias, "rel_pos_bias");
+  TORCH_CHECK(bias->device() == q.device(), "rel_pos_bias is on ", bias->device(), ", q on ", q.device());
+  const std::vector<int64_t> expected = kind == kBiasTable
+      ? std::vector<int64_t>{int64_t(2 * g.wh - 1) * (2 * g.ww - 1), g.heads}
+      : std::vector<int64_t>{g.heads, g.tokens, g.tokens};
+  TORCH_CHECK(bias->sizes() == at::IntArrayRef(expected), "rel_pos_bias of kind ",
+              kind == kBiasTable ? "table" : "dense", " must have sizes ", at::IntArrayRef(expected), ", got ",
+              bias->sizes());
+  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "rel_pos_bias must be floating point, got ",
+              bias->scalar_type());
   return bias->to(at::kFloat).contiguous();
 }
 
@@ -672,13 +717,14 @@ size_t bwd_smem_bytes(const Geometry& g, bool bias_grad) {
   return sizeof(float) * (4 * n * (g.head_dim + 1) + 2 * n * (n + 1) + 2 * n + (bias_grad ? n * n : 0));
 }
 
-// fp16/bf16 windows of up to kTcMaxTokens tokens whose tiles fit in shared memory run on
-// the tensor cores; everything else on the SIMT kernels.
+// fp16/bf16 windows of up to kTcMaxTokens tokens, head_dim a multiple of 16, whose tiles fit
+// in shared memory, run on the tensor cores when the kernel was compiled for sm_80 or newer;
+// everything else on the SIMT kernels.
+template <auto TcKernel>
 bool tensor_core_path(const at::Tensor& q, const Geometry& g, size_t smem_bytes) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         g.tokens <= kTcMaxTokens && g.head_dim % 16 == 0 && props->major >= 8 &&
-         smem_bytes <= props->sharedMemPerBlockOptin;
+  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) && g.tokens <= kTcMaxTokens &&
+         g.head_dim % 16 == 0 && static_cast<int64_t>(smem_bytes) <= current_device().smem_optin &&
+         kernel_ptx_version<TcKernel>() >= 80;
 }
 
 // Every (b, h, w, head) row of these 16-bit tensors starts on a 16-byte boundary.
@@ -694,18 +740,9 @@ bool rows_are_16_byte_aligned(std::initializer_list<const at::Tensor*> tensors) 
 // Windows per block so that windows x heads blocks come to about blocks_per_sm per SM;
 // depends only on the shape and the device, so the bias-gradient partials repeat bitwise.
 int windows_per_block(int64_t windows, int heads, int blocks_per_sm) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(windows, ceil_div(blocks_per_sm * sms, heads)));
-  return static_cast<int>(std::max<int64_t>(1, ceil_div(windows, runs)));
-}
-
-template <typename Kernel>
-void reserve_smem(Kernel kernel, size_t bytes, const char* op) {
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= limit, op, ": this window/head_dim needs ", bytes,
-              " bytes of shared memory per block, the device allows ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  const int64_t runs = std::max<int64_t>(
+      1, std::min<int64_t>(windows, ceil_div(int64_t(blocks_per_sm) * current_device().sms, heads)));
+  return checked_int(std::max<int64_t>(1, ceil_div(windows, runs)), "windows per block");
 }
 
 }  // namespace
@@ -715,48 +752,46 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
     at::IntArrayRef shift, double scale) {
   check_qkv(q, k, v);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const Geometry g = geometry_of(q, window, shift);
+  const at::Tensor b = float_bias(bias, bias_kind, q, g);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
-  const at::Tensor b = float_bias(bias, bias_kind);
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
   if (out.numel() == 0) return {out, lse};
-  TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch");
+  TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch (", windows, ")");
+  TORCH_CHECK(g.heads <= 65535, "window_attention_fwd: at most 65535 heads, got ", g.heads);
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
-  auto stream = at::cuda::getCurrentCUDAStream();
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, bias_ptr != nullptr, false).bytes;
-  if (tensor_core_path(q, g, tc_smem)) {
+  const bool half = q.scalar_type() == at::kHalf;
+  const bool tensor_cores = half ? tensor_core_path<window_attn_fwd_tc_kernel<at::Half>>(q, g, tc_smem)
+                                 : tensor_core_path<window_attn_fwd_tc_kernel<at::BFloat16>>(q, g, tc_smem);
+  if (tensor_cores) {
     // Runs of windows per block, about two waves of blocks: the staged bias is reused
     // across the run.
     const int per_block = windows_per_block(windows, g.heads, 8);
     const dim3 grid(static_cast<unsigned>(ceil_div(windows, per_block)), g.heads);
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &out});
-    auto launch = [&](auto tag) {
+    auto run = [&](auto tag) {
       using T = decltype(tag);
-      reserve_smem(window_attn_fwd_tc_kernel<T>, tc_smem, "window_attention_fwd");
-      window_attn_fwd_tc_kernel<T><<<grid, kTcThreads, tc_smem, stream>>>(
-          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
-          lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-          static_cast<float>(scale), windows, per_block, vec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<window_attn_fwd_tc_kernel<T>>(grid, kTcThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(),
+                                           v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
+                                           lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v),
+                                           strides_of(out), static_cast<float>(scale), windows, per_block, vec);
     };
-    if (q.scalar_type() == at::kHalf) launch(at::Half{});
-    else launch(at::BFloat16{});
+    if (half) run(at::Half{});
+    else run(at::BFloat16{});
     return {out, lse};
   }
   const size_t smem = fwd_smem_bytes(g);
   const dim3 grid(static_cast<unsigned>(windows), g.heads);
   dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
     using T = decltype(tag);
-    reserve_smem(window_attn_fwd_kernel<T>, smem, "window_attention_fwd");
-    window_attn_fwd_kernel<T><<<grid, kFwdThreads, smem, stream>>>(
-        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
-        lse.data_ptr<float>(), g,
-        strides_of(q), strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
-        static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<window_attn_fwd_kernel<T>>(grid, kFwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                                      bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
+                                      strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
+                                      static_cast<float>(scale));
   });
   return {out, lse};
 }
@@ -766,20 +801,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
     int64_t bias_kind, bool bias_grad, at::IntArrayRef window, at::IntArrayRef shift, double scale) {
   check_qkv(q, k, v);
-  check_cuda(grad_out, "grad_out");
+  check_device(grad_out, "grad_out");
+  check_device(out, "out");
+  check_device(lse, "lse");
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1 &&
-              grad_out.scalar_type() == q.scalar_type(), "grad_out must match q");
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
-              "out and lse must be the contiguous outputs of window_attention_fwd");
-  const c10::cuda::CUDAGuard guard(q.device());
+              grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
+              "grad_out must match q's shape, dtype and device with a contiguous last dimension");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous() &&
+              lse.sizes() == q.sizes().slice(0, 4) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "out and lse must be the contiguous outputs of window_attention_fwd for this q");
+  const DeviceGuard guard(q.device());
   const Geometry g = geometry_of(q, window, shift);
+  const at::Tensor b = float_bias(bias, bias_kind, q, g);
+  TORCH_CHECK(!bias_grad || b.defined(), "bias_grad needs a bias");
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
-  const at::Tensor b = float_bias(bias, bias_kind);
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
+  TORCH_CHECK(g.heads <= 65535, "window_attention_bwd: at most 65535 heads, got ", g.heads);
   // Runs of windows per block: enough blocks to fill the GPU a few times, fewer bias partials.
-  const int per_block = windows_per_block(windows, g.heads, 8);
+  const int per_block = windows > 0 ? windows_per_block(windows, g.heads, 8) : 1;
   const int64_t runs = windows > 0 ? ceil_div(windows, per_block) : 0;
   at::Tensor dbias = bias_grad
       ? at::zeros({std::max<int64_t>(runs, 1), g.heads, g.tokens, g.tokens}, q.options().dtype(at::kFloat))
@@ -789,37 +830,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   }
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
-  const dim3 grid(static_cast<unsigned>(runs), g.heads);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(checked_int(runs, "window runs"), g.heads);
   float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad).bytes;
-  if (tensor_core_path(q, g, tc_smem)) {
+  const bool half = q.scalar_type() == at::kHalf;
+  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half>>(q, g, tc_smem)
+                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16>>(q, g, tc_smem);
+  if (tensor_cores) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq});
-    auto launch = [&](auto tag) {
+    auto run = [&](auto tag) {
       using T = decltype(tag);
-      reserve_smem(window_attn_bwd_tc_kernel<T>, tc_smem, "window_attention_bwd");
-      window_attn_bwd_tc_kernel<T><<<grid, kTcBwdThreads, tc_smem, stream>>>(
-          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
-          grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
-          dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+      launch<window_attn_bwd_tc_kernel<T>>(
+          grid, kTcBwdThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
+          lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
+          dv.data_ptr<T>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
           strides_of(grad_out), strides_of(dq), static_cast<float>(scale), windows, per_block, vec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (q.scalar_type() == at::kHalf) launch(at::Half{});
-    else launch(at::BFloat16{});
+    if (half) run(at::Half{});
+    else run(at::BFloat16{});
     return {dq, dk, dv, bias_grad ? dbias.sum(0) : dbias};
   }
   const size_t smem = bwd_smem_bytes(g, bias_grad);
   dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
     using T = decltype(tag);
-    reserve_smem(window_attn_bwd_kernel<T>, smem, "window_attention_bwd");
-    window_attn_bwd_kernel<T><<<grid, kBwdThreads, smem, stream>>>(
-        q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(), lse.data_ptr<float>(),
-        grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
-        dv.data_ptr<T>(), dbias_ptr, g, strides_of(q),
-        strides_of(k), strides_of(v), strides_of(out), strides_of(lse), strides_of(grad_out),
-        strides_of(dq), static_cast<float>(scale), windows, per_block);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<window_attn_bwd_kernel<T>>(grid, kBwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                                      out.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
+                                      kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dbias_ptr, g,
+                                      strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+                                      strides_of(lse), strides_of(grad_out), strides_of(dq),
+                                      static_cast<float>(scale), windows, per_block);
   });
   return {dq, dk, dv, bias_grad ? dbias.sum(0) : dbias};
 }

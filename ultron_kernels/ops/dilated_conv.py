@@ -74,12 +74,6 @@ def channel_run(rates: tuple[int, ...], cap: int) -> int:
     return run
 
 
-def _cuda_rate_summary(rates: tuple[int, ...]) -> tuple[int, int]:
-    """What the CUDA kernels need to know about the rates on the host: the channel run of
-    the 16-byte channels_last vectors, and the largest rate (it sizes the NCHW tile's halo)."""
-    return channel_run(rates, 8), max(rates, default=1)
-
-
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous():
         return torch.contiguous_format
@@ -95,16 +89,15 @@ def _output_size(size: int, stride: int) -> int:
 @torch.library.custom_op("ultron_kernels::dilated_conv2d_fwd", mutates_args=())
 def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    dilation: list[int], stride: int, backend: str) -> torch.Tensor:
-    batch, channels, height, width = x.shape
-    out = torch.empty((batch, channels, _output_size(height, stride), _output_size(width, stride)),
-                      device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
-    rates = _dilation_tensor(tuple(dilation), x.device)
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_forward
-        return dilated_conv_forward(x, weight, bias, rates, channel_run(tuple(dilation), 64),
-                                    stride, out)
-    return _cuda.cuda_ops().dilated_conv2d_fwd(x, weight, bias, rates, stride,
-                                               *_cuda_rate_summary(tuple(dilation)))
+        batch, channels, height, width = x.shape
+        out = torch.empty((batch, channels, _output_size(height, stride), _output_size(width, stride)),
+                          device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+        return dilated_conv_forward(x, weight, bias, _dilation_tensor(tuple(dilation), x.device),
+                                    channel_run(tuple(dilation), 64), stride, out)
+    # The CUDA op takes the rates as a list and derives what its kernels need itself.
+    return _cuda.cuda_ops(x.device).dilated_conv2d_fwd(x, weight, bias, dilation, stride)
 
 
 @_fused_forward.register_fake
@@ -119,14 +112,14 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                     dilation: list[int], stride: int,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-    rates = _dilation_tensor(tuple(dilation), x.device)
     if backend == "triton":
         from ultron_kernels.triton.dilated_conv import dilated_conv_backward
         grad_x, grad_w, grad_b = dilated_conv_backward(
-            grad_out, x, weight, rates, channel_run(tuple(dilation), 64), stride, torch.empty_like(x))
+            grad_out, x, weight, _dilation_tensor(tuple(dilation), x.device),
+            channel_run(tuple(dilation), 64), stride, torch.empty_like(x))
     else:
-        grad_x, grad_w, grad_b = _cuda.cuda_ops().dilated_conv2d_bwd(
-            grad_out, x, weight, rates, stride, *_cuda_rate_summary(tuple(dilation)))
+        grad_x, grad_w, grad_b = _cuda.cuda_ops(x.device).dilated_conv2d_bwd(
+            grad_out, x, weight, dilation, stride)
     return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 

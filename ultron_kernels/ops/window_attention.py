@@ -71,7 +71,7 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_forward
         return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale)
-    return _cuda.cuda_ops().window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale)
+    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale)
 
 
 @_fused_forward.register_fake
@@ -93,7 +93,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, tuple(window),
             tuple(shift), scale)
     else:
-        dq, dk, dv, dense = _cuda.cuda_ops().window_attention_bwd(
+        dq, dk, dv, dense = _cuda.cuda_ops(q.device).window_attention_bwd(
             grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, scale)
     dbias = (_bias_gradient(dense, bias, bias_kind, tuple(window)) if bias_grad
              else q.new_empty((0,)))
@@ -180,12 +180,6 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (tokens * tokens if bias_grad else 0))
 
 
-@functools.lru_cache(maxsize=16)
-def _shared_memory_limit(device_index: int) -> int:
-    """Opt-in shared memory per block of a CUDA device."""
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
 def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool):
     def reason(backend: str) -> Optional[str]:
         if backend == "reference":
@@ -201,7 +195,7 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
             tokens = window[0] * window[1]
             need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
                        cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))
-            limit = _shared_memory_limit(q.device.index)
+            limit = _cuda.shared_memory_per_block(q.device)
             if need > limit:
                 return (f"window {window} with head_dim {q.shape[-1]} needs {need} bytes of shared "
                         f"memory per block in the CUDA kernels; the device allows {limit}")

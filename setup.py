@@ -12,6 +12,7 @@ jobs, ULTRON_KERNELS_DEBUG=1 builds with -O0 -g (-G for CUDA).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -32,22 +33,10 @@ def _want_cuda() -> bool:
 
 
 def _cuda_header_dirs() -> list[str]:
-    """Folders holding the host-usable CUDA headers the simulation build includes."""
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "include"))
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
-    try:
-        import nvidia
-
-        candidates += [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
-        candidates += [os.path.join(p, "cuda_runtime", "include") for p in nvidia.__path__]
-    except ImportError:
-        pass
-    return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
+    spec = importlib.util.spec_from_file_location("cuda_headers", os.path.join(ROOT, "tools", "cuda_headers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cuda_header_dirs()
 
 
 def _want_sim() -> bool:

@@ -37,6 +37,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -56,6 +57,7 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
 #define ULTRON_SIM_POISON(addr, bytes) ASAN_POISON_MEMORY_REGION(addr, bytes)
 #define ULTRON_SIM_UNPOISON(addr, bytes) ASAN_UNPOISON_MEMORY_REGION(addr, bytes)
 #else
@@ -394,6 +396,12 @@ void launch(const std::string& name, void (*kernel)(Params...), dim3 grid, dim3 
            std::to_string(device.smem_optin));
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   const std::lock_guard<std::mutex> lock(launch_mutex());
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer's report names the kernel's source line; add the block and thread.
+  __sanitizer_set_death_callback([] {
+    if (block().in_fiber) std::fprintf(stderr, "ultron cuda sim: in %s\n", where().c_str());
+  });
+#endif
   Block& b = block();
   b.kernel = name;
   b.body = [&] { std::apply(kernel, params); };

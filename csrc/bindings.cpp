@@ -5,7 +5,7 @@
 //  * ultron_kernels._C: namespace `ultron_kernels_cuda`, CUDA tensors;
 //  * ultron_kernels._C_sim (-DULTRON_CUDA_SIM, csrc/sim/): namespace `ultron_kernels_cuda_sim`,
 //    CPU tensors, the same kernels run by the host simulation; it also registers
-//    `device_properties`, the simulated device the host code sees.
+//    `device_properties` (the simulated device the host code sees) and `take_launch_log`.
 // Importing the module runs these registrations.
 #include <Python.h>
 
@@ -67,6 +67,8 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
     const ultron::DeviceInfo d = ultron::current_device();
     return std::vector<int64_t>{d.sms, d.major, d.minor, d.smem_optin};
   });
+  // The launches since the last call, one line each (kernel, grid, block, shared memory).
+  m.def("take_launch_log() -> str[]", [] { return ultron::sim::take_launch_log(); });
 #endif
 }
 

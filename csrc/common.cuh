@@ -53,16 +53,16 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 // Tensors of the device this build runs on: CUDA, or the CPU under the simulation.
 inline void check_device(const at::Tensor& t, const char* name) {
 #ifdef ULTRON_CUDA_SIM
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor (ultron_kernels._C_sim runs the CUDA ",
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor (ultron_kernels._C_sim runs the CUDA ",
               "kernels on the CPU), got device ", t.device());
 #else
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
 #endif
 }
 
 // Shapes the kernels index with int: a value that does not fit is an error, never a wrap.
 inline int checked_int(int64_t value, const char* what) {
-  TORCH_CHECK(value >= 0 && value <= INT32_MAX, what, " = ", value, " does not fit the kernels' 32-bit indexing");
+  TORCH_CHECK_VALUE(value >= 0 && value <= INT32_MAX, what, " = ", value, " does not fit the kernels' 32-bit indexing");
   return static_cast<int>(value);
 }
 
@@ -77,7 +77,7 @@ std::string kernel_name() {
   const size_t from = pretty.find(key);
   if (from == std::string::npos) return pretty;
   std::string name = pretty.substr(from + key.size());
-  name = name.substr(0, name.find_last_of(']'));
+  name = name.substr(0, name.find_first_of(";]"));  // "; std::string = ...]" follows
   const size_t scope = name.rfind("::", name.find('<'));
   return scope == std::string::npos ? name : name.substr(scope + 2);
 }
@@ -131,7 +131,7 @@ void dispatch_float_types(at::ScalarType dtype, const char* op, Fn&& fn) {
     case at::kFloat: fn(float{}); break;
     case at::kHalf: fn(at::Half{}); break;
     case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (float32, float16, bfloat16)");
+    default: TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", dtype, " (float32, float16, bfloat16)");
   }
 }
 

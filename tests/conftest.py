@@ -7,6 +7,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# The CUDA backend's kernels also run on CPU tensors, through the host simulation
+# (ultron_kernels._C_sim): every CPU parity test covers them too.
+os.environ.setdefault("ULTRON_KERNELS_CUDA_SIM", "1")
 # Fixed kernel configurations for the many shapes of the sweeps; test_autotuned_launches
 # switches tuning back on for a few shapes.
 os.environ.setdefault("ULTRON_KERNELS_AUTOTUNE", "0")

@@ -10,11 +10,15 @@ from ultron_kernels import _cuda
 from ultron_kernels.backends import select_backend
 
 
-def test_available_backends_reports_reasons():
+def test_available_backends_reports_reasons(monkeypatch):
     status = uk.available_backends("cpu")
     assert set(status) == {"reference", "triton", "cuda"}
     assert status["reference"] == "available"
-    assert status["cuda"] != "available"  # never on CPU tensors
+    # CUDA on CPU tensors: only through the host simulation, and the reason says how.
+    monkeypatch.setenv(_cuda.SIM_ENV_VAR, "0")
+    assert "ULTRON_KERNELS_CUDA_SIM=1" in uk.available_backends("cpu")["cuda"]
+    monkeypatch.setenv(_cuda.SIM_ENV_VAR, "1")
+    assert uk.available_backends("cpu")["cuda"] == "available" or "_C_sim" in uk.available_backends("cpu")["cuda"]
 
 
 def test_auto_on_cpu_is_reference():
@@ -47,11 +51,29 @@ def test_extension_builds_and_registers_ops():
         if os.environ.get("ULTRON_KERNELS_REQUIRE_EXTENSION") == "1":
             pytest.fail(_cuda.CUDA_EXTENSION_ERROR)
         pytest.skip(_cuda.CUDA_EXTENSION_ERROR)
-    ops = _cuda.cuda_ops()
+    _assert_ops_registered("ultron_kernels_cuda")
+
+
+def _assert_ops_registered(namespace: str):
+    ops = getattr(torch.ops, namespace)
     for name in ("dilated_conv2d_fwd", "dilated_conv2d_bwd", "window_attention_fwd",
                  "window_attention_bwd"):
-        schema = getattr(ops, name).default._schema
-        assert schema.name == f"ultron_kernels_cuda::{name}"
+        assert getattr(ops, name).default._schema.name == f"{namespace}::{name}"
+
+
+def test_simulation_builds_and_runs_cuda_backend_on_cpu():
+    """`make test` builds ultron_kernels._C_sim (the CUDA sources under the host simulation)
+    wherever torch and the CUDA headers are: the CUDA backend's parity suite then runs on the
+    CPU."""
+    why = _cuda.simulation_reason()
+    if why is not None and os.environ.get("ULTRON_KERNELS_REQUIRE_EXTENSION") == "1":
+        pytest.fail(why)
+    if why is not None:
+        pytest.skip(why)
+    assert uk.available_backends("cpu")["cuda"] == "available"
+    _assert_ops_registered("ultron_kernels_cuda_sim")
+    sms, major, minor, smem = torch.ops.ultron_kernels_cuda_sim.device_properties()
+    assert (major, minor) == (9, 0) and smem == 227 * 1024 and sms >= 1
 
 
 @pytest.mark.gpu

@@ -25,12 +25,17 @@ def tiny_batch():
     return images, labels, classes
 
 
-def test_tiny_model_parity_triton_vs_reference(tiny_batch):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tiny_model_parity_vs_reference(tiny_batch, backend):
+    """Whole-model parity on the CPU: Triton through its interpreter, CUDA through the host
+    simulation (ultron_kernels._C_sim)."""
+    if uk.available_backends("cpu")[backend] != "available":
+        pytest.skip(uk.available_backends("cpu")[backend])
     images, labels, classes = tiny_batch
     torch.manual_seed(0)
     # layer scale 0.5 (not 1e-6) so that every block's kernels shape the output.
     model = ultron.build("ultron_tiny", num_classes=classes, layer_scale_init=0.5)
-    result = compare_backends(model, "triton", images, labels)
+    result = compare_backends(model, backend, images, labels)
     assert result["swapped"] == 8
     assert not failures(result, "float32"), result
 

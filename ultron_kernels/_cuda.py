@@ -35,20 +35,17 @@ except ImportError as exc:  # the extension is optional: pure-Python installs ha
         "CUDA-enabled torch")
 
 
+SIM_EXTENSION_ERROR = ""
+try:  # registers ultron_kernels_cuda_sim::* (CPU only; used when SIM_ENV_VAR is set)
+    from ultron_kernels import _C_sim  # noqa: F401
+except ImportError as exc:
+    SIM_EXTENSION_ERROR = (f"ultron_kernels._C_sim is not built ({exc}); {_BUILD_HINT} with torch "
+                           "and the CUDA headers (cuda_fp16.h) present")
+
+
 def simulation_enabled() -> bool:
     """ULTRON_KERNELS_CUDA_SIM=1: backend="cuda" runs on CPU tensors through the simulation."""
     return os.environ.get(SIM_ENV_VAR, "0") == "1"
-
-
-@functools.lru_cache(maxsize=1)
-def _load_simulation() -> str:
-    """Imports ultron_kernels._C_sim once; returns why it cannot be, or ''."""
-    try:
-        from ultron_kernels import _C_sim  # noqa: F401  (import registers the operators)
-    except ImportError as exc:
-        return (f"ultron_kernels._C_sim is not built ({exc}); {_BUILD_HINT} with torch and the "
-                "CUDA headers (cuda_fp16.h) present")
-    return ""
 
 
 def simulation_reason() -> Optional[str]:
@@ -56,7 +53,7 @@ def simulation_reason() -> Optional[str]:
     if not simulation_enabled():
         return (f"tensors are on 'cpu'; the CUDA kernels need a CUDA device (or {SIM_ENV_VAR}=1 "
                 "to run them on the CPU through the host simulation)")
-    return _load_simulation() or None
+    return SIM_EXTENSION_ERROR or None
 
 
 def cuda_ops(device: torch.device):

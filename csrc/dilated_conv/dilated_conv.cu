@@ -355,11 +355,11 @@ struct Rates {
 };
 
 Rates rates_of(at::IntArrayRef dilation, const at::Tensor& x) {
-  TORCH_CHECK(static_cast<int64_t>(dilation.size()) == x.size(1), "dilation must have one rate per channel (",
+  TORCH_CHECK_VALUE(static_cast<int64_t>(dilation.size()) == x.size(1), "dilation must have one rate per channel (",
               x.size(1), "), got ", dilation.size());
   std::vector<int> rates(dilation.size());
   for (size_t c = 0; c < dilation.size(); ++c) {
-    TORCH_CHECK(dilation[c] >= 1 && dilation[c] < (1 << 20), "dilation[", c, "] must be in [1, 2^20), got ",
+    TORCH_CHECK_VALUE(dilation[c] >= 1 && dilation[c] < (1 << 20), "dilation[", c, "] must be in [1, 2^20), got ",
                 dilation[c]);
     rates[c] = static_cast<int>(dilation[c]);
   }
@@ -439,16 +439,16 @@ void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bia
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
   check_device(x, "x");
   check_device(weight, "weight");
-  TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), ", x on ", x.device());
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D, got ", x.dim(), "-D");
-  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight is on ", weight.device(), ", x on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D, got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "x must be NCHW- or channels_last-contiguous");
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == x.size(1) && weight.size(1) == weight.size(2) &&
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) == x.size(1) && weight.size(1) == weight.size(2) &&
               weight.size(1) % 2 == 1 && weight.is_contiguous(),
               "weight must be a contiguous (C, K, K) tensor with K odd, got sizes ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
               " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   for (int d = 1; d < 4; ++d) checked_int(x.size(d), "a dimension of x");
 }
 
@@ -474,7 +474,7 @@ at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
                               (x.size(3) - 1) / stride + 1}, x.options().memory_format(format));
   if (bias.has_value()) {
     check_device(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) &&
+    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) &&
                 bias->device() == x.device(), "bias must hold C = ", x.size(1), " elements of x's dtype on ",
                 x.device(), ", got ", bias->numel(), " of ", bias->scalar_type(), " on ", bias->device());
   }
@@ -495,9 +495,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
   const Rates rates = rates_of(dilation, x);
   const std::vector<int64_t> out_sizes = {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
                                           (x.size(3) - 1) / stride + 1};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_sizes), "grad_out must have the forward output's sizes ",
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes), "grad_out must have the forward output's sizes ",
               at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
               "grad_out must have x's dtype and device, got ", grad_out.scalar_type(), " on ", grad_out.device());
   const DeviceGuard guard(x.device());
   const bool channels_last = is_channels_last(x);
@@ -507,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
   const int64_t channels = x.size(1), taps = weight.size(-1) * weight.size(-1);
   const int64_t rows = g.size(0) * g.size(2);  // output rows b*H_out + y
   const int64_t channel_blocks = channels_last ? ceil_div(channels, 32) : channels;
-  TORCH_CHECK(channel_blocks <= kMaxGridZ, "dilated_conv2d_bwd: too many channels (", channels, ")");
+  TORCH_CHECK_VALUE(channel_blocks <= kMaxGridZ, "dilated_conv2d_bwd: too many channels (", channels, ")");
   // Enough chunks of rows to fill the GPU a few times; the count depends only on the shape and
   // the device, so the summation order (and the bits) repeat from call to call.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(

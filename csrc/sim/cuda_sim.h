@@ -21,8 +21,8 @@
 //    at once), the hardware's fragment-to-lane layout (fragments are opaque: a kernel that
 //    reads frag.x[] does not compile here) and the tensor cores' accumulation order.
 //
-// The simulated device is set by ULTRON_KERNELS_CUDA_SIM_ARCH (80, 86, 89 or 90, default
-// 90: its shared-memory opt-in limit) and ULTRON_KERNELS_CUDA_SIM_SMS (default 4: the host
+// The simulated device is set by ULTRON_KERNELS_CUDA_SIM_ARCH (75, 80, 86, 89 or 90, default
+// 90: its shared-memory opt-in limit and the architecture the kernels count as compiled for) and ULTRON_KERNELS_CUDA_SIM_SMS (default 4: the host
 // code sizes grids from the SM count, so a small count exercises the grid-stride loops and
 // the runs of several windows per block).
 #pragma once
@@ -108,11 +108,12 @@ inline DeviceModel device_model() {
   const int sms = sms_env != nullptr && *sms_env ? std::atoi(sms_env) : 4;
   int64_t optin;
   switch (arch) {
+    case 75: optin = 64 * 1024; break;  // Turing: no bf16 wmma, so no tensor-core path
     case 80: optin = 163 * 1024; break;
     case 86: case 89: optin = 99 * 1024; break;
     case 90: optin = 227 * 1024; break;
     default:
-      throw Error("ULTRON_KERNELS_CUDA_SIM_ARCH must be 80, 86, 89 or 90, got '" +
+      throw Error("ULTRON_KERNELS_CUDA_SIM_ARCH must be 75, 80, 86, 89 or 90, got '" +
                   std::string(arch_env) + "'");
   }
   if (sms < 1 || sms > 1024)
@@ -172,6 +173,19 @@ struct Block {
 inline Block& block() {
   static Block b;
   return b;
+}
+
+// One line per launch since the last take_launch_log(): the kernel, grid, block and dynamic
+// shared memory. Tests read it to check which of the host code's paths ran.
+inline std::vector<std::string>& launch_log() {
+  static std::vector<std::string> log;
+  return log;
+}
+
+inline std::vector<std::string> take_launch_log() {
+  std::vector<std::string> taken;
+  taken.swap(launch_log());
+  return taken;
 }
 
 inline std::mutex& launch_mutex() {
@@ -404,6 +418,10 @@ void launch(const std::string& name, void (*kernel)(Params...), dim3 grid, dim3 
 #endif
   Block& b = block();
   b.kernel = name;
+  std::ostringstream line;
+  line << name << " grid=(" << grid.x << "," << grid.y << "," << grid.z << ") block=(" << block_dim.x << ","
+       << block_dim.y << "," << block_dim.z << ") smem=" << dynamic_smem;
+  if (launch_log().size() < 10000) launch_log().push_back(line.str());
   b.body = [&] { std::apply(kernel, params); };
   b.dynamic_bytes = dynamic_smem;
   b.dynamic_smem.resize(dynamic_smem + kSmemCanary + 128);

@@ -650,11 +650,11 @@ Strides strides_of(const at::Tensor& t) {
 }
 
 Geometry geometry_of(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRef shift) {
-  TORCH_CHECK(window.size() == 2 && shift.size() == 2, "window and shift must be pairs, got ", window, " and ",
+  TORCH_CHECK_VALUE(window.size() == 2 && shift.size() == 2, "window and shift must be pairs, got ", window, " and ",
               shift);
   for (int a = 0; a < 2; ++a) {
-    TORCH_CHECK(window[a] >= 1 && window[a] <= 1024, "window must be in [1, 1024] per axis, got ", window);
-    TORCH_CHECK(shift[a] >= 0 && shift[a] < window[a], "shift must be in [0, window) per axis, got shift ", shift,
+    TORCH_CHECK_VALUE(window[a] >= 1 && window[a] <= 1024, "window must be in [1, 1024] per axis, got ", window);
+    TORCH_CHECK_VALUE(shift[a] >= 0 && shift[a] < window[a], "shift must be in [0, window) per axis, got shift ", shift,
                 " for window ", window);
   }
   Geometry g;
@@ -680,30 +680,30 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (int i = 0; i < 3; ++i) {
     const at::Tensor& t = *tensors[i];
     check_device(t, names[i]);
-    TORCH_CHECK(t.dim() == 5, names[i], " must be 5-D (B, H, W, heads, head_dim), got ", t.dim(), "-D");
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
+    TORCH_CHECK_VALUE(t.dim() == 5, names[i], " must be 5-D (B, H, W, heads, head_dim), got ", t.dim(), "-D");
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
                 "q, k, v must have one shape, dtype and device; ", names[i], " is ", t.sizes(), " ",
                 t.scalar_type(), " on ", t.device(), ", q is ", q.sizes(), " ", q.scalar_type(), " on ", q.device());
-    TORCH_CHECK(t.stride(4) == 1, names[i], ": the last dimension must be contiguous, stride ", t.stride(4));
+    TORCH_CHECK_VALUE(t.stride(4) == 1, names[i], ": the last dimension must be contiguous, stride ", t.stride(4));
   }
 }
 
 // The bias as the kernels read it: float, contiguous, of the shape its kind says.
 at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t kind, const at::Tensor& q,
                       const Geometry& g) {
-  TORCH_CHECK(kind == 0 || kind == kBiasTable || kind == kBiasDense,
+  TORCH_CHECK_VALUE(kind == 0 || kind == kBiasTable || kind == kBiasDense,
               "bias_kind must be 0 (none), 1 (table) or 2 (dense), got ", kind);
   if (kind == 0) return at::Tensor();
-  TORCH_CHECK(bias.has_value(), "bias_kind ", kind, " needs a bias tensor");
+  TORCH_CHECK_VALUE(bias.has_value(), "bias_kind ", kind, " needs a bias tensor");
   check_device(*bias, "rel_pos_bias");
-  TORCH_CHECK(bias->device() == q.device(), "rel_pos_bias is on ", bias->device(), ", q on ", q.device());
+  TORCH_CHECK_VALUE(bias->device() == q.device(), "rel_pos_bias is on ", bias->device(), ", q on ", q.device());
   const std::vector<int64_t> expected = kind == kBiasTable
       ? std::vector<int64_t>{int64_t(2 * g.wh - 1) * (2 * g.ww - 1), g.heads}
       : std::vector<int64_t>{g.heads, g.tokens, g.tokens};
-  TORCH_CHECK(bias->sizes() == at::IntArrayRef(expected), "rel_pos_bias of kind ",
+  TORCH_CHECK_VALUE(bias->sizes() == at::IntArrayRef(expected), "rel_pos_bias of kind ",
               kind == kBiasTable ? "table" : "dense", " must have sizes ", at::IntArrayRef(expected), ", got ",
               bias->sizes());
-  TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "rel_pos_bias must be floating point, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "rel_pos_bias must be floating point, got ",
               bias->scalar_type());
   return bias->to(at::kFloat).contiguous();
 }
@@ -759,8 +759,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
   if (out.numel() == 0) return {out, lse};
-  TORCH_CHECK(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch (", windows, ")");
-  TORCH_CHECK(g.heads <= 65535, "window_attention_fwd: at most 65535 heads, got ", g.heads);
+  TORCH_CHECK_VALUE(windows < (1LL << 31), "window_attention_fwd: too many windows for one launch (", windows, ")");
+  TORCH_CHECK_VALUE(g.heads <= 65535, "window_attention_fwd: at most 65535 heads, got ", g.heads);
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, bias_ptr != nullptr, false).bytes;
@@ -804,21 +804,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   check_device(grad_out, "grad_out");
   check_device(out, "out");
   check_device(lse, "lse");
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1 &&
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1 &&
               grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
               "grad_out must match q's shape, dtype and device with a contiguous last dimension");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous() &&
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous() &&
               lse.sizes() == q.sizes().slice(0, 4) && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
               "out and lse must be the contiguous outputs of window_attention_fwd for this q");
   const DeviceGuard guard(q.device());
   const Geometry g = geometry_of(q, window, shift);
   const at::Tensor b = float_bias(bias, bias_kind, q, g);
-  TORCH_CHECK(!bias_grad || b.defined(), "bias_grad needs a bias");
+  TORCH_CHECK_VALUE(!bias_grad || b.defined(), "bias_grad needs a bias");
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   const int64_t windows = q.size(0) * g.win_h * g.win_w;
-  TORCH_CHECK(g.heads <= 65535, "window_attention_bwd: at most 65535 heads, got ", g.heads);
+  TORCH_CHECK_VALUE(g.heads <= 65535, "window_attention_bwd: at most 65535 heads, got ", g.heads);
   // Runs of windows per block: enough blocks to fill the GPU a few times, fewer bias partials.
   const int per_block = windows > 0 ? windows_per_block(windows, g.heads, 8) : 1;
   const int64_t runs = windows > 0 ? ceil_div(windows, per_block) : 0;

@@ -79,7 +79,12 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~allowed[None, :, :, None], float("-inf"))
-    attn = scores.softmax(-1, dtype=torch.float32 if q.dtype != torch.float64 else None)
+    # A query whose every key is masked (a -inf bias) gets output 0 and zero gradients, as on
+    # the fused backends; its scores are made finite first so no NaN enters the softmax or
+    # its backward.
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    attn = scores.masked_fill(dead, 0.0).softmax(-1, dtype=torch.float32 if q.dtype != torch.float64 else None)
+    attn = attn.masked_fill(dead, 0.0)
     out = attn.to(v.dtype) @ _partition(v, wh, ww)           # (B, nWh, nWw, heads, N, D)
     out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)

@@ -157,7 +157,8 @@ def _window_attn_fwd_kernel(
         out = acc / l_safe[:, None]
         o_offs = (batch.to(tl.int64) * sob + head * son + (yq.to(tl.int64) * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
         tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
-        lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
+        # A row whose every key is masked: output 0 (l_safe), lse -inf, as on every backend.
+        lse = tl.where(l_i > 0.0, m_i + tl.log(l_safe), float("-inf"))
         tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw, lse, mask=real_q)
 
 
@@ -194,6 +195,7 @@ def _window_attn_bwd_kernel(
             o = _load_rows(o_ptr, batch, yq, xq, head, real_q, sob, soh, sow, son, D)
             lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
                           mask=real_q, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)  # a fully masked row: every p is 0
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             if DOT_FP32:
                 q = q.to(tl.float32)

@@ -7,8 +7,8 @@ The ``auto`` rule (documented in the README next to the benchmark results):
 
 * tensors on the CPU -> ``reference``;
 * tensors on a CUDA device -> the first backend of ``AUTO_ORDER[op]`` that can run the call,
-  ``reference`` last. Triton comes first because its kernels are the ones validated against
-  the oracle on the GPU so far; the benchmark suite is what may reorder this table.
+  ``reference`` last. The order is not a measurement yet (no GPU run has been made); the
+  benchmark suite is what may reorder this table.
 * ``ULTRON_KERNELS_BACKEND=<name>`` replaces ``auto`` (an explicit ``backend=`` argument wins).
 
 An explicit backend that cannot run raises :class:`BackendUnavailableError` naming why;

@@ -1,0 +1,82 @@
+// The CUDA backend's real kernels, through the host simulation, under AddressSanitizer: the
+// simulation's counterpart of compute-sanitizer memcheck. Calls the raw ops over shapes that
+// take every host path (both layouts and all conv kernels, tensor-core and SIMT attention,
+// unaligned rows, runs of windows, partial tiles); any global access outside a tensor is a
+// heap-buffer-overflow report naming the kernel. Built and run by tests/test_cuda_sim.py.
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace ultron {
+at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t stride);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
+    int64_t stride);
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    int64_t bias_kind, at::IntArrayRef window, at::IntArrayRef shift, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias, int64_t bias_kind,
+    bool bias_grad, at::IntArrayRef window, at::IntArrayRef shift, double scale);
+}  // namespace ultron
+
+namespace {
+
+void conv(std::vector<int64_t> shape, int k, std::vector<int64_t> rates, int64_t stride, bool channels_last,
+          at::ScalarType dtype) {
+  auto opts = at::TensorOptions().dtype(dtype);
+  at::Tensor x = at::randn(shape, opts);
+  if (channels_last) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = at::randn({shape[1], k, k}, opts);
+  const at::Tensor b = at::randn({shape[1]}, opts);
+  const at::Tensor y = ultron::dilated_conv2d_fwd(x, w, b, rates, stride);
+  ultron::dilated_conv2d_bwd(at::randn_like(y), x, w, rates, stride);
+}
+
+void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, std::vector<int64_t> window,
+               std::vector<int64_t> shift, int64_t bias_kind, at::ScalarType dtype) {
+  auto opts = at::TensorOptions().dtype(dtype);
+  std::vector<int64_t> full = shape;
+  full.push_back(head_dim + row_pad);
+  std::vector<at::Tensor> qkv;
+  for (int i = 0; i < 3; ++i) qkv.push_back(at::randn(full, opts).narrow(4, 0, head_dim));
+  const int64_t heads = shape[3], tokens = window[0] * window[1];
+  std::optional<at::Tensor> bias;
+  if (bias_kind == 1) bias = at::randn({(2 * window[0] - 1) * (2 * window[1] - 1), heads});
+  if (bias_kind == 2) bias = at::randn({heads, tokens, tokens});
+  auto [out, lse] = ultron::window_attention_fwd(qkv[0], qkv[1], qkv[2], bias, bias_kind, window, shift, 0.3);
+  ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], out, lse, bias, bias_kind,
+                               bias_kind != 0, window, shift, 0.3);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    conv({2, 6, 37, 35}, 3, {1, 2, 3, 1, 2, 3}, 1, false, dtype);    // NCHW tile, partial tiles
+    conv({1, 4, 33, 34}, 5, {1, 2, 2, 1}, 2, false, dtype);          // tile, stride 2
+    conv({1, 2, 40, 21}, 7, {10, 12}, 1, false, dtype);              // direct (halo over 32 KB)
+    conv({2, 16, 9, 11}, 3, std::vector<int64_t>(16, 2), 1, true, dtype);  // channels_last vectors
+    conv({1, 6, 9, 7}, 3, {1, 2, 3, 1, 2, 3}, 2, true, dtype);       // channels_last scalar
+    conv({1, 3, 12, 10}, 9, {2, 2, 2}, 1, false, dtype);             // K read at run time
+    conv({1, 3, 12, 10}, 9, {2, 2, 2}, 2, true, dtype);
+    attention({2, 9, 11, 2}, 16, 0, {7, 7}, {3, 2}, 2, dtype);       // tensor cores (bf16)
+    attention({1, 9, 11, 2}, 16, 4, {7, 7}, {3, 2}, 1, dtype);       // unaligned rows
+    attention({1, 8, 9, 1}, 48, 0, {4, 4}, {2, 2}, 1, dtype);        // head_dim 48
+    attention({1, 13, 12, 2}, 16, 0, {12, 12}, {1, 2}, 0, dtype);    // 144 tokens: SIMT
+    attention({1, 5, 3, 1}, 32, 0, {7, 7}, {0, 0}, 1, dtype);        // smaller than a window
+  }
+  setenv("ULTRON_KERNELS_CUDA_SIM_SMS", "1", 1);                     // runs of windows per block
+  attention({3, 14, 21, 2}, 16, 0, {7, 7}, {3, 3}, 1, at::kBFloat16);
+  attention({3, 14, 21, 2}, 16, 0, {7, 7}, {3, 3}, 1, at::kFloat);
+  conv({3, 8, 17, 19}, 3, std::vector<int64_t>(8, 1), 1, true, at::kHalf);
+  std::printf("PASS\n");
+  return 0;
+}

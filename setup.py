@@ -23,12 +23,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _want_cuda() -> bool:
     flag = os.environ.get("ULTRON_KERNELS_BUILD_CUDA")
-    if flag is not None:
-        return flag == "1"
     try:
         import torch
     except ImportError:
+        if flag == "1":
+            raise SystemExit("ULTRON_KERNELS_BUILD_CUDA=1, but torch is not installed: install a CUDA "
+                             "build of torch first, then build with --no-build-isolation")
         return False
+    if flag is not None:
+        if flag == "1" and torch.version.cuda is None:
+            raise SystemExit(f"ULTRON_KERNELS_BUILD_CUDA=1, but torch {torch.__version__} is a CPU-only "
+                             "build (torch.version.cuda is None): install a CUDA build of torch, or "
+                             "build without the CUDA extension (ULTRON_KERNELS_BUILD_CUDA=0)")
+        return flag == "1"
     return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 

@@ -1,6 +1,8 @@
 """Backend registry and selection; the compiled extension's registration."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,22 @@ def test_autotuned_launches(monkeypatch):
     out = uk.window_attention(*qkv.unbind(3), 7, 3, table, backend="triton")
     ref = uk.window_attention(*qkv.double().unbind(3), 7, 3, table.double(), backend="reference")
     assert_parity("autotuned attention", out, ref, torch.bfloat16)
+
+
+def test_missing_extension_message_says_how_to_build():
+    why = _cuda._load("_not_built", "CUDA extension", "with nvcc and a CUDA build of torch")
+    assert why.startswith("ultron_kernels was installed without its CUDA extension (ultron_kernels._not_built)")
+    assert "pip install --no-build-isolation" in why and "circular import" not in why
+
+
+def test_forced_cuda_build_with_cpu_torch_says_so():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, runpy, torch\n"
+            "torch.version.cuda = None\n"
+            "sys.argv = ['setup.py', '--version']\n"
+            f"runpy.run_path({os.path.join(root, 'setup.py')!r}, run_name='__main__')\n")
+    env = dict(os.environ, ULTRON_KERNELS_BUILD_CUDA="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "is a CPU-only build (torch.version.cuda is None)" in proc.stderr, proc.stderr[-2000:]

@@ -3,6 +3,8 @@ gradients, determinism, registration, bad input, modules."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,15 +164,19 @@ def test_opcheck(device, backend):
         torch.library.opcheck(_fused_forward, args)
 
 
-@pytest.mark.parametrize("device,backend", FUSED_CASES)
+@pytest.mark.parametrize("device,backend", CASES)
 def test_torch_compile_fullgraph(device, backend):
     x, weight, b = make_inputs((1, 4, 7, 6), 3, torch.float32, device, False)
     conv = torch.compile(
         lambda x, w, b: uk.channelwise_dilated_conv2d(x, w, b, (1, 2), 1, backend=backend).relu(),
         fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     leaves = [t.requires_grad_() for t in (x, weight, b)]
-    out = conv(*leaves)
-    out.sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = conv(*leaves)
+        out.sum().backward()
+    dynamo = [str(w.message) for w in caught if "ynamo" in str(w.message)]
+    assert not dynamo, dynamo  # e.g. a functools.lru_cache on the traced path
     expected = oracle(x, weight, b, (1, 1, 2, 2), 1).relu()
     assert_parity("compiled y", out, expected, torch.float32)
     assert x.grad is not None and weight.grad is not None and b.grad is not None
@@ -199,7 +205,7 @@ def test_inputs_are_not_modified():
     (dict(weight=torch.randn(4, 1, 2, 2)), ValueError, "K must be odd"),
     (dict(weight=torch.randn(4, 1, 3, 5)), ValueError, "weight: expected shape"),
     (dict(dilation=(1, 2, 3)), ValueError, "not divisible"),
-    (dict(dilation=0), ValueError, "dilation: every rate must be >= 1"),
+    (dict(dilation=0), ValueError, r"dilation: every rate must be in \[1, "),
     (dict(dilation=torch.tensor([1, 2])), ValueError, "length C=4"),
     (dict(dilation=torch.tensor([1.0, 2, 3, 4])), TypeError, "integer dtype"),
     (dict(dilation=1.5), TypeError, "dilation must be"),

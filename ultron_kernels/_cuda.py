@@ -14,33 +14,36 @@ report the reason instead of failing later.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
 from typing import Optional
 
 import torch
 
 SIM_ENV_VAR = "ULTRON_KERNELS_CUDA_SIM"
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
-
-HAS_CUDA_EXTENSION = False
-CUDA_EXTENSION_ERROR = ""
-
-try:
-    from ultron_kernels import _C  # noqa: F401  (import registers the operators)
-
-    HAS_CUDA_EXTENSION = True
-except ImportError as exc:  # the extension is optional: pure-Python installs have no _C
-    CUDA_EXTENSION_ERROR = (
-        f"ultron_kernels._C is not built ({exc}); {_BUILD_HINT} on a machine with nvcc and a "
-        "CUDA-enabled torch")
+_BUILD_HINT = ("to build it: `pip install --no-build-isolation .` from a checkout of the source "
+               "(README, Install)")
 
 
-SIM_EXTENSION_ERROR = ""
-try:  # registers ultron_kernels_cuda_sim::* (CPU only; used when SIM_ENV_VAR is set)
-    from ultron_kernels import _C_sim  # noqa: F401
-except ImportError as exc:
-    SIM_EXTENSION_ERROR = (f"ultron_kernels._C_sim is not built ({exc}); {_BUILD_HINT} with torch "
-                           "and the CUDA headers (cuda_fp16.h) present")
+def _load(module: str, what: str, needs: str) -> str:
+    """Imports ultron_kernels.<module> (registering its operators); returns why it could
+    not be, or ''."""
+    if importlib.util.find_spec(f"ultron_kernels.{module}") is None:
+        return f"ultron_kernels was installed without its {what} (ultron_kernels.{module}); {_BUILD_HINT}, {needs}"
+    try:
+        importlib.import_module(f"ultron_kernels.{module}")
+    except ImportError as exc:  # built, but it does not load here (torch version, libraries)
+        return f"ultron_kernels.{module} is built but does not load ({exc}); rebuild it: {_BUILD_HINT}"
+    return ""
+
+
+CUDA_EXTENSION_ERROR = _load("_C", "CUDA extension", "with nvcc and a CUDA build of torch")
+HAS_CUDA_EXTENSION = not CUDA_EXTENSION_ERROR
+
+
+# ultron_kernels_cuda_sim::* (CPU only; used when SIM_ENV_VAR is set).
+SIM_EXTENSION_ERROR = _load("_C_sim", "CUDA host simulation", "with the CUDA headers (cuda_fp16.h) present")
 
 
 def simulation_enabled() -> bool:

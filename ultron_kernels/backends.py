@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -34,12 +35,35 @@ ENV_VAR = "ULTRON_KERNELS_BACKEND"
 
 
 
+# Modules whose @triton.jit functions show the mode they were decorated in (triton's own
+# helpers such as tl.cdiv, and our kernels), with one such function each.
+_JIT_PROBES = (("triton.language.standard", "cdiv"),
+               ("ultron_kernels.triton.dilated_conv", "_dilated_conv_gather_kernel"),
+               ("ultron_kernels.triton.window_attention", "_window_attn_fwd_kernel"))
+
+
 def triton_interpreter_on() -> bool:
-    """TRITON_INTERPRET=1 makes Triton run kernels on CPU tensors (slowly): the way Triton
-    kernels are tested without a GPU. Triton reads it when first imported; this package
-    imports triton only with its kernel modules, at first use, so setting the variable any
-    time before the first fused call works."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton kernels run through its interpreter (on CPU tensors, slowly: the way
+    they are tested without a GPU). Triton fixes the mode of each @triton.jit function when
+    its module is imported, reading TRITON_INTERPRET then: so once triton (or one of our
+    kernel modules) is imported, its functions' actual mode decides, not the variable's
+    current value. This package imports triton only at the first fused call, so setting the
+    variable any time before that works."""
+    decorated = [getattr(sys.modules[module], name, None) for module, name in _JIT_PROBES
+                 if module in sys.modules]
+    if not decorated:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return all(type(fn).__name__ == "InterpretedFunction" for fn in decorated)
+
+
+def _triton_mode_mismatch() -> Optional[str]:
+    """Why TRITON_INTERPRET=1 has no effect: triton was imported before it was set."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and not triton_interpreter_on():
+        return ("TRITON_INTERPRET=1 was set after triton was imported (by torch.compile or another "
+                "library), so its functions were already compiled for a GPU; set TRITON_INTERPRET=1 "
+                "before triton is imported, e.g. at the top of the script or in the environment")
+    return None
+
 
 def autotune_enabled() -> bool:
     """ULTRON_KERNELS_AUTOTUNE=0 launches the Triton kernels with their fixed default
@@ -58,15 +82,19 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
-    if backend == "reference":
+    if backend == "reference" or device.type == "meta":
+        # Meta tensors (shape inference, models built on torch.device("meta")) run every
+        # backend through its custom op's fake implementation.
         return None
     if backend == "triton":
         if _TRITON_IMPORT_ERROR:
             return _TRITON_IMPORT_ERROR
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on()):
             return None
+        if device.type == "cpu" and _triton_mode_mismatch():
+            return _triton_mode_mismatch()
         return (f"tensors are on '{device.type}'; Triton needs a CUDA device "
-                "(or TRITON_INTERPRET=1 set before importing triton, to run on the CPU)")
+                "(or TRITON_INTERPRET=1 set before triton is imported, to run on the CPU)")
     if backend == "cuda":
         if device.type == "cpu":
             return _cuda.simulation_reason()
@@ -98,8 +126,12 @@ def select_backend(op: str, requested: str, device: torch.device,
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
-    if requested == "auto":
-        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    source = f"backend={requested!r}"
+    if requested == "auto" and os.environ.get(ENV_VAR):
+        requested = os.environ[ENV_VAR]
+        source = f"backend {requested!r} (from the environment: {ENV_VAR}={requested})"
+        if requested not in ("auto",) + BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKENDS}, got {requested!r}")
     if requested not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
 
@@ -109,7 +141,7 @@ def select_backend(op: str, requested: str, device: torch.device,
     if requested != "auto":
         why = reason(requested)
         if why is not None:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run this call: {why}")
+            raise BackendUnavailableError(f"{op}: {source} cannot run this call: {why}")
         return requested
     if device.type != "cuda":
         return "reference"

@@ -28,11 +28,16 @@ class SwapReport:
 def swap_in(model: nn.Module, backend: str = "auto") -> SwapReport:
     """Route every ultron_kernels module of ``model`` to ``backend``; replace each
     :class:`SplitDilatedConv2d` (split + conv + cat) by a fused
-    :class:`ChannelwiseDilatedConv2d` with the same weights (its keys become ``weight`` /
-    ``bias``; it still loads checkpoints saved with the split keys). Returns a report of what
-    changed."""
+    :class:`ChannelwiseDilatedConv2d` with the same weights and the same state_dict keys
+    (``convs.<i>.weight`` / ``.bias``), so checkpoints move both ways. Returns a report of
+    what changed."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if isinstance(model, SplitDilatedConv2d):
+        # Converting replaces a module inside its parent; the root has none.
+        raise ValueError("swap_in converts the modules inside `model`, and `model` itself is a "
+                         "SplitDilatedConv2d: convert it with "
+                         "ChannelwiseDilatedConv2d.from_split_convs(list(model.convs), backend)")
     report = SwapReport(backend)
     for path, module in list(model.named_modules()):
         if isinstance(module, _BACKEND_MODULES):

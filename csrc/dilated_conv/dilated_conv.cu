@@ -470,8 +470,8 @@ at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
   const DeviceGuard guard(x.device());
   const bool channels_last = is_channels_last(x);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
-                              (x.size(3) - 1) / stride + 1}, x.options().memory_format(format));
+  at::Tensor out = at::empty({x.size(0), x.size(1), ceil_div(x.size(2), stride), ceil_div(x.size(3), stride)},
+                             x.options().memory_format(format));
   if (bias.has_value()) {
     check_device(*bias, "bias");
     TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->numel() == x.size(1) &&
@@ -493,8 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
   check_inputs(x, weight, stride);
   check_device(grad_out, "grad_out");
   const Rates rates = rates_of(dilation, x);
-  const std::vector<int64_t> out_sizes = {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1,
-                                          (x.size(3) - 1) / stride + 1};
+  // ceil(H / stride): the 'same' output size, 0 for an empty plane.
+  const std::vector<int64_t> out_sizes = {x.size(0), x.size(1), ceil_div(x.size(2), stride),
+                                          ceil_div(x.size(3), stride)};
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes), "grad_out must have the forward output's sizes ",
               at::IntArrayRef(out_sizes), ", got ", grad_out.sizes());
   TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),

@@ -1,26 +1,39 @@
-"""`python -m ultron demo|train ...`"""
+"""`python -m ultron {demo,train} [options]`: the reference ULTRON model's command line."""
 
+import argparse
 import os
 import sys
 
 import torch
 
 if not torch.cuda.is_available():
-    # Without a GPU the Triton kernels run through the interpreter, switched on before
-    # triton is imported.
+    # Without a GPU the kernels still run, for parity: Triton's through its interpreter
+    # (switched on before triton is imported), CUDA's through the host simulation.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("ULTRON_KERNELS_CUDA_SIM", "1")
 
 
-def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "train"):
-        print("usage: python -m ultron {demo,train} [options]  (train --help for its options)")
-        return 2
-    command, rest = sys.argv[1], sys.argv[2:]
-    if command == "demo":
-        from ultron.demo import main as demo
-        return demo(rest)
-    from ultron.train import main as train
-    return train(rest)
+def build_parser() -> argparse.ArgumentParser:
+    from ultron import demo, train
+    from ultron.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ultron",
+        description="ULTRON (ACCV 2024) with the ultron_kernels local operators swapped in.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,train}")
+    for name, module, summary in (
+            ("demo", demo, "whole-model parity of the kernel backends vs PyTorch (and GPU timings)"),
+            ("train", train, "train on the sample photos or an ImageFolder (torchrun for DDP)")):
+        sub = commands.add_parser(name, help=summary, description=module.__doc__,
+                                  formatter_class=HelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,30 @@ def augment(image: torch.Tensor, size: int, generator: torch.Generator) -> torch
     return (crop.clamp(0, 1) - MEAN) / STD
 
 
-class SamplePhotos(Dataset):
+def _view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one view: a new one for every (seed, epoch, image)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+
+
+class EpochViews(Dataset):
+    """Augmented views that change every epoch: the training loop calls set_epoch before each
+    pass (DataLoader workers copy the dataset at the start of each pass, so they see it)."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class SamplePhotos(EpochViews):
     """``length`` augmented views of scikit-image's bundled photos; label = photo index."""
 
     def __init__(self, size: int, length: int = 256, seed: int = 0):
-        import skimage.data
+        try:
+            import skimage.data
+        except ImportError as exc:
+            raise ImportError("the sample photos come from scikit-image: pip install "
+                              "'ultron_kernels[model]' (or pass --data <ImageFolder>)") from exc
 
         self.images = [_to_tensor(getattr(skimage.data, name)()) for name in SAMPLE_PHOTOS]
         self.size, self.length, self.seed = size, length, seed
@@ -54,18 +73,21 @@ class SamplePhotos(Dataset):
 
     def __getitem__(self, index: int):
         label = index % self.num_classes
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return augment(self.images[label], self.size, generator), label
+        return augment(self.images[label], self.size, _view_generator(self.seed, self.epoch, index)), label
 
 
-class ImageFolderViews(Dataset):
+class ImageFolderViews(EpochViews):
     """An ImageFolder directory (one sub-folder per class) with the same augmentation."""
 
     def __init__(self, root: str, size: int, seed: int = 0):
-        from torchvision.datasets import ImageFolder
+        try:
+            from torchvision.datasets import ImageFolder
+        except ImportError as exc:
+            raise ImportError("--data reads an ImageFolder through torchvision: pip install "
+                              "'ultron_kernels[model]'") from exc
 
         self.folder = ImageFolder(root)
-        self.size, self.seed, self.epoch = size, seed, 0
+        self.size, self.seed = size, seed
         self.num_classes = len(self.folder.classes)
 
     def __len__(self) -> int:
@@ -73,8 +95,9 @@ class ImageFolderViews(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.folder[index]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 7919 * self.epoch)
-        return augment(_to_tensor(np.asarray(image.convert("RGB"))), self.size, generator), label
+        view = augment(_to_tensor(np.array(image.convert("RGB"))), self.size,
+                       _view_generator(self.seed, self.epoch, index))
+        return view, label
 
 
 def sample_batch(batch: int, size: int, seed: int = 0):

@@ -8,12 +8,14 @@ Exits non-zero if parity fails.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 import torch
 
 import ultron
+from ultron.cli import HelpFormatter
 import ultron_kernels as uk
 from ultron.data import sample_batch
 from ultron.parity import compare_backends, failures, training_step
@@ -25,10 +27,34 @@ def _time_ms(fn, repeats: int = 10) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=repeats * 25, return_mode="median")
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--config", choices=sorted(ultron.CONFIGS), default=None,
+                   help="default: ultron_s on a GPU, ultron_tiny on the CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on a GPU, 2 on the CPU")
+    p.add_argument("--backend", choices=("all", "triton", "cuda"), default="all",
+                   help="the kernel backend(s) compared with the reference")
+
+
 def main(argv=None) -> int:
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    name, batch = ("ultron_s", 8) if gpu else ("ultron_tiny", 2)
+    p = argparse.ArgumentParser(prog="python -m ultron demo", description=__doc__,
+                                formatter_class=HelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("python -m ultron demo: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"python -m ultron demo: error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    name = args.config or ("ultron_s" if gpu else "ultron_tiny")
+    batch = args.batch_size or (8 if gpu else 2)
     torch.manual_seed(0)
     model = ultron.build(name, backend="reference", num_classes=8, layer_scale_init=0.5).to(device)
     size = ultron.CONFIGS[name]["image_size"]
@@ -37,10 +63,11 @@ def main(argv=None) -> int:
     status = uk.available_backends(device)
     print(f"ULTRON demo: {name}, batch {batch} of {size}x{size} scikit-image photos on {device}")
     print("backends: " + "; ".join(f"{k}: {v}" for k, v in status.items()))
-    backends = [b for b in ("triton", "cuda") if status[b] == "available"]
+    wanted = ("triton", "cuda") if args.backend == "all" else (args.backend,)
+    backends = [b for b in wanted if status[b] == "available"]
     if not gpu:
-        print("note: timings need a GPU; on this CPU machine the Triton kernels run through the "
-              "interpreter (TRITON_INTERPRET=1) to check parity only.")
+        print("note: timings need a GPU; on the CPU the Triton kernels run through Triton's "
+              "interpreter and the CUDA kernels through the host simulation, to check parity only.")
     ok = bool(backends)
     if not backends:
         print("no kernel backend can run here: nothing to compare (see the reasons above)")

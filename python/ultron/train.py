@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -16,26 +17,39 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import ultron
+from ultron.cli import HelpFormatter
 from ultron.data import ImageFolderViews, SamplePhotos
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ultron train", description=__doc__)
-    p.add_argument("--config", default="ultron_tiny", choices=sorted(ultron.CONFIGS))
-    p.add_argument("--backend", default="auto", choices=ultron.BACKENDS)
+class TrainSetupError(Exception):
+    """A problem with the run's arguments or files, found before training starts: reported
+    as one line by the CLI."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="ultron_tiny", choices=sorted(ultron.CONFIGS), help="model size")
+    p.add_argument("--backend", default="auto", choices=ultron.BACKENDS, help="kernel backend")
     p.add_argument("--data", default=None, help="ImageFolder directory (default: bundled sample photos)")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="default: the config's")
     p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", default="runs/train")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in all")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then cosine")
+    p.add_argument("--out", default="runs/train", help="run directory: checkpoint.pt, log.jsonl, summary.json")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    group.add_argument("--overwrite", action="store_true", help="start afresh in an existing OUT")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--seed", type=int, default=0, help="model, order and augmentation seed")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ultron train", description=__doc__,
+                                formatter_class=HelpFormatter)
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -73,8 +87,57 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "summary.json")
+
+
+def _prepare_run_directory(args, rank: int, world: int) -> str:
+    """The checkpoint path. A run never mixes with an earlier one by accident: an existing
+    run needs --resume (continue it) or --overwrite (start again). Every rank checks before
+    any rank writes (so they all agree), then rank 0 clears the directory."""
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            raise TrainSetupError(f"--resume: no checkpoint at {checkpoint}")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("config")
+        if saved != args.config:
+            raise TrainSetupError(f"--resume: {checkpoint} holds a {saved!r} run, not --config {args.config}")
+    elif existing and not args.overwrite:
+        raise TrainSetupError(f"{args.out} already holds a run ({', '.join(existing)}); "
+                              "pass --resume to continue it or --overwrite to start again")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if args.overwrite:
+            for name in existing:
+                os.remove(os.path.join(args.out, name))
+        os.makedirs(args.out, exist_ok=True)
+    return checkpoint
+
+
+def _check_batches(dataset, sampler, batch_size: int, world: int) -> None:
+    """drop_last loaders yield nothing from a shard smaller than the batch: say so now."""
+    shard = len(sampler) if sampler is not None else len(dataset)
+    if shard < batch_size:
+        raise TrainSetupError(
+            f"the dataset has {len(dataset)} images, {shard} per process over {world} process(es): "
+            f"fewer than --batch-size {batch_size}, so no full batch can be formed; lower "
+            "--batch-size or add images")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args) -> int:
+    try:
+        return _train(args)
+    except TrainSetupError as exc:
+        print(f"python -m ultron train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
     rank, world, device = _setup_distributed()
     torch.manual_seed(args.seed)
     size = args.image_size or ultron.CONFIGS[args.config]["image_size"]
@@ -89,11 +152,17 @@ def main(argv=None) -> int:
         return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
-    step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    train_model = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
+    _check_batches(dataset, sampler, args.batch_size, world)
+    checkpoint = _prepare_run_directory(args, rank, world)
+    if args.resume:
+        try:
+            step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        except RuntimeError as exc:
+            raise TrainSetupError(str(exc)) from exc
+    else:
+        step = 0
+    train_model = DistributedDataParallel(model) if world > 1 else model
     loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, drop_last=True)
     use_bf16 = device.type == "cuda"
@@ -105,11 +174,15 @@ def main(argv=None) -> int:
     epoch = 0
     model.train()
     while step < args.steps:
+        # New views and a new order every pass.
+        dataset.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
+        batches = 0
         for images, labels in loader:
             if step >= args.steps:
                 break
+            batches += 1
             start = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -136,6 +209,8 @@ def main(argv=None) -> int:
                                     scheduler=scheduler.state_dict(), step=step,
                                     config=args.config), checkpoint + ".tmp")
                     os.replace(checkpoint + ".tmp", checkpoint)  # never a half-written checkpoint
+        if batches == 0 and step < args.steps:  # never spin without progress
+            raise RuntimeError(f"epoch {epoch} yielded no batch ({len(loader)} per epoch)")
         epoch += 1
     if progress is not None:
         progress.close()
@@ -145,9 +220,15 @@ def main(argv=None) -> int:
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        # Tear down only once every rank is done communicating, and after DDP (whose reducer
+        # holds the group) is gone: a rank that closed its gloo connections while its peer
+        # still used them was seen to abort ("terminate called without an active exception").
+        del train_model
+        dist.barrier()
         dist.destroy_process_group()
     if log is not None:
         log.close()
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(dict(steps=step, world_size=world, parameters_identical_across_ranks=identical), f)
+        print(f"checkpoint: {checkpoint}\nlog: {os.path.join(args.out, 'log.jsonl')}")
     return 0 if identical else 1

@@ -22,6 +22,17 @@ def _describe(rates: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _save_as_split_convs(module: "ChannelwiseDilatedConv2d", state_dict, prefix, local_metadata) -> None:
+    """state_dict hook of a module built by from_split_convs: it saves under the split
+    module's keys (convs.<i>.weight / .bias), so a swap never changes a checkpoint's keys;
+    _load_from_state_dict reads both forms."""
+    parts = {name: state_dict.pop(prefix + name).split(module.split_channels)
+             for name in ("weight", "bias") if prefix + name in state_dict}
+    for i in range(len(module.split_channels)):  # the split module's key order
+        for name, chunks in parts.items():
+            state_dict[f"{prefix}convs.{i}.{name}"] = chunks[i]
+
+
 class ChannelwiseDilatedConv2d(nn.Module):
     """Depthwise KxK conv where each channel group has its own dilation ('same' padding).
 
@@ -102,6 +113,8 @@ class ChannelwiseDilatedConv2d(nn.Module):
             module.weight.copy_(torch.cat([c.weight for c in convs]))
             if module.bias is not None:
                 module.bias.copy_(torch.cat([c.bias for c in convs]))
+        module.split_channels = [c.in_channels for c in convs]
+        module.register_state_dict_post_hook(_save_as_split_convs)
         return module
 
 

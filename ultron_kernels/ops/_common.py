@@ -14,6 +14,17 @@ def check_tensor(name: str, value, dims: Optional[int] = None) -> None:
         raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(value.shape)}")
 
 
+# Sizes the kernels index with 32-bit integers.
+MAX_INT32 = 2**31 - 1
+
+
+def check_int32_sizes(name: str, t: torch.Tensor) -> None:
+    big = [s for s in t.shape if s > MAX_INT32]
+    if big:
+        raise ValueError(f"{name}: every dimension must be < 2**31 (the kernels index with 32-bit "
+                         f"integers), got shape {tuple(t.shape)}")
+
+
 def check_same_device_and_dtype(**tensors: Optional[torch.Tensor]) -> None:
     """All given tensors (None skipped) share the first one's device and dtype."""
     present = [(name, t) for name, t in tensors.items() if t is not None]
@@ -30,7 +41,8 @@ def autocast_inputs(*tensors: Optional[torch.Tensor]):
     outside autocast, return them unchanged. Custom ops are not autocast by PyTorch itself."""
     floating = [t for t in tensors if t is not None]
     device_type = floating[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta: shape inference) take the tensors as they are.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -15,13 +15,14 @@ import torch
 
 from ultron_kernels import _cuda
 from ultron_kernels.backends import select_backend
-from ultron_kernels.ops._common import (autocast_inputs, check_same_device_and_dtype,
+from ultron_kernels.ops._common import (autocast_inputs, check_int32_sizes, check_same_device_and_dtype,
                                         check_tensor)
 from ultron_kernels.reference.dilated_conv import channelwise_dilated_conv2d_reference
 
 OP_NAME = "channelwise_dilated_conv2d"
 MAX_FUSED_KERNEL_SIZE = 15
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DILATION = 2**20 - 1  # as csrc/dilated_conv checks: rate * K/2 and the halo stay in int32
 
 Dilation = Union[int, Sequence[int], torch.Tensor]
 
@@ -50,9 +51,10 @@ def normalize_dilation(dilation: Dilation, channels: int) -> tuple[int, ...]:
     else:
         raise TypeError("dilation must be an int, a sequence of ints or a 1-D integer tensor, "
                         f"got {type(dilation).__name__}")
-    bad = [d for d in rates if d < 1]
+    bad = [d for d in rates if not 1 <= d <= MAX_DILATION]
     if bad:
-        raise ValueError(f"dilation: every rate must be >= 1, got {bad[0]}")
+        raise ValueError(f"dilation: every rate must be in [1, {MAX_DILATION}] (kernels hold "
+                         f"rate * K in 32 bits), got {bad[0]}")
     return rates
 
 
@@ -179,6 +181,7 @@ def channelwise_dilated_conv2d(x: torch.Tensor, weight: torch.Tensor,
     """
     check_tensor("x", x, dims=4)
     check_tensor("weight", weight)
+    check_int32_sizes("x", x)
     channels = x.shape[1]
     if weight.dim() == 4 and weight.shape[1] == 1:
         weight = weight.reshape(weight.shape[0], weight.shape[2], weight.shape[3])

@@ -15,7 +15,8 @@ import torch
 
 from ultron_kernels import _cuda
 from ultron_kernels.backends import select_backend
-from ultron_kernels.ops._common import autocast_inputs, check_same_device_and_dtype, check_tensor
+from ultron_kernels.ops._common import (autocast_inputs, check_int32_sizes, check_same_device_and_dtype,
+                                        check_tensor)
 from ultron_kernels.reference.window_attention import (relative_position_index,
                                                        window_attention_reference)
 
@@ -130,6 +131,7 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dims=5)
+        check_int32_sizes(name, t)
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the last (head_dim) dimension must be contiguous, "
                              f"got strides {t.stride()}")
@@ -191,7 +193,7 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
         # Under torch.compile the device query is left out (the kernels' own check still
         # names the limit); importing torch._dynamo here would import triton too early for
         # TRITON_INTERPRET to take effect.
-        if backend == "cuda" and not torch.compiler.is_compiling():
+        if backend == "cuda" and q.device.type != "meta" and not torch.compiler.is_compiling():
             tokens = window[0] * window[1]
             need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
                        cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))

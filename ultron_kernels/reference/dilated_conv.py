@@ -22,6 +22,14 @@ def channelwise_dilated_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
                                          dilation: Sequence[int], stride: int) -> torch.Tensor:
     """``x`` (B, C, H, W), ``weight`` (C, K, K), ``bias`` (C,) or None, ``dilation`` C ints."""
     channels, kernel_size = weight.shape[0], weight.shape[-1]
+    if x.numel() == 0:
+        # F.conv2d refuses empty planes and zero channels; the result is simply empty, with
+        # (zero) gradients for every input, as on the fused backends.
+        batch, _, height, width = x.shape
+        out = torch.zeros((batch, channels, (height - 1) // stride + 1, (width - 1) // stride + 1),
+                          dtype=x.dtype, device=x.device).contiguous(memory_format=_memory_format_of(x))
+        linked = x.sum() + weight.sum() + (bias.sum() if bias is not None else 0)
+        return out + linked * 0
     weight = weight.reshape(channels, 1, kernel_size, kernel_size)
     if len(set(dilation)) == 1:
         d = dilation[0]

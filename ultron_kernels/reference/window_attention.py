@@ -7,17 +7,18 @@ and their outputs are dropped.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=32)
-def relative_position_index(window_h: int, window_w: int) -> torch.Tensor:
-    """(N, N) index into a ((2wh-1)*(2ww-1), heads) bias table, as in Swin and timm."""
-    rows, cols = torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")
+def relative_position_index(window_h: int, window_w: int, device=None) -> torch.Tensor:
+    """(N, N) index into a ((2wh-1)*(2ww-1), heads) bias table, as in Swin and timm. Not
+    cached: it costs N^2 integer ops, and torch.compile traces this path (a cache wrapper
+    would be a Dynamo warning)."""
+    rows, cols = torch.meshgrid(torch.arange(window_h, device=device), torch.arange(window_w, device=device),
+                                indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
     d_row = rows[:, None] - rows[None, :] + window_h - 1
     d_col = cols[:, None] - cols[None, :] + window_w - 1
@@ -38,7 +39,7 @@ def dense_bias(rel_pos_bias: Optional[torch.Tensor], window_h: int, window_w: in
     if rel_pos_bias is None or rel_pos_bias.dim() == 3:
         return rel_pos_bias
     n = window_h * window_w
-    index = relative_position_index(window_h, window_w).to(rel_pos_bias.device)
+    index = relative_position_index(window_h, window_w, rel_pos_bias.device)
     return rel_pos_bias[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
 
 
@@ -74,7 +75,10 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # Padded queries attend anywhere (their outputs are dropped): keeps every row finite.
     allowed = allowed | ~valid_w[..., :, None]
 
-    scores = _partition(q, wh, ww) @ _partition(k, wh, ww).transpose(-1, -2) * scale
+    # Scores, softmax and P.V in fp32 for 16-bit inputs, as the kernels accumulate: large
+    # but finite fp16 inputs must not overflow to inf here either.
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = _partition(q.to(compute), wh, ww) @ _partition(k.to(compute), wh, ww).transpose(-1, -2) * scale
     bias = dense_bias(rel_pos_bias, wh, ww, heads)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
@@ -83,9 +87,8 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # the fused backends; its scores are made finite first so no NaN enters the softmax or
     # its backward.
     dead = (scores == float("-inf")).all(-1, keepdim=True)
-    attn = scores.masked_fill(dead, 0.0).softmax(-1, dtype=torch.float32 if q.dtype != torch.float64 else None)
-    attn = attn.masked_fill(dead, 0.0)
-    out = attn.to(v.dtype) @ _partition(v, wh, ww)           # (B, nWh, nWw, heads, N, D)
+    attn = scores.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
+    out = (attn @ _partition(v.to(compute), wh, ww)).to(v.dtype)   # (B, nWh, nWw, heads, N, D)
     out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)
     out = torch.roll(out, (sh, sw), (1, 2))

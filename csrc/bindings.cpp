@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #ifdef ULTRON_CUDA_SIM
 #include "common.cuh"
 #define ULTRON_OPS_NAMESPACE ultron_kernels_cuda_sim
@@ -28,21 +30,6 @@
 #define ULTRON_MODULE_INIT PyInit__C
 #endif
 
-namespace ultron {
-at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t stride);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
-    int64_t stride);
-std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
-    at::IntArrayRef shift, double scale);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
-    int64_t bias_kind, bool bias_grad, at::IntArrayRef window, at::IntArrayRef shift, double scale);
-}  // namespace ultron
 
 extern "C" {
 // `import ultron_kernels._C` needs a module object; the operators are registered below.

@@ -1,0 +1,24 @@
+// The raw operators' C++ entry points (csrc/<op>/<op>.cu), for bindings.cpp and for C++
+// callers such as tests/cuda_sim/asan_driver.cpp. Each validates its own inputs.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace ultron {
+at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t stride);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
+    int64_t stride);
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
+    at::IntArrayRef shift, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    int64_t bias_kind, bool bias_grad, at::IntArrayRef window, at::IntArrayRef shift, double scale);
+}  // namespace ultron

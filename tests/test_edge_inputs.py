@@ -37,8 +37,8 @@ def test_backend_from_the_environment_is_named_in_errors(monkeypatch):
 def test_large_fp16_attention_stays_finite(device, backend):
     """Inputs x300: fp16 scores would overflow (300*300*16 > 65504); every backend keeps
     scores and softmax in fp32, as the kernels do."""
-    q, k, v = (300 * torch.randn(1, 8, 8, 2, 16, device=device) for _ in range(3))
-    out = uk.window_attention(q.half(), k.half(), v.half(), 4, 2, None, backend=backend)
+    q, k, v = ((300 * torch.randn(1, 8, 8, 2, 16, device=device)).half() for _ in range(3))
+    out = uk.window_attention(q, k, v, 4, 2, None, backend=backend)
     expected = window_attention_reference(q.double(), k.double(), v.double(), (4, 4), (2, 2), None, 0.25)
     assert torch.isfinite(out).all()
     assert_parity("out", out, expected, torch.float16)

@@ -4,6 +4,7 @@ DistributedDataParallel under torchrun (nccl on GPUs, gloo on CPUs)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -223,7 +224,10 @@ def _train(args) -> int:
         # Tear down only once every rank is done communicating, and after DDP (whose reducer
         # holds the group) is gone: a rank that closed its gloo connections while its peer
         # still used them was seen to abort ("terminate called without an active exception").
-        del train_model
+        # The last step's graph (loss, logits) still references DDP's hooks: drop it too, and
+        # collect, so the reducer and its hold on the group are gone before the group is.
+        train_model = loss = logits = None
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     if log is not None:

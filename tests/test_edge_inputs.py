@@ -114,6 +114,18 @@ def test_swap_keeps_state_dict_keys_both_ways():
     unfused = torch.nn.Sequential(SplitDilatedConv2d(12, 3, (1, 3, 6)), torch.nn.Conv2d(12, 4, 1))
     unfused.load_state_dict(after)  # a checkpoint saved after the swap loads into the original
     model.load_state_dict(unfused.state_dict())  # and back
-    x = torch.randn(1, 12, 8, 8)
-    with torch.no_grad():
-        assert torch.allclose(model(x), unfused(x), atol=1e-6)
+    # Output, input gradient and every parameter gradient match the untouched model's.
+    x = torch.randn(1, 12, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(1, 4, 8, 8)
+    out, out_ref = model(x), unfused(x_ref)
+    out.backward(grad)
+    out_ref.backward(grad)
+    assert torch.allclose(out, out_ref, atol=1e-6) and torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    fused = model[0]
+    split_grads = {n: p.grad for n, p in unfused.named_parameters()}
+    for name, chunk in zip(("weight", "bias"), (fused.weight.grad, fused.bias.grad)):
+        expected = torch.cat([split_grads[f"0.convs.{i}.{name}"] for i in range(3)])
+        assert torch.allclose(chunk, expected, atol=1e-5), name
+    for name in ("weight", "bias"):
+        assert torch.allclose(model[1].get_parameter(name).grad, split_grads[f"1.{name}"], atol=1e-5)

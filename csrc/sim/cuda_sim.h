@@ -146,8 +146,19 @@ struct Fiber {
   unsigned committed_groups = 0;
 };
 
+// A barrier's state: how many have arrived, and a generation that advances when the last
+// participant arrives (a waiting fiber is runnable again once it has).
+struct Barrier {
+  unsigned arrived = 0, generation = 0;
+  void release() {
+    arrived = 0;
+    ++generation;
+  }
+};
+
 struct Warp {
-  unsigned lanes = 32, live = 32, arrived = 0, generation = 0;
+  unsigned lanes = 32, live = 32;
+  Barrier barrier;
   uint64_t exchange[2][32];
 };
 
@@ -155,7 +166,8 @@ struct Warp {
 struct Block {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  unsigned threads = 0, live = 0, arrived = 0, generation = 0, current = 0;
+  unsigned threads = 0, live = 0, current = 0;
+  Barrier barrier;
   ucontext_t scheduler;
   bool in_fiber = false;
   std::string error;
@@ -219,18 +231,20 @@ inline void yield_to_scheduler() {
   std::abort();  // a failed block is never resumed
 }
 
-inline void block_barrier() {
-  Block& b = block();
-  Fiber& f = current_fiber();
-  if (++b.arrived == b.live) {
-    b.arrived = 0;
-    ++b.generation;
+// The current fiber arrives at `bar`, shared by `participants` fibers: the last one releases
+// the others and goes on; the others wait (as `kind`) until it has.
+inline void arrive(Barrier& bar, unsigned participants, Wait kind) {
+  if (++bar.arrived == participants) {
+    bar.release();
     return;
   }
-  f.wait = kBlockBarrier;
-  f.wait_generation = b.generation;
+  Fiber& f = current_fiber();
+  f.wait = kind;
+  f.wait_generation = bar.generation;
   yield_to_scheduler();
 }
+
+inline void block_barrier() { arrive(block().barrier, block().live, kBlockBarrier); }
 
 inline Warp& current_warp() { return block().warps[block().current / 32]; }
 
@@ -239,15 +253,7 @@ inline void warp_barrier(const char* what) {
   Warp& w = current_warp();
   if (w.live != w.lanes)
     fail(std::string(what) + " with a full mask in a warp where some lanes have exited");
-  Fiber& f = current_fiber();
-  if (++w.arrived == w.lanes) {
-    w.arrived = 0;
-    ++w.generation;
-    return;
-  }
-  f.wait = kWarpBarrier;
-  f.wait_generation = w.generation;
-  yield_to_scheduler();
+  arrive(w.barrier, w.lanes, kWarpBarrier);
 }
 
 // Lane exchange for the shuffles: each lane deposits its value, all lanes meet, each reads
@@ -280,14 +286,11 @@ inline void finish_thread() {
   Fiber& f = current_fiber();
   if (!f.copies.empty()) fail("cp.async copies were never waited on (cp.async.wait_group)");
   Warp& w = current_warp();
-  if (w.arrived > 0) fail("exited while other lanes of its warp wait in a warp collective");
+  if (w.barrier.arrived > 0) fail("exited while other lanes of its warp wait in a warp collective");
   --w.live;
   f.done = true;
   // __syncthreads counts exited threads as arrived.
-  if (--b.live > 0 && b.arrived == b.live) {
-    b.arrived = 0;
-    ++b.generation;
-  }
+  if (--b.live > 0 && b.barrier.arrived == b.live) b.barrier.release();
 }
 
 inline void fiber_entry() {
@@ -315,19 +318,19 @@ T* static_shared(const void* declaration, size_t count) {
 }
 
 inline bool blocked(const Block& b, const Fiber& f, unsigned t) {
-  if (f.wait == kBlockBarrier) return b.generation == f.wait_generation;
-  if (f.wait == kWarpBarrier) return b.warps[t / 32].generation == f.wait_generation;
+  if (f.wait == kBlockBarrier) return b.barrier.generation == f.wait_generation;
+  if (f.wait == kWarpBarrier) return b.warps[t / 32].barrier.generation == f.wait_generation;
   return false;
 }
 
 inline void run_block(Block& b, uint3 index, bool reverse) {
   blockIdx = index;
   b.live = b.threads;
-  b.arrived = 0;
+  b.barrier.arrived = 0;
   b.error.clear();
   for (Warp& w : b.warps) {
     w.live = w.lanes;
-    w.arrived = 0;
+    w.barrier.arrived = 0;
   }
   std::memset(b.static_smem, kPoison, sizeof(b.static_smem));
   std::memset(b.dynamic_base, kPoison, b.dynamic_bytes);

@@ -9,7 +9,8 @@ TORCHVISION_VERSION ?= 0.29.1
 # guess then points at the wrong folder and the link fails to find -lcudart).
 CUDA_HOME ?= $(shell command -v nvcc >/dev/null && nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p' | head -n1 | xargs -r readlink -f)
 export CUDA_HOME
-export TORCH_CUDA_ARCH_LIST ?= 9.0
+# TORCH_CUDA_ARCH_LIST: unset, setup.py builds for the local GPU, or without one for
+# 8.0;8.6;8.9;9.0+PTX (README, Supported GPUs). Set it to build for others.
 export MAX_JOBS ?= 2
 OUT ?= $(CURDIR)/runs/latest
 
@@ -47,12 +48,13 @@ $(VENV)/.built: $(VENV)/.ready $(BUILD_INPUTS)
 build: $(VENV)/.built
 
 # With nvcc present the extension must build and register (a broken csrc fails the tests).
-# The CMake build of csrc for C++ users (see CMakeLists.txt). Torch's CMake config wants
-# the NVRTC library, which pip's CUDA runtime ships but the toolkit here lacks.
+# The CMake build of csrc for C++ users (see CMakeLists.txt), checked for one architecture
+# (9.0 unless TORCH_CUDA_ARCH_LIST says otherwise; the pip build covers the others). Torch's
+# CMake config wants the NVRTC library, which pip's CUDA runtime ships but the toolkit here lacks.
 NV_LIB = $(patsubst %/include,%/lib,$(NV_INCLUDE))
 cmake-build: venv
 	$(PIP) install -q cmake
-	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" \
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} CPLUS_INCLUDE_PATH="$(NV_INCLUDE):$$CPLUS_INCLUDE_PATH" \
 	  $(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 	  -DCUDA_TOOLKIT_ROOT_DIR="$(CUDA_HOME)" -DCMAKE_CUDA_COMPILER="$(CUDA_HOME)/bin/nvcc" \
 	  -DPython3_EXECUTABLE="$(CURDIR)/$(PY)" \

@@ -7,8 +7,12 @@
   headers (cuda_fp16.h, ...: a CUDA toolkit or pip's nvidia runtime headers). Built whenever
   those are found; ULTRON_KERNELS_BUILD_SIM=1 forces it, =0 skips it.
 
-TORCH_CUDA_ARCH_LIST picks the CUDA targets (default 9.0), MAX_JOBS the parallel compile
-jobs, ULTRON_KERNELS_DEBUG=1 builds with -O0 -g (-G for CUDA).
+TORCH_CUDA_ARCH_LIST picks the CUDA targets. Unset, it follows torch's rule when a GPU is
+visible (the architectures of the GPUs present); with none (CI, wheels) it is
+DEFAULT_ARCH_LIST: A100 (8.0), A10/A40/RTX 30xx (8.6), L4/L40/RTX 40xx (8.9), H100/H200 (9.0),
+plus PTX for later GPUs. The list is compiled into the extension, so that the package can say
+when the running GPU has no kernel image. MAX_JOBS sets the parallel compile jobs,
+ULTRON_KERNELS_DEBUG=1 builds with -O0 -g (-G for CUDA).
 """
 
 import glob
@@ -39,6 +43,21 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' architectures; else the default."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in capabilities)
+    return DEFAULT_ARCH_LIST
+
+
 def _cuda_header_dirs() -> list[str]:
     spec = importlib.util.spec_from_file_location("cuda_headers", os.path.join(ROOT, "tools", "cuda_headers.py"))
     module = importlib.util.module_from_spec(spec)
@@ -64,13 +83,14 @@ def _extensions():
     if _want_cuda():
         from torch.utils.cpp_extension import CUDAExtension
 
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-        nvcc = opt + (["-G"] if debug else ["-lineinfo"]) + ["--use_fast_math"]
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
+        built_for = [f'-DULTRON_KERNELS_CUDA_ARCHS="{arch_list}"']
+        nvcc = opt + (["-G"] if debug else ["-lineinfo"]) + ["--use_fast_math"] + built_for
         sources = sorted(glob.glob("csrc/*/*.cu")) + ["csrc/bindings.cpp"]
         exts.append(CUDAExtension(
             name="ultron_kernels._C",
             sources=sources,
-            extra_compile_args={"cxx": opt, "nvcc": nvcc},
+            extra_compile_args={"cxx": opt + built_for, "nvcc": nvcc},
             py_limited_api=False,
         ))
     if _want_sim():

@@ -48,6 +48,11 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor? bias, int bias_kind, bool bias_grad, int[] window, int[] shift, "
         "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+#ifdef ULTRON_KERNELS_CUDA_ARCHS
+  // The TORCH_CUDA_ARCH_LIST this binary was built with (e.g. "8.0;8.6;8.9;9.0+PTX"): which
+  // GPUs have a kernel image in it.
+  m.def("cuda_arch_list() -> str", [] { return std::string(ULTRON_KERNELS_CUDA_ARCHS); });
+#endif
 #ifdef ULTRON_CUDA_SIM
   // [SM count, major, minor, shared memory per block with opt-in] of the simulated device.
   m.def("device_properties() -> int[]", [] {

@@ -18,6 +18,11 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 import ultron_kernels  # noqa: E402,F401  (imports triton after the switch above)
+from ultron_kernels.testing import use_gpu_numerics_in_triton_interpreter  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The kernels run unchanged; the interpreter's 16-bit dot and bf16 rounding are fixed.
+    use_gpu_numerics_in_triton_interpreter()
 
 # Random shape sweeps: a handful of cases per property on the CPU (the interpreter is slow),
 # more on a GPU (each new window or kernel size compiles a kernel: ~1 s); ULTRON_KERNELS_SWEEP
@@ -29,6 +34,10 @@ settings.load_profile("ultron")
 
 
 def pytest_collection_modifyitems(config, items):
+    from helpers import STATIC_GATES, start_static_gate
+
+    for module in sorted({item.path.name for item in items} & set(STATIC_GATES)):
+        start_static_gate(module)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():

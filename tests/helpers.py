@@ -4,22 +4,26 @@ output poisoning."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
 from ultron_kernels.backends import available_backends
+from ultron_kernels.testing import parity
 
-# Parity tolerances against the float64 oracle, written once: (relative ||a-b||/||b||,
-# max abs error as a fraction of max |b|).
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (3e-3, 1e-2),
-    torch.bfloat16: (2e-2, 6e-2),
-}
-# Kernel dots on float32 inputs use TF32 only where torch.backends.cuda.matmul.allow_tf32 is
-# set; the tests leave it off.
+
+def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
+    """``actual`` (any dtype) against the float64 ``expected``, with ``dtype``'s tolerances
+    (ultron_kernels.testing.TOLERANCES)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    result = parity(actual, expected, dtype)
+    assert result.ok, f"{name} ({dtype}): {result}"
 
 
 def backend_cases(include_reference: bool = True, devices=("cpu", "cuda")):
@@ -38,34 +42,6 @@ def backend_cases(include_reference: bool = True, devices=("cpu", "cuda")):
     return cases
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    denom = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / denom if denom > 0 else diff
-
-
-def assert_parity(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
-    """``actual`` (any dtype) against the float64 ``expected``, with ``dtype``'s tolerances."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual = actual.detach().cpu().double()
-    expected = expected.detach().cpu().double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten or NaN)"
-    rel_tol, abs_frac = TOLERANCES[dtype]
-    rel = relative_error(actual, expected)
-    if expected.norm() == 0:  # relative error undefined: the max-abs check below decides
-        rel = 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    max_abs = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    # Test inputs are O(1); a result that is exactly zero in float64 (a one-token window's
-    # dk and dbias: dO.V - dO.O cancels) still carries the rounding of its O(1)..O(D)
-    # intermediates, so the max-abs bound never drops below the dtype's fraction of 1.
-    abs_tol = abs_frac * max(scale, 1.0)
-    assert rel <= rel_tol and max_abs <= abs_tol, (
-        f"{name} ({dtype}): relative error {rel:.3g} (tol {rel_tol:g}), max abs error "
-        f"{max_abs:.3g} (tol {abs_tol:.3g})")
-
-
 @contextlib.contextmanager
 def poisoned_outputs():
     """Every torch.empty allocated inside is filled with NaN (integers: their max), so an
@@ -80,3 +56,73 @@ def poisoned_outputs():
     finally:
         torch.use_deterministic_algorithms(previous[0])
         det.fill_uninitialized_memory = previous[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The compile gates (tools/compile_*.py): test module -> the tool's arguments. Each runs in its
+# own process, started when its module is collected, so that it compiles on the second core
+# while the other tests run; its test module then waits for the result.
+STATIC_GATES = {
+    "test_triton_compile.py": ["compile_triton.py", "--jobs", "1"],
+    "test_cuda_compile.py": ["compile_cuda.py", "--jobs", "1",
+                             *(f"--arch={arch}" for arch in (90, 89, 86, 80, 75))],
+}
+_gates: dict = {}
+
+
+def start_static_gate(module: str) -> None:
+    if module in _gates or (module == "test_cuda_compile.py" and shutil.which("nvcc") is None):
+        return
+    tool, *args = STATIC_GATES[module]
+    out = tempfile.NamedTemporaryFile(prefix=module.replace(".py", "-"), suffix=".json", delete=False)
+    out.close()
+    os.unlink(out.name)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", tool), *args, "--json", out.name],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    _gates[module] = proc, out.name, log
+
+
+def static_gate_rows(module: str, timeout: float = 1800) -> list[dict]:
+    """The JSON rows of ``module``'s gate (started now if collection did not)."""
+    start_static_gate(module)
+    proc, out, log = _gates[module]
+    proc.wait(timeout=timeout)
+    if not os.path.exists(out):
+        log.seek(0)
+        pytest.fail(f"tools/{STATIC_GATES[module][0]} produced nothing (exit {proc.returncode}):\n"
+                    + log.read()[-4000:])
+    with open(out) as f:
+        return json.load(f)
+
+
+UPDATE_HINT = "ULTRON_KERNELS_UPDATE_SNAPSHOTS=1 rewrites it after a deliberate change"
+
+
+def check_snapshot(path: str, current: dict, non_increasing: tuple, must_keep: tuple = (),
+                   non_decreasing: tuple = (), unchanged: tuple = ()) -> None:
+    """``current`` ({instance: {number: value}}) against the committed snapshot at ``path``:
+    the same instances, none of ``non_increasing`` grown, none of ``non_decreasing`` shrunk,
+    none of ``must_keep`` dropped to zero, ``unchanged`` (e.g. a chosen configuration) equal. ULTRON_KERNELS_UPDATE_SNAPSHOTS=1 (or a missing
+    file) writes ``current`` instead."""
+    if os.environ.get("ULTRON_KERNELS_UPDATE_SNAPSHOTS") == "1" or not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(path) as f:
+        snapshot = json.load(f)
+    assert sorted(current) == sorted(snapshot), (
+        f"instances changed: new {sorted(set(current) - set(snapshot))}, gone "
+        f"{sorted(set(snapshot) - set(current))} ({UPDATE_HINT})")
+    worse = {}
+    for name, now in current.items():
+        was = snapshot[name]
+        changed = {key: (was[key], now[key]) for key in non_increasing if now[key] > was[key]}
+        changed.update({key: (was[key], now[key]) for key in non_decreasing if now[key] < was[key]})
+        changed.update({key: (was[key], now[key]) for key in must_keep if was[key] and not now[key]})
+        changed.update({key: (was[key], now[key]) for key in unchanged if was[key] != now[key]})
+        if changed:
+            worse[name] = changed
+    assert not worse, f"regressions against {os.path.relpath(path, ROOT)} ({UPDATE_HINT}): {worse}"

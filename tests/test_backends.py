@@ -3,12 +3,13 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import ultron_kernels as uk
-from ultron_kernels import _cuda
+from ultron_kernels import _cuda, backends
 from ultron_kernels.backends import select_backend
 
 
@@ -120,3 +121,45 @@ def test_forced_cuda_build_with_cpu_torch_says_so():
                           timeout=300)
     assert proc.returncode != 0
     assert "is a CPU-only build (torch.version.cuda is None)" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch_list,capability,runs", [
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False),
+    ("8.0", (8, 6), True), ("8.6", (8, 0), False), ("8.0;8.6;8.9;9.0+PTX", (8, 9), True),
+    ("8.0;8.6;8.9;9.0+PTX", (12, 0), True), ("8.0;8.6;8.9;9.0+PTX", (7, 5), False),
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("8.0 8.6", (8, 6), True),
+])
+def test_kernel_image_rule(arch_list, capability, runs):
+    assert _cuda.runs_on(arch_list, capability) is runs
+
+
+def _fake_gpu(monkeypatch, capability, built):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(_cuda, "HAS_CUDA_EXTENSION", True)
+    monkeypatch.setattr(_cuda, "built_arch_list", lambda: built)
+
+
+def test_extension_without_the_gpus_architecture_says_so(monkeypatch):
+    """An extension built for sm_90 on an sm_80 GPU: available_backends names both and the
+    fix; auto skips it (never a 'no kernel image' error at the call)."""
+    _fake_gpu(monkeypatch, (8, 0), "9.0")
+    status = uk.available_backends("cuda")
+    assert "TORCH_CUDA_ARCH_LIST='9.0'" in status["cuda"] and "sm_80" in status["cuda"], status
+    assert "rebuild" in status["cuda"] and status["triton"] == "available"
+    picked = select_backend("window_attention", "auto", torch.device("cuda"), lambda name: None)
+    assert picked == "triton"
+    with pytest.raises(uk.BackendUnavailableError, match="sm_80"):
+        select_backend("window_attention", "cuda", torch.device("cuda"), lambda name: None)
+
+
+def test_unsupported_gpu_falls_back_to_reference_with_one_warning(monkeypatch):
+    _fake_gpu(monkeypatch, (7, 0), "8.0;8.6;8.9;9.0+PTX")
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="sm_70") as caught:
+        picked = select_backend("channelwise_dilated_conv2d", "auto", torch.device("cuda"), lambda name: None)
+    assert picked == "reference" and len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_backend("channelwise_dilated_conv2d", "auto", torch.device("cuda"),
+                              lambda name: None) == "reference"

@@ -257,7 +257,8 @@ def test_swap_in_replaces_split_convs_and_loads_their_checkpoint():
         expected = model(x)
     report = uk.swap_in(model, "reference")
     assert isinstance(model[1], ChannelwiseDilatedConv2d)
-    assert report.swapped == [("1", "SplitDilatedConv2d", "ChannelwiseDilatedConv2d[reference]")]
+    assert report.swapped == [("1", "ultron_kernels SplitDilatedConv2d",
+                               "split + conv + cat -> ChannelwiseDilatedConv2d[reference]")]
     with torch.no_grad():
         model[1].weight.zero_()
     model.load_state_dict(saved)  # the split keys load into the fused module

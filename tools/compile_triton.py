@@ -1,144 +1,266 @@
-"""Compile the Triton kernels of ultron_kernels for a GPU target, without a GPU.
+"""Compile the Triton kernels of ultron_kernels for sm_80, sm_86, sm_89 and sm_90, without a GPU,
+exactly as the JIT would on each.
 
-Triton lowers a kernel to PTX and runs its bundled ptxas with no device present, so this
-checks on any machine what the interpreter cannot: that every kernel compiles for the chip
-(dot shapes, layouts, shared memory within the limit), and whether the loads that should be
-16 bytes wide are. Prints one line per case and, with --json, a JSON list.
+For each architecture a stand-in Triton driver reports that GPU's capability and shared
+memory limit (tools/gpu_archs.py), and the package's own launchers plan their launches on CPU
+tensors (ultron_kernels/triton/launch.py): the configuration a GPU of that kind would run is
+chosen by the same code, compiled through ``kernel.warmup`` (the JIT's own specialisation),
+and never launched. Every configuration the autotuners can pick is compiled too, and the
+autotuners' pruning is checked against the compiled sizes.
 
-Must run with TRITON_INTERPRET unset (it needs real @triton.jit functions).
+Per launch it reports: the chosen configuration and the preferred ones rejected (with the
+shared memory each needed), shared memory, registers and local memory (cuobjdump
+--dump-resource-usage on the cubin, with the copy bundled in Triton's wheel), resident blocks
+per SM (tools/occupancy.cpp), 16-byte loads and tensor-core instructions (PTX).
+
+usage: python tools/compile_triton.py [--arch 86 ...] [--json out.json] [--jobs 2]
+Must run with TRITON_INTERPRET unset; uses a fresh Triton cache (nothing carried across runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
+import subprocess
 import sys
+import itertools
+import tempfile
+import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tools/compile_triton.py: unset TRITON_INTERPRET (it needs compiled kernels)")
+os.environ["ULTRON_KERNELS_AUTOTUNE"] = "0"   # plan the plain launches; autotune configs below
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from gpu_archs import ARCHS, occupancy  # noqa: E402
 
-from ultron_kernels.triton import dilated_conv as conv  # noqa: E402
-from ultron_kernels.triton import window_attention as attn  # noqa: E402
-
-HOPPER_SHARED_LIMIT = 232448  # bytes per block (opt-in) on sm_90
-FLOAT_POINTERS = {"lse_ptr", "dbias_ptr", "bias_ptr", "dw_partial_ptr", "db_partial_ptr"}
-INT_POINTERS = {"dil_ptr"}
+DTYPES = ("bf16", "fp16", "fp32")
 
 
-def _case(name, fn, element, constexprs, num_warps=4, num_stages=3, ones=(), divisible=(),
-          overrides=None):
-    """Signature from the kernel's own argument names: pointers of ``element`` type unless
-    listed, ints i32, ``ones`` specialised to the constant 1 (as Triton does for an int
-    argument equal to 1 at launch), ``divisible`` marked as multiples of 16."""
-    overrides = overrides or {}
-    names = list(fn.arg_names)
-    signature, constants = {}, dict(constexprs)
-    for n in names:
-        if n in constants:
-            signature[n] = "constexpr"
-        elif n in ones:
-            signature[n], constants[n] = "constexpr", 1
-        elif n.endswith("_ptr"):
-            default = "*fp32" if n in FLOAT_POINTERS else "*i32" if n in INT_POINTERS else f"*{element}"
-            signature[n] = overrides.get(n, default)
-        elif n == "scale":
-            signature[n] = "fp32"
-        else:
-            signature[n] = "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n in names if signature[n] != "constexpr" and (n.endswith("_ptr") or n in divisible)}
-    return dict(name=name, fn=fn, signature=signature, constexprs=constants, attrs=attrs,
-                num_warps=num_warps, num_stages=num_stages)
+def _install_driver(arch) -> None:
+    """A Triton CUDA driver for a GPU that is not there: capability and limits of ``arch``."""
+    import triton
+    from triton.backends.nvidia.driver import CudaDriver
+
+    class StandInUtils:
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": arch.shared_optin, "multiprocessor_count": 1,
+                    "max_num_regs": 65536, "warpSize": 32}
+
+    class StandInDriver(CudaDriver):
+        def __init__(self):  # no libcuda: only what compiling needs
+            self.utils = StandInUtils()
+            self.launcher_cls = None
+            self.get_device_capability = lambda device=None: arch.capability
+            self.get_current_device = lambda: 0
+            self.set_current_device = lambda device: None
+            self.get_current_stream = lambda device=None: 0
+
+        @staticmethod
+        def is_active():
+            return True
+
+    triton.runtime.driver.set_active(StandInDriver())
 
 
-def cases():
-    tile_nhwc = dict(BLOCK_C=32, BLOCK_H=4, BLOCK_W=8)
-    tile_nchw = dict(BLOCK_C=2, BLOCK_H=8, BLOCK_W=32)
-    conv_strides = ("C", "ssb", "ssh", "ssw", "sdb", "sdh", "sdw")
-    for element in ("bf16", "fp32"):
-        for k in (3, 7):
-            yield _case(f"conv fwd nhwc {element} k{k} uniform-dilation", conv._dilated_conv_gather_kernel,
-                        element, dict(K=k, STRIDE=1, HAS_BIAS=True, TRANSPOSED=False, CHANNEL_RUN=32,
-                                      **tile_nhwc), ones=("ssc", "sdc"), divisible=conv_strides)
-        yield _case(f"conv fwd nhwc {element} per-channel-dilation", conv._dilated_conv_gather_kernel,
-                    element, dict(K=3, STRIDE=2, HAS_BIAS=True, TRANSPOSED=False, CHANNEL_RUN=1,
-                                  **tile_nhwc), ones=("ssc", "sdc"), divisible=conv_strides)
-        yield _case(f"conv grad-input nchw {element}", conv._dilated_conv_gather_kernel, element,
-                    dict(K=3, STRIDE=2, HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=32, **tile_nchw),
-                    ones=("ssw", "sdw"))
-        for k, layout in ((3, torch.channels_last), (5, torch.contiguous_format)):
-            taps = triton.next_power_of_2(k * k)
-            sample = torch.empty(1, 96, 8, 8).to(memory_format=layout)
-            tile = conv._grad_weight_tile(sample, taps, 32)
-            warps = tile.pop("num_warps")
-            ones = ("sdyc", "sxc") if layout == torch.channels_last else ("sdyw", "sxw")
-            yield _case(f"conv grad-weight {'nhwc' if ones[0] == 'sdyc' else 'nchw'} {element} k{k}",
-                        conv._dilated_conv_grad_weight_kernel, element,
-                        dict(K=k, STRIDE=1, CHANNEL_RUN=32, TAPS=taps, **tile), num_warps=warps,
-                        ones=ones, divisible=("C", "sdyb", "sdyh", "sdyw", "sxb", "sxh", "sxw"))
-        variants = [(d, window, 1) for d in (32, 128) for window in ((7, 7), (16, 16))]
-        variants += [(32, (7, 7), 0), (32, (4, 6), 2)]  # no bias; dense bias, rectangular
+def _attention_cases():
+    """(name, launch) for the forward and backward of each attention variant."""
+    import torch
+    from ultron_kernels.triton import window_attention as attn
+
+    # Head dims 32/64/128 with Swin's 7x7 windows, a window over 64 tokens (16x16: several
+    # blocks), no bias, a dense bias on a rectangular window. fp32 tiles are twice bf16's
+    # and set the limits; fp16 tiles have bf16's sizes, one variant checks that it compiles.
+    bf16 = [(32, (7, 7), 1), (64, (7, 7), 1), (128, (7, 7), 1), (128, (16, 16), 1),
+            (32, (7, 7), 0), (32, (4, 6), 2)]
+    fp32 = [(32, (7, 7), 1), (128, (7, 7), 1), (128, (16, 16), 1)]
+    for dtype_name, dtype, variants in (("bf16", torch.bfloat16, bf16),
+                                        ("fp16", torch.float16, [(64, (7, 7), 1)]),
+                                        ("fp32", torch.float32, fp32)):
         for d, window, bias_kind in variants:
-            tokens = window[0] * window[1]
-            block = attn._block(tokens)
-            common = dict(WH=window[0], WW=window[1], SH=window[0] // 2, SW=window[1] // 2, D=d,
-                          BIAS_KIND=bias_kind, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),
-                          DOT_FP32=False, PRECISION="ieee" if element == "fp32" else "tf32")
-            strides = [n for n in attn._window_attn_bwd_kernel.arg_names
-                       if n.startswith("s") and n != "scale" and not n.startswith("sbias")]
-            tag = f"{element} d{d} window{window[0]}x{window[1]}"
-            tag += "" if bias_kind == 1 else f" bias{bias_kind}"
-            yield _case(f"attention fwd {tag}",
-                        attn._window_attn_fwd_kernel, element, common,
-                        divisible=strides, **attn.launch_config(d, False))
-            dq = "*fp32" if common["NUM_BLOCKS"] > 1 else f"*{element}"
-            yield _case(f"attention bwd {tag}",
-                        attn._window_attn_bwd_kernel, element, dict(common, BIAS_GRAD=True),
-                        overrides={"dq_ptr": dq}, divisible=strides,
-                        **attn.launch_config(d, True))
+            heads, tokens = 2, window[0] * window[1]
+            q, k, v = (torch.empty(1, 2 * window[0], 2 * window[1], heads, d, dtype=dtype) for _ in range(3))
+            bias = (torch.empty((2 * window[0] - 1) * (2 * window[1] - 1), heads, dtype=dtype) if bias_kind == 1
+                    else torch.empty(heads, tokens, tokens, dtype=dtype) if bias_kind == 2 else None)
+            shift = (window[0] // 2, window[1] // 2)
+            tag = f"{dtype_name} d{d} window{window[0]}x{window[1]}" + ("" if bias_kind == 1 else f" bias{bias_kind}")
+            launch, out, lse, = attn.forward_launch(q, k, v, bias, bias_kind, window, shift, 0.125)
+            yield f"attention fwd {tag}", launch
+            launch = attn.backward_launch(out, q, k, v, out, lse, bias, bias_kind, bias_kind != 0,
+                                          window, shift, 0.125)[0]
+            yield f"attention bwd {tag}", launch
 
 
-def compile_case(case, arch: int) -> dict:
-    src = ASTSource(fn=case["fn"], signature=case["signature"], constexprs=case["constexprs"],
-                    attrs=case["attrs"])
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
-    ptx = kernel.asm["ptx"]
-    return dict(name=case["name"], shared_bytes=kernel.metadata.shared,
+def _conv_cases():
+    import torch
+    from ultron_kernels.triton import dilated_conv as conv
+
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for layout_name, layout in (("nhwc", torch.channels_last), ("nchw", torch.contiguous_format)):
+            # K=3 (the common case) for both dtypes; K=7 (the largest tile of taps) in bf16.
+            for k in ((3, 7) if dtype_name == "bf16" else (3,)):
+                # Uniform rate over 32-channel blocks (vector loads in NHWC); per-channel rates.
+                for channel_run in ((32, 1) if layout_name == "nhwc" else (32,)):
+                    x = torch.empty(2, 96, 17, 19, dtype=dtype).to(memory_format=layout)
+                    weight = torch.empty(96, k, k, dtype=dtype)
+                    dilation = torch.empty(96, dtype=torch.int32)
+                    tag = f"{layout_name} {dtype_name} k{k} run{channel_run}"
+                    for stride in (1, 2):
+                        out = torch.empty(2, 96, 17 // stride, 19 // stride, dtype=dtype).to(memory_format=layout)
+                        geometry = (96, 17, 19, *out.shape[2:])
+                        yield f"conv fwd {tag} s{stride}", conv.gather_launch(
+                            x, (2, *out.shape[2:], 96), x, weight, weight, dilation, out, *geometry,
+                            *x.stride(), *out.stride(), K=k, STRIDE=stride, HAS_BIAS=True,
+                            TRANSPOSED=False, CHANNEL_RUN=channel_run)
+                    # The backward kernels at stride 2 (the stride is a compile-time constant;
+                    # stride 1 differs only by the checks it removes).
+                    yield f"conv grad-input {tag} s2", conv.gather_launch(
+                        x, (2, 17, 19, 96), out, weight, weight, dilation, x, 96, *out.shape[2:], 17, 19,
+                        *out.stride(), *x.stride(), K=k, STRIDE=2, HAS_BIAS=False,
+                        TRANSPOSED=True, CHANNEL_RUN=channel_run)
+                    yield f"conv grad-weight {tag} s2", conv.grad_weight_launch(
+                        out, x, dilation, k, channel_run, 2)[0]
+
+
+def _autotune_cases():
+    """(name, autotuner, launch of its base kernel): the largest-tile launch per autotuned
+    kernel and dtype (what decides shared memory), when the plan keeps the preferred tile
+    (a smaller tile is launched plain, untuned)."""
+    from ultron_kernels.triton import dilated_conv as conv
+    from ultron_kernels.triton import window_attention as attn
+
+    for name, launch in _attention_cases():
+        if name in ("attention fwd bf16 d128 window7x7", "attention fwd fp32 d128 window7x7"):
+            if launch.meta["BLOCK"] == attn._block(7 * 7):
+                yield name, attn._window_attn_fwd_autotuned, launch
+    for name, launch in _conv_cases():
+        if name == "conv fwd nhwc bf16 k7 run32 s2":
+            yield name, conv._gather_autotuned, launch
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    return dict(registers=int(found[1]), stack_bytes=int(found[2]), local_bytes=int(found[4]))
+
+
+def _describe(compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    return dict(shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                num_stages=compiled.metadata.num_stages, **_resource_usage(compiled.asm["cubin"]),
                 # 16-byte global reads: vector loads, or asynchronous copies into shared
                 # memory (what the software pipeliner turns a loop's loads into).
                 vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx))
                 + len(re.findall(r"cp\.async(?:\.\w+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(?:16|0x10)\b", ptx)),
-                scalar_loads=len(re.findall(r"ld\.global(?:\.(?!v[24])\w+)*\s", ptx)),
                 mma=len(re.findall(r"\b(?:mma|wgmma)\.", ptx)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--json", help="write the results to this file")
-    args = p.parse_args(argv)
-    results, failed = [], 0
-    for case in cases():
+def _config_name(meta: dict) -> str:
+    keys = ("BLOCK", "BLOCK_C", "BLOCK_H", "BLOCK_W", "num_warps", "num_stages")
+    return " ".join(f"{k}={meta[k]}" for k in keys if k in meta)
+
+
+def compile_arch(sm: int) -> list[dict]:
+    """Every planned launch and every autotuning configuration, compiled for ``sm``."""
+    arch = ARCHS[sm]
+    _install_driver(arch)
+    results = []
+    cases = itertools.chain(_attention_cases(), _conv_cases())
+    start = time.perf_counter()
+    for name, launch in cases:  # planning a launch compiles its candidates
+        r = dict(name=name, arch=sm, kind="launch", limit=arch.shared_optin)
         try:
-            r = compile_case(case, args.arch)
-            r["ok"] = r["shared_bytes"] <= HOPPER_SHARED_LIMIT
+            r.update(config=_config_name(launch.meta), **_describe(launch.compile()),
+                     rejected=[f"{_config_name(c)}: {shared} B" for c, shared in launch.rejected])
         except Exception as exc:  # report every failing case, not just the first
-            r = dict(name=case["name"], ok=False, error=f"{type(exc).__name__}: {exc}"[:400])
-        failed += not r["ok"]
+            r["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        r["seconds"] = round(time.perf_counter() - start, 2)
         results.append(r)
+        start = time.perf_counter()
+    from ultron_kernels.triton.launch import prune_to_device
+
+    for name, tuner, launch in _autotune_cases():
+        kept = prune_to_device(tuner.fn)(tuner.configs, dict(zip(tuner.arg_names, launch.args)),
+                                         **{k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")})
+        for config in tuner.configs:
+            meta = dict(launch.meta, **config.all_kwargs())
+            r = dict(name=f"{name} [autotune {_config_name(meta)}]", arch=sm, kind="autotune",
+                     limit=arch.shared_optin, config=_config_name(meta), pruned=config not in kept)
+            start = time.perf_counter()
+            try:
+                grid = launch.grid(meta) if callable(launch.grid) else launch.grid
+                r.update(_describe(tuner.fn.warmup(*launch.args, grid=grid, **meta)))
+            except Exception as exc:
+                r["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            r["seconds"] = round(time.perf_counter() - start, 2)
+            results.append(r)
+    return results
+
+
+def _check(r: dict) -> bool:
+    if "error" in r:
+        return False
+    fits = r["shared_bytes"] <= r["limit"]
+    # A launch must fit; an autotuning config is fine either way as long as the pruning
+    # drops exactly those that do not fit.
+    return fits if r["kind"] == "launch" else fits != r["pruned"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS),
+                   help="architecture(s) to compile for (default: all of tools/gpu_archs.py)")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--jobs", type=int, default=2, help="architectures compiled in parallel")
+    args = p.parse_args(argv)
+    archs = args.arch or sorted(ARCHS)
+    with tempfile.TemporaryDirectory() as tmp:
+        if len(archs) == 1:
+            os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tmp, "cache"))
+            results = compile_arch(archs[0])
+        else:
+            # One process per architecture: Triton's in-memory kernel cache is keyed by device
+            # index, not by target, so a second architecture in one process would get the
+            # first one's kernels.
+            def run(sm):
+                out = os.path.join(tmp, f"sm_{sm}.json")
+                env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, f"cache_{sm}"))
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--arch", str(sm),
+                                       "--json", out], env=env, capture_output=True, text=True)
+                if not os.path.exists(out):
+                    return [dict(name=f"sm_{sm}", arch=sm, kind="launch", limit=0,
+                                 error=(proc.stdout + proc.stderr)[-2000:])]
+                with open(out) as f:
+                    return json.load(f)
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                results = [r for per_arch in pool.map(run, archs) for r in per_arch]
+    ok = [r for r in results if r.get("error") is None]
+    blocks = occupancy([(r["arch"], r["registers"], r["num_warps"] * 32, r["shared_bytes"], 0) for r in ok])
+    for r, b in zip(ok, blocks):
+        r["blocks_per_sm"] = b
+    failed = 0
+    for r in results:
+        r["ok"] = _check(r)
+        failed += not r["ok"]
         print(("ok   " if r["ok"] else "FAIL ") + json.dumps(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{len(results) - failed} compiled for sm_{args.arch}, {failed} failed")
+    print(f"{len(results) - failed} of {len(results)} compiled within the limits of "
+          f"{', '.join(f'sm_{a}' for a in archs)}; {failed} failed")
     return 1 if failed else 0
 
 

@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 from typing import Optional
 
 import torch
@@ -82,3 +83,48 @@ def shared_memory_per_block(device: torch.device) -> int:
 @functools.lru_cache(maxsize=16)
 def _cuda_shared_memory(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def built_arch_list() -> str:
+    """The TORCH_CUDA_ARCH_LIST ultron_kernels._C was built with ('' if unknown or not built)."""
+    if not HAS_CUDA_EXTENSION or not hasattr(torch.ops.ultron_kernels_cuda, "cuda_arch_list"):
+        return ""
+    return torch.ops.ultron_kernels_cuda.cuda_arch_list()
+
+
+_ARCH_ENTRY = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+
+
+def runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a binary built for ``arch_list`` has a kernel image for a GPU of
+    ``capability``: machine code for the same major version and a minor version not above
+    the GPU's (sm_80 code runs on sm_86), or PTX for an architecture not above the GPU's,
+    which the driver compiles at load."""
+    for entry in arch_list.replace(" ", ";").split(";"):
+        m = _ARCH_ENTRY.match(entry.strip())
+        if not m:
+            continue
+        built = (int(m[1]), int(m[2]))
+        if m[3]:  # sm_90a-style code runs on that exact architecture only
+            if built == capability:
+                return True
+        elif m[4] and built <= capability:
+            return True
+        elif built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+    return False
+
+
+def arch_reason(device: torch.device) -> Optional[str]:
+    """Why ultron_kernels._C has no kernel image for ``device``'s GPU, or None."""
+    arch_list = built_arch_list()
+    if not arch_list:
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if runs_on(arch_list, capability):
+        return None
+    major, minor = capability
+    return (f"ultron_kernels._C was built for TORCH_CUDA_ARCH_LIST={arch_list!r}; this GPU "
+            f"({torch.cuda.get_device_name(device)}) is sm_{major}{minor}: rebuild it with "
+            f"TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation . "
+            "(or unset TORCH_CUDA_ARCH_LIST on this machine: the build then targets its GPU)")

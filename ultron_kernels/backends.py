@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -89,7 +90,9 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         if _TRITON_IMPORT_ERROR:
             return _TRITON_IMPORT_ERROR
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on()):
+        if device.type == "cuda":
+            return _triton_arch_reason(device)
+        if device.type == "cpu" and triton_interpreter_on():
             return None
         if device.type == "cpu" and _triton_mode_mismatch():
             return _triton_mode_mismatch()
@@ -102,8 +105,35 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"tensors are on '{device.type}'; the CUDA kernels need a CUDA device"
         if not _cuda.HAS_CUDA_EXTENSION:
             return _cuda.CUDA_EXTENSION_ERROR
-        return None
+        return _cuda.arch_reason(device)
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+# Triton's NVIDIA backend supports compute capability 8.0 and later (Triton's README).
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+def _triton_arch_reason(device: torch.device) -> Optional[str]:
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= TRITON_MIN_CAPABILITY:
+        return None
+    return (f"Triton supports NVIDIA GPUs of compute capability {TRITON_MIN_CAPABILITY[0]}."
+            f"{TRITON_MIN_CAPABILITY[1]} and later; this GPU ({torch.cuda.get_device_name(device)}) "
+            f"is sm_{capability[0]}{capability[1]}")
+
+
+_warned: set = set()
+
+
+def _warn_reference_fallback(op: str, reasons: dict[str, str]) -> None:
+    """Once per process and reason: ``auto`` found no fused backend for a CUDA device."""
+    key = tuple(sorted(reasons.items()))
+    if key in _warned:
+        return
+    _warned.add(key)
+    detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    warnings.warn(f"ultron_kernels: no fused backend can run on this GPU, {op} runs on the "
+                  f"PyTorch reference path ({detail})", RuntimeWarning, stacklevel=4)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> dict[str, str]:
@@ -145,7 +175,11 @@ def select_backend(op: str, requested: str, device: torch.device,
         return requested
     if device.type != "cuda":
         return "reference"
-    for name in AUTO_ORDER[op]:
+    fused = [name for name in AUTO_ORDER[op] if name != "reference"]
+    for name in fused:
         if reason(name) is None:
             return name
+    device_reasons = {name: _device_reason(name, device) for name in fused}
+    if all(device_reasons.values()):  # not this call's shape: the GPU itself
+        _warn_reference_fallback(op, device_reasons)
     return "reference"

@@ -99,7 +99,7 @@ __device__ void load_rows(float* dst, const T* src, const Strides& s, const Geom
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kFwdThreads) window_attn_fwd_kernel(
+__global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
     Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, float scale) {

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
+from ultron_kernels.triton.launch import Launch, plan, prune_to_device
 
 
 @triton.jit
@@ -175,6 +176,7 @@ _gather_autotuned = triton.autotune(
     configs=_configs(),
     key=["C", "H_src", "W_src", "H_dst", "W_dst", "ssc", "sdc", "K", "STRIDE", "TRANSPOSED",
          "CHANNEL_RUN"],
+    prune_configs_by={"early_config_prune": prune_to_device(_dilated_conv_gather_kernel)},
 )(_dilated_conv_gather_kernel)
 
 
@@ -193,14 +195,38 @@ def _program_budget(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(layout_of: torch.Tensor, grid_shape, *args, **flags):
-    """The gather kernel, autotuned on a GPU; one fixed tile in the interpreter (autotuning
-    there would only multiply its run time) or when autotuning is switched off."""
-    if triton_interpreter_on() or not autotune_enabled():
-        tile = _tile(layout_of)
-        _dilated_conv_gather_kernel[_grid(*grid_shape)(tile)](*args, **flags, **tile)
-    else:
-        _gather_autotuned[_grid(*grid_shape)](*args, **flags)
+def gather_launch(layout_of: torch.Tensor, grid_shape, *args, **flags) -> Launch:
+    """The gather kernel's launch: autotuned on a GPU; one fixed tile in the interpreter
+    (autotuning there would only multiply its run time) or when autotuning is switched off."""
+    if not triton_interpreter_on() and autotune_enabled():
+        return Launch(_gather_autotuned, _grid(*grid_shape), args, flags)
+    tile = _tile(layout_of)
+    return plan("dilated conv gather", [tile], lambda candidate: Launch(
+        _dilated_conv_gather_kernel, _grid(*grid_shape)(candidate), args, dict(flags, **candidate)))
+
+
+def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, dilation: torch.Tensor,
+                       kernel_size: int, channel_run: int, stride: int):
+    """(launch or None, dw_partial, db_partial): the grad-weight kernel with a fixed tile and
+    program count (from the shape and the device only), so that the partial-sum order never
+    depends on tuning."""
+    batch, channels, height, width = x.shape
+    h_out, w_out = grad_out.shape[2:]
+    taps = triton.next_power_of_2(kernel_size * kernel_size)
+    tile = _grad_weight_tile(x, taps, channel_run)
+    n_tiles, channel_blocks = _grid(batch, h_out, w_out, channels)(tile)
+    programs = max(1, min(n_tiles, _program_budget(x.device) // max(channel_blocks, 1)))
+    dw_partial = torch.empty((programs, channels, kernel_size * kernel_size),
+                             device=x.device, dtype=torch.float32)
+    db_partial = torch.empty((programs, channels), device=x.device, dtype=torch.float32)
+    if n_tiles == 0 or channels == 0:
+        return None, dw_partial.zero_(), db_partial.zero_()
+    args = (grad_out, x, dilation, dw_partial, db_partial, channels, height, width, h_out, w_out,
+            n_tiles, *grad_out.stride(), *x.stride())
+    meta = dict(K=kernel_size, STRIDE=stride, CHANNEL_RUN=channel_run, TAPS=taps)
+    launch = plan("dilated conv grad weight", [tile], lambda candidate: Launch(
+        _dilated_conv_grad_weight_kernel, (programs, channel_blocks), args, dict(meta, **candidate)))
+    return launch, dw_partial, db_partial
 
 
 def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: torch.Tensor,
@@ -210,11 +236,11 @@ def dilated_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, dilation: 
     h_out, w_out = out.shape[2:]
     if out.numel() == 0:
         return out
-    _launch(x, (batch, h_out, w_out, channels),
-            x, weight, bias if bias is not None else weight, dilation, out,
-            channels, height, width, h_out, w_out, *x.stride(), *out.stride(),
-            K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=False,
-            CHANNEL_RUN=channel_run)
+    gather_launch(x, (batch, h_out, w_out, channels),
+                  x, weight, bias if bias is not None else weight, dilation, out,
+                  channels, height, width, h_out, w_out, *x.stride(), *out.stride(),
+                  K=weight.shape[-1], STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=False,
+                  CHANNEL_RUN=channel_run).run()
     return out
 
 
@@ -225,28 +251,14 @@ def dilated_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
     batch, channels, height, width = x.shape
     h_out, w_out = grad_out.shape[2:]
     kernel_size = weight.shape[-1]
-    geometry = (channels, height, width, h_out, w_out)
     if grad_x.numel() > 0:
-        _launch(x, (batch, height, width, channels),
-                grad_out, weight, weight, dilation, grad_x, channels, h_out, w_out, height, width,
-                *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride,
-                HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=channel_run)
-    # Grad weight: a fixed tile and program count (from the shape and the device only), so
-    # that the partial-sum order never depends on tuning.
-    taps = triton.next_power_of_2(kernel_size * kernel_size)
-    tile = _grad_weight_tile(x, taps, channel_run)
-    n_tiles, channel_blocks = _grid(batch, h_out, w_out, channels)(tile)
-    programs = max(1, min(n_tiles, _program_budget(x.device) // max(channel_blocks, 1)))
-    dw_partial = torch.empty((programs, channels, kernel_size * kernel_size),
-                             device=x.device, dtype=torch.float32)
-    db_partial = torch.empty((programs, channels), device=x.device, dtype=torch.float32)
-    if n_tiles > 0 and channels > 0:
-        _dilated_conv_grad_weight_kernel[(programs, channel_blocks)](
-            grad_out, x, dilation, dw_partial, db_partial, *geometry, n_tiles,
-            *grad_out.stride(), *x.stride(), K=kernel_size, STRIDE=stride,
-            CHANNEL_RUN=channel_run, TAPS=taps, **tile)
-    else:
-        dw_partial.zero_()
-        db_partial.zero_()
+        gather_launch(x, (batch, height, width, channels),
+                      grad_out, weight, weight, dilation, grad_x, channels, h_out, w_out, height, width,
+                      *grad_out.stride(), *grad_x.stride(), K=kernel_size, STRIDE=stride,
+                      HAS_BIAS=False, TRANSPOSED=True, CHANNEL_RUN=channel_run).run()
+    launch, dw_partial, db_partial = grad_weight_launch(grad_out, x, dilation, kernel_size,
+                                                        channel_run, stride)
+    if launch is not None:
+        launch.run()
     grad_weight = dw_partial.sum(0).view(channels, kernel_size, kernel_size)
     return grad_x, grad_weight, db_partial.sum(0)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
+from ultron_kernels.triton.launch import Launch, plan, prune_to_device
 
 @triton.jit
 def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
@@ -55,12 +56,9 @@ def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
 
 @triton.jit
 def _load_kv(k_ptr, v_ptr, batch, y, x, head, real, skb, skh, skw, skn, svb, svh, svw, svn,
-             D: tl.constexpr, DOT_FP32: tl.constexpr):
+             D: tl.constexpr):
     k = _load_rows(k_ptr, batch, y, x, head, real, skb, skh, skw, skn, D)
     v = _load_rows(v_ptr, batch, y, x, head, real, svb, svh, svw, svn, D)
-    if DOT_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     return k, v
 
 
@@ -125,7 +123,7 @@ def _window_attn_fwd_kernel(
         sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr):
     # Program (run, q_block): query block q_block of a run of windows, one head.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
@@ -133,8 +131,6 @@ def _window_attn_fwd_kernel(
         batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
             window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
         q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
-        if DOT_FP32:
-            q = q.to(tl.float32)
         m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK,), dtype=tl.float32)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
@@ -142,7 +138,7 @@ def _window_attn_fwd_kernel(
             _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
                 window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
             k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
-                            svb, svh, svw, svn, D, DOT_FP32)
+                            svb, svh, svw, svn, D)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
@@ -173,7 +169,7 @@ def _window_attn_bwd_kernel(
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_GRAD: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr):
     # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
     # per-key-block contributions (stride sdq_part) that the launcher sums in order.
     run, k_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
@@ -184,7 +180,7 @@ def _window_attn_bwd_kernel(
         batch, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
             window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
         k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
-                        svb, svh, svw, svn, D, DOT_FP32)
+                        svb, svh, svw, svn, D)
         dk = tl.zeros((BLOCK, D), dtype=tl.float32)
         dv = tl.zeros((BLOCK, D), dtype=tl.float32)
         for q_block in range(NUM_BLOCKS):
@@ -197,9 +193,6 @@ def _window_attn_bwd_kernel(
                           mask=real_q, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a fully masked row: every p is 0
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
@@ -236,21 +229,32 @@ def _window_attn_bwd_kernel(
 
 # Forward only: each query row's result does not depend on the launch shape. The backward
 # keeps one fixed configuration so that its bits cannot change with a tuning decision.
+# Configurations that do not fit the device's shared memory are pruned before timing.
 _window_attn_fwd_autotuned = triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (2, 4, 8) for st in (1, 2, 3)],
     key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_to_device(_window_attn_fwd_kernel)},
 )(_window_attn_fwd_kernel)
 
 
-def launch_config(head_dim: int, backward: bool) -> dict:
-    """Warps and pipeline depth of the plain (untuned) launches. Compiled for sm_90, the
-    backward with 3 stages needs up to 377 KB of shared memory (fp32, D=128) and 263 KB (bf16,
-    D=128), over the 227 KB a block may have; these settings stay under 215 KB
-    (tools/compile_triton.py checks every case)."""
+def launch_candidates(head_dim: int, tokens: int, backward: bool) -> list[dict]:
+    """The plain (untuned) launch configurations, in order of preference; the first that
+    fits the device's shared memory runs (launch.plan).
+
+    The preferred one takes the whole window (up to 64 tokens) as one block. Compiled for
+    sm_90, the backward with 3 stages needs up to 377 KB (fp32, D=128), over the 227 KB a
+    block may have there, so it is never a candidate. On 99 KB parts (sm_86/sm_89) fp32 at
+    D=128 does not fit even with one stage: the query/key block is then halved (the
+    backward's dq is summed over key blocks in a fixed order, as for windows over 64 tokens).
+    tools/compile_triton.py compiles every candidate for sm_80/86/89/90."""
     warps = 4 if head_dim <= 64 else 8
-    if backward:
-        return dict(num_warps=warps, num_stages=2 if head_dim <= 64 else 1)
-    return dict(num_warps=warps, num_stages=2)
+    block = _block(tokens)
+    stages = (1,) if backward and head_dim > 64 else (2, 1)
+    candidates = [dict(BLOCK=block, num_warps=warps, num_stages=st) for st in stages]
+    while block > 16:
+        block //= 2
+        candidates.append(dict(BLOCK=block, num_warps=warps, num_stages=1))
+    return candidates
 
 
 def _block(tokens: int) -> int:
@@ -265,15 +269,13 @@ def _geometry(q: torch.Tensor, window, shift):
                 n_win_h=n_win_h, n_win_w=n_win_w, n_windows=batch * n_win_h * n_win_w)
 
 
-def _flags(q: torch.Tensor, window, shift, bias_kind: int) -> dict:
-    tokens = window[0] * window[1]
-    block = _block(tokens)
+def _meta(q: torch.Tensor, window, shift, bias_kind: int, candidate: dict) -> dict:
+    """Compile-time parameters of one launch: the op's flags and the candidate's tile."""
     interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
     return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
-                BIAS_KIND=bias_kind, BLOCK=block, NUM_BLOCKS=triton.cdiv(tokens, block),
-                # The interpreter's dot on 16-bit operands is wrong: upcast there.
-                DOT_FP32=interpret, PRECISION="tf32" if tf32 else "ieee")
+                BIAS_KIND=bias_kind, NUM_BLOCKS=triton.cdiv(window[0] * window[1], candidate["BLOCK"]),
+                PRECISION="tf32" if tf32 else "ieee", **candidate)
 
 
 def _bias_strides(bias) -> tuple[int, int, int]:
@@ -283,27 +285,42 @@ def _bias_strides(bias) -> tuple[int, int, int]:
     return (*strides, 0) if bias.dim() == 2 else strides
 
 
-def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: float):
-    """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
+def forward_launch(q, k, v, bias, bias_kind: int, window, shift, scale: float):
+    """(launch, out, lse): the forward's configuration chosen for the device, not yet run."""
     batch, height, width, heads, head_dim = q.shape
     out = torch.empty((batch, height, width, heads, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, height, width, heads), device=q.device, dtype=torch.float32)
     geo = _geometry(q, window, shift)
-    flags = _flags(q, window, shift, bias_kind)
-    if out.numel() == 0:
-        return out, lse
-    per_program = _windows_per_program(geo["n_windows"], heads * flags["NUM_BLOCKS"], q.device,
-                                       programs_per_sm=8)
-    grid = (triton.cdiv(geo["n_windows"], per_program) * flags["NUM_BLOCKS"], heads)
-    args = (q, k, v, bias if bias is not None else q, out, lse,
-            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-            geo["n_windows"], per_program, scale,
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
-            *_bias_strides(bias))
-    if flags["DOT_FP32"] or not autotune_enabled():  # one plain launch
-        _window_attn_fwd_kernel[grid](*args, **flags, **launch_config(head_dim, False))
-    else:
-        _window_attn_fwd_autotuned[grid](*args, **flags)
+
+    def build(candidate: dict) -> Launch:
+        meta = _meta(q, window, shift, bias_kind, candidate)
+        blocks = meta["NUM_BLOCKS"]
+        per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
+                                           programs_per_sm=8)
+        grid = (triton.cdiv(geo["n_windows"], per_program) * blocks, heads)
+        args = (q, k, v, bias if bias is not None else q, out, lse,
+                geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
+                geo["n_windows"], per_program, scale,
+                *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+                *_bias_strides(bias))
+        return Launch(_window_attn_fwd_kernel, grid, args, meta)
+
+    candidates = launch_candidates(head_dim, window[0] * window[1], backward=False)
+    launch = plan("window attention forward", candidates, build)
+    if (launch.meta["BLOCK"] == candidates[0]["BLOCK"] and autotune_enabled()
+            and not triton_interpreter_on()):
+        # The tile is the preferred one: let the autotuner pick warps and stages.
+        tile = {name: launch.meta[name] for name in launch.meta if name not in ("num_warps", "num_stages")}
+        launch = Launch(_window_attn_fwd_autotuned, launch.grid, launch.args, tile)
+    return launch, out, lse
+
+
+def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: float):
+    """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
+    if q.numel() == 0:
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
+    launch, out, lse = forward_launch(q, k, v, bias, bias_kind, window, shift, scale)
+    launch.run()
     return out, lse
 
 
@@ -321,33 +338,56 @@ def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
     return max(1, min(n_windows, (n_windows * parallel) // target))
 
 
+def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad: bool,
+                    window, shift, scale: float):
+    """(launch, dq buffer, dk, dv, dbias buffer or None): the backward's configuration chosen
+    for the device, not yet run. The dq buffer holds per-key-block float32 partials when the
+    window spans several blocks; dbias holds one partial per run of windows."""
+    batch, height, width, heads, head_dim = q.shape
+    geo = _geometry(q, window, shift)
+    tokens = window[0] * window[1]
+    shape = (batch, height, width, heads, head_dim)
+    dk = torch.empty(shape, device=q.device, dtype=q.dtype)
+    dv = torch.empty(shape, device=q.device, dtype=q.dtype)
+    buffers = {}
+
+    def build(candidate: dict) -> Launch:
+        meta = dict(_meta(q, window, shift, bias_kind, candidate), BIAS_GRAD=bias_grad)
+        blocks = meta["NUM_BLOCKS"]
+        dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
+              torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
+        per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
+                                           programs_per_sm=4)
+        runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
+        dbias = (torch.zeros((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
+                 if bias_grad else None)
+        buffers[candidate["BLOCK"]] = dq, dbias
+        args = (q, k, v, bias if bias is not None else q, out, lse, grad_out,
+                dq, dk, dv, dbias if dbias is not None else lse,
+                geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
+                geo["n_windows"], per_program, scale,
+                *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+                *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0,
+                *_strides4(dq[0] if blocks > 1 else dq), *_bias_strides(bias))
+        return Launch(_window_attn_bwd_kernel, (runs * blocks, heads), args, meta)
+
+    launch = plan("window attention backward", launch_candidates(head_dim, tokens, backward=True),
+                  build)
+    dq, dbias = buffers[launch.meta["BLOCK"]]
+    return launch, dq, dk, dv, dbias
+
+
 def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad: bool,
                               window, shift, scale: float):
     """Returns (dq, dk, dv, dbias) with dbias the (heads, N, N) float32 dense bias gradient
     (None when ``bias_grad`` is False)."""
-    batch, height, width, heads, head_dim = q.shape
-    geo = _geometry(q, window, shift)
-    flags = _flags(q, window, shift, bias_kind)
-    tokens, blocks = window[0] * window[1], flags["NUM_BLOCKS"]
-    shape = (batch, height, width, heads, head_dim)
-    dk = torch.empty(shape, device=q.device, dtype=q.dtype)
-    dv = torch.empty(shape, device=q.device, dtype=q.dtype)
-    dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
-          torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
-    per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
-                                       programs_per_sm=4)
-    runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
-    dbias = (torch.zeros((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
-             if bias_grad else None)
-    if runs:
-        _window_attn_bwd_kernel[(runs * blocks, heads)](
-            q, k, v, bias if bias is not None else q, out, lse, grad_out,
-            dq, dk, dv, dbias if dbias is not None else lse,
-            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-            geo["n_windows"], per_program, scale,
-            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
-            *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0, *_strides4(dq[0] if blocks > 1 else dq),
-            *_bias_strides(bias), **flags, BIAS_GRAD=bias_grad, **launch_config(head_dim, True))
-    if blocks > 1:
+    if q.numel() == 0:
+        tokens = window[0] * window[1]
+        dbias = q.new_zeros((q.shape[3], tokens, tokens), dtype=torch.float32) if bias_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    launch, dq, dk, dv, dbias = backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind,
+                                                bias_grad, window, shift, scale)
+    launch.run()
+    if dq.dim() == 6:  # per-key-block partials
         dq = dq.sum(0).to(q.dtype)
     return dq, dk, dv, (dbias.sum(0) if dbias is not None else None)

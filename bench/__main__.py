@@ -138,6 +138,72 @@ def model_rows(device: torch.device) -> list[dict]:
     return rows
 
 
+# timm Swin models, whole-model: (timm name, timm keyword arguments, batch, image size).
+SWIN_MODELS = {
+    "quick": [("swin_tiny_patch4_window7_224", {}, 64, 224), ("swinv2_tiny_window8_256", {}, 64, 256)],
+    "tiny": [("swin_tiny_patch4_window7_224",
+              dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(1, 2), num_classes=10), 2, 56)],
+}
+
+
+def swin_rows(device: torch.device, preset: str) -> list[dict]:
+    """Inference and a training step of timm Swin models: eager and torch.compile (the peers),
+    then swapped in to each available fused backend, alone and compiled (compiled variants on
+    a GPU only: on the CPU they would time Inductor's compile). bf16 autocast on a GPU, fp32
+    on the CPU. Each variant's logits are compared with eager's (rel. err column)."""
+    import timm
+
+    import ultron_kernels as uk
+
+    gpu = device.type == "cuda"
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=gpu)
+    fused = [b for b, why in uk.available_backends(device).items() if why == "available" and b != "reference"]
+    rows = []
+    for name, kwargs, batch, size in SWIN_MODELS[preset]:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kwargs).to(device)
+        images = torch.randn(batch, 3, size, size, device=device)
+        labels = torch.randint(0, model.num_classes, (batch,), device=device)
+        variants = [("peer: eager", None, False)] + [(f"ours: {b}", b, False) for b in fused]
+        if gpu:
+            variants += [("peer: torch.compile", None, True)]
+            variants += [(f"ours: {b} + torch.compile", b, True) for b in fused]
+        eager_logits, per_model = None, []
+        for variant, backend, compiled in variants:
+            uk.swap_out(model)
+            swapped = len(uk.swap_in(model, backend).swapped) if backend else 0
+            runner = torch.compile(model) if compiled else model
+
+            def infer():
+                model.eval()
+                with torch.no_grad(), torch.autocast(**autocast):
+                    return runner(images)
+
+            def train_step():
+                model.train()
+                model.zero_grad(set_to_none=True)
+                with torch.autocast(**autocast):
+                    loss = torch.nn.functional.cross_entropy(runner(images).float(), labels)
+                loss.backward()
+
+            logits = infer().float()
+            eager_logits = logits if eager_logits is None else eager_logits
+            err = ((logits - eager_logits).norm() / eager_logits.norm()).item()
+            for direction, fn in (("inference", infer), ("train step", train_step)):
+                row = dict(op=name, shape=f"B{batch} {size}x{size}", dtype="bf16-autocast" if gpu else "fp32",
+                           layout="-", direction=direction, variant=variant, rel_err_vs_eager=err,
+                           note=f"{swapped} blocks swapped" if backend else "")
+                try:
+                    row["ms"] = time_ms(fn, device)
+                except Exception as exc:
+                    row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                per_model.append(row)
+        uk.swap_out(model)
+        add_speedups(per_model)
+        rows += per_model
+    return rows
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
@@ -201,7 +267,7 @@ def save(rows: list[dict], meta: dict, out_dir: str, copy_to: str | None, with_p
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--op", choices=["conv", "attention", "model", "all"], default="all")
+    p.add_argument("--op", choices=["conv", "attention", "model", "swin", "all"], default="all")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="dtype of every shape of the preset")
@@ -243,6 +309,8 @@ def main(argv=None) -> int:
                 print(f"done: {case.op} {case.shape} {case.dtype} {case.layout}", flush=True)
     if args.op in ("model", "all") and gpu:
         rows += model_rows(device)
+    if args.op in ("swin", "all"):
+        rows += swin_rows(device, preset)
     save(rows, meta, out_dir, args.out, with_plots=True)
     print(markdown([r for r in rows if r.get("ms") is not None], meta)[-6000:])
     print(f"results in {os.path.relpath(out_dir)}")

@@ -128,3 +128,22 @@ def test_swapped_model_deep_copies_and_pickles():
         assert type(clone.layers[0].blocks[0]).__name__ == "UltronSwinTransformerBlock"
         with torch.no_grad():
             assert torch.equal(clone(x), model(x))
+
+
+@pytest.mark.parametrize("library", sorted(MODELS))
+def test_swapped_model_compiles_without_graph_breaks_and_runs_under_autocast(library):
+    build, size, _, _ = MODELS[library]
+    torch.manual_seed(0)
+    original = build(size).eval()
+    swapped = copy.deepcopy(original)
+    uk.swap_in(swapped, "triton")
+    x = torch.randn(2, 3, size, size)
+    want = original.double()(x.double()).detach()
+    # fullgraph=True: a graph break anywhere (our op included) is an error.
+    compiled = torch.compile(swapped, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_parity("compiled output", compiled(x), want, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = swapped(x)
+    assert out.dtype == torch.bfloat16
+    assert_parity("autocast output", out, want, torch.bfloat16)

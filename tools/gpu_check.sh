@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build the extension in place, GPU test suite, compute-sanitizer
+# One call on the GPU machine: build the extension in place (for its GPU) and run the self-check
+# (python -m ultron_kernels --bench: $OUT/selfcheck.json), GPU test suite, compute-sanitizer
 # (memcheck, racecheck) on the CUDA kernels, the demo, the quick benchmark. Logs, JUnit XML
 # and benchmark JSON/plots land in $OUT. Each step has its own time limit; all steps together
 # exceed one 10-minute device call, so split them over three calls, made back to back so
@@ -14,7 +15,8 @@ OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# TORCH_CUDA_ARCH_LIST unset: setup.py builds for this machine's GPU.
+export MAX_JOBS=${MAX_JOBS:-16}
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(build tests sanitizer profile demo bench)
 summary=()
@@ -33,7 +35,8 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 
 for step in "${steps[@]}"; do
   case $step in
-    build) run build 240 $PY setup.py build_ext --inplace ;;
+    build) run build 240 $PY setup.py build_ext --inplace &&
+             run selfcheck 120 $PY -m ultron_kernels --bench --json "$OUT/selfcheck.json" ;;
     tests) run tests 480 $PY -m pytest -q -rs tests --junitxml="$OUT/tests.xml" ;;
     sanitizer)
       run memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitizer_workload.py

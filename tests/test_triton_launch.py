@@ -58,7 +58,8 @@ def test_nothing_fits_names_kernel_configurations_and_limit(limit):
 def test_autotuner_prune_keeps_what_fits(limit):
     kernel = StandInKernel({64: 147456, 32: 69632})
     configs = [types.SimpleNamespace(all_kwargs=lambda b=b: dict(BLOCK=b, num_warps=4)) for b in (64, 32)]
-    kept = launch.prune_to_device(kernel)(configs, {"x": 1})
+    # Triton's autotuner passes the launch keywords (grid, warmup) along with the constexprs.
+    kept = launch.prune_to_device(kernel)(configs, {"x": 1}, grid=(1,), warmup=False)
     assert kept == [configs[1]]
     with pytest.raises(launch.ConfigurationDoesNotFit, match="stand_in_kernel.*101376"):
         launch.prune_to_device(kernel)(configs[:1], {"x": 1})

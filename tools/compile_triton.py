@@ -189,11 +189,10 @@ def compile_arch(sm: int) -> list[dict]:
         r["seconds"] = round(time.perf_counter() - start, 2)
         results.append(r)
         start = time.perf_counter()
-    from ultron_kernels.triton.launch import prune_to_device
-
     for name, tuner, launch in _autotune_cases():
-        kept = prune_to_device(tuner.fn)(tuner.configs, dict(zip(tuner.arg_names, launch.args)),
-                                         **{k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")})
+        # The autotuner's own pruning call, with the keywords a launch passes it.
+        tuner.nargs = dict(zip(tuner.arg_names, launch.args))
+        kept = tuner.prune_configs(dict(launch.meta, grid=launch.grid, warmup=False))
         for config in tuner.configs:
             meta = dict(launch.meta, **config.all_kwargs())
             r = dict(name=f"{name} [autotune {_config_name(meta)}]", arch=sm, kind="autotune",

@@ -98,9 +98,11 @@ def prune_to_device(kernel) -> Callable:
         limit = shared_memory_limit()
         if limit is None:
             return configs
+        # Triton passes the launch's own keywords too (grid, warmup): not compile parameters.
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         kept = []
         for config in configs:
-            meta = dict(kwargs, **config.all_kwargs())
+            meta = dict(constexprs, **config.all_kwargs())
             args = tuple(named_args.values())
             key = (kernel.fn.__name__, limit) + _specialisation(args, meta)
             if key not in _chosen:

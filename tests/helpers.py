@@ -63,7 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # own process, started when its module is collected, so that it compiles on the second core
 # while the other tests run; its test module then waits for the result.
 STATIC_GATES = {
-    "test_triton_compile.py": ["compile_triton.py", "--jobs", "1"],
+    "test_triton_compile.py": ["compile_triton.py", "--jobs", "2"],
     "test_cuda_compile.py": ["compile_cuda.py", "--jobs", "1",
                              *(f"--arch={arch}" for arch in (90, 89, 86, 80, 75))],
 }

@@ -128,9 +128,10 @@ def _conv_cases():
 
 
 def _autotune_cases():
-    """(name, autotuner, launch of its base kernel): the largest-tile launch per autotuned
-    kernel and dtype (what decides shared memory), when the plan keeps the preferred tile
-    (a smaller tile is launched plain, untuned)."""
+    """(name, autotuner, launch of its base kernel): per autotuned kernel, the launch whose
+    configurations need the most shared memory: attention at head_dim 128 in bf16 and fp32,
+    when the plan keeps the preferred tile (a smaller tile is launched plain, untuned); the
+    conv gather once (its tiles' shared memory does not depend on K or the dtype's rows)."""
     from ultron_kernels.triton import dilated_conv as conv
     from ultron_kernels.triton import window_attention as attn
 
@@ -139,7 +140,7 @@ def _autotune_cases():
             if launch.meta["BLOCK"] == attn._block(7 * 7):
                 yield name, attn._window_attn_fwd_autotuned, launch
     for name, launch in _conv_cases():
-        if name == "conv fwd nhwc bf16 k7 run32 s2":
+        if name == "conv fwd nhwc bf16 k3 run32 s2":
             yield name, conv._gather_autotuned, launch
 
 

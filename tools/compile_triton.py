@@ -131,7 +131,8 @@ def _autotune_cases():
     """(name, autotuner, launch of its base kernel): per autotuned kernel, the launch whose
     configurations need the most shared memory: attention at head_dim 128 in bf16 and fp32,
     when the plan keeps the preferred tile (a smaller tile is launched plain, untuned); the
-    conv gather once (its tiles' shared memory does not depend on K or the dtype's rows)."""
+    conv gather once, bf16 K=3 (its tiles need a few KB of shared memory at most, the same
+    for every K; fp32 doubles it, still far below any limit)."""
     from ultron_kernels.triton import dilated_conv as conv
     from ultron_kernels.triton import window_attention as attn
 

@@ -107,6 +107,21 @@ def test_runs_of_windows_per_program(device, backend, dtype):
     check_case(device, backend, (11, 70, 70), 2, 32, (7, 7), (3, 3), "table", dtype)
 
 
+@pytest.mark.parametrize("device,backend", [c for c in FUSED_CASES if c.values[1] == "triton"])
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_smaller_block_fallback(device, backend, block, dtype, monkeypatch):
+    """The configurations the launcher falls back to where the preferred one does not fit
+    the device's shared memory (fp32 at head_dim 128 on 99 KB GPUs: a 32-token block): a
+    7x7 window then spans several query/key blocks, the last one partial. The interpreter
+    runs the first candidate, so the fallback is made the only one here."""
+    from ultron_kernels.triton import window_attention as attn
+
+    monkeypatch.setattr(attn, "launch_candidates",
+                        lambda head_dim, tokens, backward: [dict(BLOCK=block, num_warps=4, num_stages=1)])
+    check_case(device, backend, (2, 9, 11), 2, 32, (7, 7), (3, 3), "table", dtype)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @given(b=st.integers(1, 2), h=st.integers(1, 15), w=st.integers(1, 15), heads=st.integers(1, 2),
        wh=st.integers(2, 8), ww=st.integers(2, 8), bias_kind=st.sampled_from([None, "table", "dense"]),

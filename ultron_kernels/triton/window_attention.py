@@ -246,7 +246,8 @@ def launch_candidates(head_dim: int, tokens: int, backward: bool) -> list[dict]:
     block may have there, so it is never a candidate. On 99 KB parts (sm_86/sm_89) fp32 at
     D=128 does not fit even with one stage: the query/key block is then halved (the
     backward's dq is summed over key blocks in a fixed order, as for windows over 64 tokens).
-    tools/compile_triton.py compiles every candidate for sm_80/86/89/90."""
+    tools/compile_triton.py compiles the choice for sm_80/86/89/90, with the candidates
+    rejected before it."""
     warps = 4 if head_dim <= 64 else 8
     block = _block(tokens)
     stages = (1,) if backward and head_dim > 64 else (2, 1)

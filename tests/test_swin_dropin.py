@@ -30,6 +30,13 @@ MODELS = {  # name -> (builder, divisible input size, not divisible, attention c
 }
 
 
+def _original_and_copy(build, size):
+    """The library's model (seeded, eval mode) and an untouched deep copy to swap."""
+    torch.manual_seed(0)
+    original = build(size).eval()
+    return original, copy.deepcopy(original)
+
+
 def _step(model, x, grad):
     x = x.detach().requires_grad_()
     out = model(x)
@@ -54,9 +61,7 @@ def _compare(swapped, original, size, dtype):
 @pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
 def test_swapped_model_matches_the_original(library, device, backend):
     build, size, _, attention = MODELS[library]
-    torch.manual_seed(0)
-    original = build(size).eval()
-    swapped = copy.deepcopy(original)
+    original, swapped = _original_and_copy(build, size)
     keys = {k: v.shape for k, v in swapped.state_dict().items()}
     report = uk.swap_in(swapped, backend)
     assert len(report.swapped) == 4 and not report.skipped, str(report)
@@ -70,9 +75,7 @@ def test_grid_not_divisible_by_the_window_keeps_the_librarys_path(library):
     """timm rolls before padding; torchvision's padded keys take the qkv bias: neither is
     the op's order yet (issue #13), so such grids run the library's own code, exactly."""
     build, _, size, _ = MODELS[library]
-    torch.manual_seed(0)
-    original = build(size).eval()
-    swapped = copy.deepcopy(original)
+    original, swapped = _original_and_copy(build, size)
     report = uk.swap_in(swapped, "triton")
     assert "not divisible" in str(report)
     x = torch.randn(1, 3, size, size)
@@ -83,9 +86,7 @@ def test_grid_not_divisible_by_the_window_keeps_the_librarys_path(library):
 @pytest.mark.parametrize("library", sorted(MODELS))
 def test_state_dicts_load_both_ways_and_swap_out_restores(library):
     build, size, _, attention = MODELS[library]
-    torch.manual_seed(0)
-    original = build(size).eval()
-    swapped = copy.deepcopy(original)
+    original, swapped = _original_and_copy(build, size)
     uk.swap_in(swapped, "reference")
     torch.manual_seed(2)
     other = build(size).eval()
@@ -133,9 +134,7 @@ def test_swapped_model_deep_copies_and_pickles():
 @pytest.mark.parametrize("library", sorted(MODELS))
 def test_swapped_model_compiles_without_graph_breaks_and_runs_under_autocast(library):
     build, size, _, _ = MODELS[library]
-    torch.manual_seed(0)
-    original = build(size).eval()
-    swapped = copy.deepcopy(original)
+    original, swapped = _original_and_copy(build, size)
     uk.swap_in(swapped, "triton")
     x = torch.randn(2, 3, size, size)
     want = original.double()(x.double()).detach()

@@ -29,8 +29,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _prepare_cpu_backends() -> None:
-    """Without a GPU: Triton's interpreter (before triton is imported) with the GPU's
-    numerics for 16-bit dots, and the CUDA host simulation."""
+    """Without a GPU: Triton's interpreter (switched on before triton is imported) and the
+    CUDA host simulation."""
     if torch.cuda.is_available():
         return
     os.environ.setdefault("TRITON_INTERPRET", "1")

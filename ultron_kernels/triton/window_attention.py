@@ -360,7 +360,8 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=4)
         runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
-        dbias = (torch.zeros((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
+        # Zeroed below for the chosen candidate only (its kernel accumulates into it).
+        dbias = (torch.empty((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
                  if bias_grad else None)
         buffers[candidate["BLOCK"]] = dq, dbias
         args = (q, k, v, bias if bias is not None else q, out, lse, grad_out,
@@ -375,6 +376,8 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad
     launch = plan("window attention backward", launch_candidates(head_dim, tokens, backward=True),
                   build)
     dq, dbias = buffers[launch.meta["BLOCK"]]
+    if dbias is not None:
+        dbias.zero_()
     return launch, dq, dk, dv, dbias
 
 

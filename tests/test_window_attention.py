@@ -156,7 +156,9 @@ def test_opcheck(device, backend):
         q, k, v, bias = make_inputs((1, 9, 8), 2, 16, (4, 4), bias_kind, torch.float32, device, False)
         leaves = [t.requires_grad_() for t in (q, k, v)]
         bias = bias.requires_grad_() if bias is not None else None
-        torch.library.opcheck(_fused_forward, (*leaves, bias, kind, [4, 4], [2, 1], 0.25, backend))
+        scale = torch.full((2,), 0.25, device=device)
+        torch.library.opcheck(_fused_forward, (*leaves, bias, kind, [4, 4], [2, 1], scale, False,
+                                               None, None, False, backend))
 
 
 @pytest.mark.parametrize("device,backend", CASES)

@@ -74,25 +74,34 @@ def _attention_cases():
     from ultron_kernels.triton import window_attention as attn
 
     # Head dims 32/64/128 with Swin's 7x7 windows, a window over 64 tokens (16x16: several
-    # blocks), no bias, a dense bias on a rectangular window. fp32 tiles are twice bf16's
-    # and set the limits; fp16 tiles have bf16's sizes, one variant checks that it compiles.
-    bf16 = [(32, (7, 7), 1), (64, (7, 7), 1), (128, (7, 7), 1), (128, (16, 16), 1),
-            (32, (7, 7), 0), (32, (4, 6), 2)]
-    fp32 = [(32, (7, 7), 1), (128, (7, 7), 1), (128, (16, 16), 1)]
+    # blocks), no bias, a dense bias on a rectangular window; Swin V2's cosine attention
+    # (qk_norm, a per-head scale and pad vectors with their gradients, timm's order). fp32
+    # tiles are twice bf16's and set the limits; fp16 tiles have bf16's sizes, one variant
+    # checks that it compiles.
+    bf16 = [(32, (7, 7), 1, False), (64, (7, 7), 1, False), (128, (7, 7), 1, False),
+            (128, (16, 16), 1, False), (32, (7, 7), 0, False), (32, (4, 6), 2, False),
+            (32, (8, 8), 1, True)]
+    fp32 = [(32, (7, 7), 1, False), (128, (7, 7), 1, False), (128, (16, 16), 1, False),
+            (128, (8, 8), 1, True)]
     for dtype_name, dtype, variants in (("bf16", torch.bfloat16, bf16),
-                                        ("fp16", torch.float16, [(64, (7, 7), 1)]),
+                                        ("fp16", torch.float16, [(64, (7, 7), 1, False)]),
                                         ("fp32", torch.float32, fp32)):
-        for d, window, bias_kind in variants:
+        for d, window, bias_kind, cosine in variants:
             heads, tokens = 2, window[0] * window[1]
             q, k, v = (torch.empty(1, 2 * window[0], 2 * window[1], heads, d, dtype=dtype) for _ in range(3))
             bias = (torch.empty((2 * window[0] - 1) * (2 * window[1] - 1), heads, dtype=dtype) if bias_kind == 1
                     else torch.empty(heads, tokens, tokens, dtype=dtype) if bias_kind == 2 else None)
             shift = (window[0] // 2, window[1] // 2)
             tag = f"{dtype_name} d{d} window{window[0]}x{window[1]}" + ("" if bias_kind == 1 else f" bias{bias_kind}")
-            launch, out, lse, = attn.forward_launch(q, k, v, bias, bias_kind, window, shift, 0.125)
+            variant = attn.Variant(torch.empty(heads))
+            if cosine:
+                tag += " cosine"
+                pad = torch.empty(heads, d, dtype=dtype)
+                variant = attn.Variant(torch.empty(heads), qk_norm=True, k_pad=pad, v_pad=pad, roll_first=True)
+            launch, out, lse, = attn.forward_launch(q, k, v, bias, bias_kind, window, shift, variant)
             yield f"attention fwd {tag}", launch
-            launch = attn.backward_launch(out, q, k, v, out, lse, bias, bias_kind, bias_kind != 0,
-                                          window, shift, 0.125)[0]
+            launch = attn.backward_launch(out, q, k, v, out, lse, bias, bias_kind, window, shift, variant,
+                                          bias_grad=bias_kind != 0, scale_grad=cosine, pad_grad=cosine)[0]
             yield f"attention bwd {tag}", launch
 
 

@@ -1,11 +1,13 @@
-"""What the Swin adapters (timm, torchvision) share: the fused attention on the (B, H, W, C)
-grid, and the checks that decide whether a block can run it exactly."""
+"""What the Swin adapters (timm, torchvision; V1 and V2) share: the fused attention on the
+(B, H, W, C) grid, and the checks that decide whether a block can run it exactly."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ultron_kernels.adapters import Unsupported, set_fused
@@ -13,21 +15,15 @@ from ultron_kernels.ops.window_attention import FUSED_HEAD_DIMS, window_attentio
 
 
 def convert(module: nn.Module, overrides: dict, home: str, backend: str, *, head_dim: int,
-            attention_dropout: float, window, shift, library: str):
+            attention_dropout: float, window, shift, library: str, cosine: bool = False):
     """Turn a Swin module into its fused subclass (``overrides`` in module ``home``) when it
     can run our op exactly; returns (module, report note). Raises Unsupported otherwise."""
     _check_convertible(head_dim, attention_dropout, backend)
     set_fused(module, overrides, home, backend)
-    return module, (f"window {tuple(window)} shift {tuple(shift)}: one {backend} window_attention "
-                    f"call (grids not divisible by the window keep {library}'s path)")
-
-
-def cosine_attention_not_yet(library: str):
-    """The adapter of a Swin V2 module: recognised, left alone with the reason."""
-    def convert_v2(module: nn.Module, backend: str):
-        raise Unsupported("Swin V2 cosine attention needs the op's qk_norm and per-head scale "
-                          f"(issue #13, part 1): left on {library}'s path")
-    return convert_v2
+    kind = "cosine attention (qk_norm, per-head logit scale)" if cosine else "attention"
+    return module, (f"window {tuple(window)} shift {tuple(shift)}: {kind} in one {backend} "
+                    f"window_attention call; grids not divisible by the window padded as "
+                    f"{library} pads them")
 
 
 def _check_convertible(head_dim: int, attention_dropout: float, backend: str) -> None:
@@ -39,12 +35,36 @@ def _check_convertible(head_dim: int, attention_dropout: float, backend: str) ->
                           "left on its own path")
 
 
-def grid_attention(x: torch.Tensor, qkv: nn.Linear, heads: int, window, shift,
-                   table: Optional[torch.Tensor], scale: float, backend: str) -> torch.Tensor:
+def continuous_position_bias(cpb_mlp: nn.Module, coords_table: torch.Tensor, heads: int) -> torch.Tensor:
+    """Swin V2's bias table, ((2wh-1)*(2ww-1), heads): 16 * sigmoid of the MLP over the log-
+    spaced relative coordinates. Elementwise, so applying it to the table before the op's
+    gather equals the libraries' order (gather, then sigmoid)."""
+    return 16 * torch.sigmoid(cpb_mlp(coords_table).view(-1, heads))
+
+
+def logit_scale_per_head(logit_scale: torch.Tensor) -> torch.Tensor:
+    """Swin V2's (heads, 1, 1) logit scale -> the op's (heads,) scale, capped at 100."""
+    return torch.clamp(logit_scale, max=math.log(100.0)).exp().view(-1)
+
+
+def grid_attention(x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[torch.Tensor],
+                   heads: int, window, shift, table: Optional[torch.Tensor],
+                   scale: Union[float, torch.Tensor], backend: str, *, qk_norm: bool = False,
+                   shift_order: str = "pad_then_roll") -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, heads * head_dim): the qkv projection on the grid, then
     shifted-window attention in one op (the roll, partition and reverse are index arithmetic
-    inside it; q, k and v are views of the projection)."""
+    inside it; q, k and v are views of the projection).
+
+    The libraries pad the grid with zeros before the projection, so their padded keys and
+    values are the projection's bias (zero without one) and are not masked: pad_kv repeats
+    that on grids not divisible by the window."""
     batch, height, width, _ = x.shape
-    q, k, v = qkv(x).view(batch, height, width, 3, heads, -1).unbind(3)
-    out = window_attention(q, k, v, tuple(window), tuple(shift), table, scale, backend=backend)
+    q, k, v = F.linear(x, weight, qkv_bias).view(batch, height, width, 3, heads, -1).unbind(3)
+    pad_kv = None
+    if height % window[0] or width % window[1]:
+        bias = qkv_bias if qkv_bias is not None else weight.new_zeros(weight.shape[0])
+        _, k_pad, v_pad = bias.view(3, heads, -1).unbind(0)
+        pad_kv = (k_pad, v_pad)
+    out = window_attention(q, k, v, tuple(window), tuple(shift), table, scale, qk_norm=qk_norm,
+                           pad_kv=pad_kv, shift_order=shift_order, backend=backend)
     return out.reshape(batch, height, width, -1)

@@ -1,45 +1,64 @@
-"""torchvision's Swin (``torchvision.models.swin_transformer``, swin_t/s/b): its
-``ShiftedWindowAttention`` becomes one op call on the (B, H, W, C) grid.
+"""torchvision's Swin V1 and V2 (``torchvision.models.swin_transformer``: swin_t/s/b,
+swin_v2_t/s/b): ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2`` become one op call
+on the (B, H, W, C) grid.
 
-torchvision pads and then rolls (the op's order) and gives no shift to a window that covers
-the whole padded grid, which the adapter repeats. Its padded keys are zero inputs projected
-by qkv (so they take the qkv bias and are not masked), where the op excludes padded keys:
-grids not divisible by the window therefore run torchvision's own path, call by call. Shift
-regions are masked with -100 there and excluded here: equal within rounding.
+torchvision pads and then rolls (the op's default order), gives no shift to a window that
+covers the whole padded grid (repeated here), and projects its zero-padded tokens with the
+qkv bias (``pad_kv``); V2 zeroes the k part of that bias. Shift regions are masked with -100
+there and excluded here: equal within rounding.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ultron_kernels.adapters import Adapter, class_named
-from ultron_kernels.adapters.swin import convert, cosine_attention_not_yet, grid_attention
+from ultron_kernels.adapters.swin import (continuous_position_bias, convert, grid_attention,
+                                          logit_scale_per_head)
 
 _MODULE = "torchvision.models.swin_transformer"
+
+
+def _v1_parameters(module, head_dim: int):
+    """(qkv bias, bias table, scale, qk_norm) of ShiftedWindowAttention."""
+    return module.qkv.bias, module.relative_position_bias_table, head_dim ** -0.5, False
+
+
+def _v2_parameters(module, head_dim: int):
+    """The same for V2: cosine attention, the continuous position bias, the k-bias zeroed."""
+    bias = module.qkv.bias
+    if bias is not None:
+        third = bias.numel() // 3
+        bias = torch.cat((bias[:third], torch.zeros_like(bias[third:2 * third]), bias[2 * third:]))
+    table = continuous_position_bias(module.cpb_mlp, module.relative_coords_table, module.num_heads)
+    return bias, table, logit_scale_per_head(module.logit_scale), True
 
 
 def _forward(self, x):
     height, width = x.shape[1:3]
     window = self.window_size
-    if height % window[0] or width % window[1]:
-        return self._ultron_original.forward(self, x)
-    shift = [0 if window[0] >= height else self.shift_size[0],
-             0 if window[1] >= width else self.shift_size[1]]
+    padded = (-(-height // window[0]) * window[0], -(-width // window[1]) * window[1])
+    shift = [0 if window[a] >= padded[a] else self.shift_size[a] for a in range(2)]
     head_dim = x.shape[-1] // self.num_heads
-    out = grid_attention(x, self.qkv, self.num_heads, window, shift,
-                         self.relative_position_bias_table, head_dim ** -0.5, self._ultron_backend)
+    bias, table, scale, cosine = self._ultron_parameters(self, head_dim)
+    out = grid_attention(x, self.qkv.weight, bias, self.num_heads, window, shift, table, scale,
+                         self._ultron_backend, qk_norm=cosine)
     return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
 
-def _convert(module, backend: str):
-    return convert(module, {"forward": _forward}, __name__, backend,
-                   head_dim=module.qkv.in_features // module.num_heads,
-                   attention_dropout=module.attention_dropout, window=module.window_size,
-                   shift=module.shift_size, library="torchvision")
+def _converter(parameters, cosine: bool):
+    def convert_module(module, backend: str):
+        return convert(module, {"forward": _forward, "_ultron_parameters": staticmethod(parameters)},
+                       __name__, backend, head_dim=module.qkv.in_features // module.num_heads,
+                       attention_dropout=module.attention_dropout, window=module.window_size,
+                       shift=module.shift_size, library="torchvision", cosine=cosine)
+    return convert_module
 
 
 ADAPTERS = [
-    Adapter("torchvision ShiftedWindowAttention", class_named(_MODULE, "ShiftedWindowAttention"), _convert),
+    Adapter("torchvision ShiftedWindowAttention", class_named(_MODULE, "ShiftedWindowAttention"),
+            _converter(_v1_parameters, cosine=False)),
     Adapter("torchvision ShiftedWindowAttentionV2", class_named(_MODULE, "ShiftedWindowAttentionV2"),
-            cosine_attention_not_yet("torchvision")),
+            _converter(_v2_parameters, cosine=True)),
 ]

@@ -64,63 +64,91 @@ def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
 
 
 # ---------------------------------------------------------------- custom ops (fused backends)
+#
+# scale is a float32 (heads,) tensor here (a float from the caller is broadcast); k_pad and
+# v_pad are (heads, D) in q's dtype or None; roll_first is timm's roll-then-pad order.
 
 @torch.library.custom_op("ultron_kernels::window_attention_fwd", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                   bias_kind: int, window: list[int], shift: list[int], scale: float,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias_kind: int, window: list[int], shift: list[int], scale: torch.Tensor,
+                   qk_norm: bool, k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
+                   roll_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_forward
-        return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale)
-    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale)
+        return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale,
+                                        qk_norm, k_pad, v_pad, roll_first)
+    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift,
+                                                         float(scale[0]))
 
 
 @_fused_forward.register_fake
-def _(q, k, v, bias, bias_kind, window, shift, scale, backend):
+def _(q, k, v, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad, roll_first, backend):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=torch.float32))
 
 
 @torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
-                    bias_kind: int, bias_grad: bool, window: list[int], shift: list[int],
-                    scale: float, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    bias_kind: int, window: list[int], shift: list[int], scale: torch.Tensor,
+                    qk_norm: bool, k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
+                    roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_backward
-        dq, dk, dv, dense = window_attention_backward(
-            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, tuple(window),
-            tuple(shift), scale)
+        grads = window_attention_backward(
+            grad_out, q, k, v, out, lse, bias, bias_kind, tuple(window), tuple(shift), scale,
+            qk_norm, k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
     else:
-        dq, dk, dv, dense = _cuda.cuda_ops(q.device).window_attention_bwd(
-            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, scale)
-    dbias = (_bias_gradient(dense, bias, bias_kind, tuple(window)) if bias_grad
-             else q.new_empty((0,)))
-    return dq, dk, dv, dbias
+        grads = (*_cuda.cuda_ops(q.device).window_attention_bwd(
+            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, float(scale[0])),
+            None, None, None)
+    dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
+
+    def none():  # a gradient not asked for; outputs may not alias each other
+        return q.new_empty((0,))
+
+    dbias = _bias_gradient(dense, bias, bias_kind, tuple(window)) if bias_grad else none()
+    if pad_grad:
+        dk_pad, dv_pad = dk_pad.to(k_pad.dtype), dv_pad.to(v_pad.dtype)
+    else:
+        dk_pad, dv_pad = none(), none()
+    return dq, dk, dv, dbias, (dscale if scale_grad else none()), dk_pad, dv_pad
 
 
 @_fused_backward.register_fake
-def _(grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, scale, backend):
-    dbias = torch.empty_like(bias) if bias_grad else q.new_empty((0,))
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad,
+      roll_first, bias_grad, scale_grad, pad_grad, backend):
+    def grad_like(t, wanted):
+        return torch.empty_like(t) if wanted else q.new_empty((0,))
+
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            grad_like(bias, bias_grad), grad_like(scale, scale_grad), grad_like(k_pad, pad_grad),
+            grad_like(v_pad, pad_grad))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, bias_kind, window, shift, scale, backend = inputs
+    q, k, v, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad, roll_first, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse)
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.args = (bias_kind, window, shift, scale, backend)
+    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, out, lse)
+    needs = ctx.needs_input_grad
+    ctx.grads = (bias is not None and needs[3], needs[7], k_pad is not None and (needs[9] or needs[10]))
+    ctx.args = (bias_kind, window, shift, qk_norm, roll_first, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, out, lse = ctx.saved_tensors
-    bias_kind, window, shift, scale, backend = ctx.args
-    dq, dk, dv, dbias = _fused_backward(grad_out, q, k, v, out, lse, bias, bias_kind,
-                                        ctx.bias_grad, window, shift, scale, backend)
-    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None
+    q, k, v, bias, scale, k_pad, v_pad, out, lse = ctx.saved_tensors
+    bias_kind, window, shift, qk_norm, roll_first, backend = ctx.args
+    bias_grad, scale_grad, pad_grad = ctx.grads
+    dq, dk, dv, dbias, dscale, dk_pad, dv_pad = _fused_backward(
+        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad,
+        roll_first, bias_grad, scale_grad, pad_grad, backend)
+    return (dq, dk, dv, dbias if bias_grad else None, None, None, None,
+            dscale if scale_grad else None, None, dk_pad if pad_grad else None,
+            dv_pad if pad_grad else None, None, None)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -128,7 +156,10 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------- public API
 
-def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
+SHIFT_ORDERS = ("pad_then_roll", "roll_then_pad")
+
+
+def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pad_kv, shift_order):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dims=5)
         check_int32_sizes(name, t)
@@ -148,7 +179,7 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
                          f"got {window}")
     if not all(0 <= s < w for s, w in zip(shift, window)):
         raise ValueError(f"shift_size must satisfy 0 <= shift < window ({window}), got {shift}")
-    heads, tokens = q.shape[3], window[0] * window[1]
+    heads, head_dim, tokens = q.shape[3], q.shape[4], window[0] * window[1]
     kind = BIAS_NONE
     if rel_pos_bias is not None:
         check_tensor("rel_pos_bias", rel_pos_bias)
@@ -161,15 +192,40 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale):
         else:
             raise ValueError(f"rel_pos_bias: expected a table of shape {table_shape} or a dense "
                              f"tensor of shape {dense_shape}, got {tuple(rel_pos_bias.shape)}")
-        if rel_pos_bias.device != q.device:
-            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device} but q is on {q.device}")
-        if not rel_pos_bias.is_floating_point():
-            raise TypeError(f"rel_pos_bias: dtype must be floating point, got {rel_pos_bias.dtype}")
+        _check_floating_on("rel_pos_bias", rel_pos_bias, q.device)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = head_dim ** -0.5
+    elif isinstance(scale, torch.Tensor):
+        if tuple(scale.shape) != (heads,):
+            raise ValueError(f"scale: a tensor scale must have shape (heads,) = ({heads},), got "
+                             f"{tuple(scale.shape)}")
+        _check_floating_on("scale", scale, q.device)
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
-    return window, shift, kind, float(scale)
+        raise TypeError(f"scale must be a float, a (heads,) tensor or None, got {scale!r}")
+    else:
+        scale = float(scale)
+    if not isinstance(qk_norm, bool):
+        raise TypeError(f"qk_norm must be a bool, got {qk_norm!r}")
+    if pad_kv is not None:
+        if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
+            raise TypeError(f"pad_kv must be None or a pair (k_pad, v_pad) of tensors, got "
+                            f"{type(pad_kv).__name__}")
+        for name, t in zip(("pad_kv[0] (k_pad)", "pad_kv[1] (v_pad)"), pad_kv):
+            check_tensor(name, t)
+            if tuple(t.shape) != (heads, head_dim):
+                raise ValueError(f"{name}: expected shape (heads, head_dim) = {(heads, head_dim)}, "
+                                 f"got {tuple(t.shape)}")
+            _check_floating_on(name, t, q.device)
+    if shift_order not in SHIFT_ORDERS:
+        raise ValueError(f"shift_order must be one of {SHIFT_ORDERS}, got {shift_order!r}")
+    return window, shift, kind, scale
+
+
+def _check_floating_on(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: dtype must be floating point, got {t.dtype}")
 
 
 def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool) -> int:
@@ -182,10 +238,14 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (tokens * tokens if bias_grad else 0))
 
 
-def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool):
+def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool,
+                  extensions: bool):
     def reason(backend: str) -> Optional[str]:
         if backend == "reference":
             return None
+        if backend == "cuda" and extensions:
+            return ("a (heads,) scale tensor, qk_norm, pad_kv and shift_order='roll_then_pad' "
+                    "are not in the CUDA kernels yet")
         if q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
         if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -207,32 +267,56 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Pair,
                      shift_size: Pair = 0, rel_pos_bias: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, *, backend: str = "auto") -> torch.Tensor:
+                     scale: Union[float, torch.Tensor, None] = None, *, qk_norm: bool = False,
+                     pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                     shift_order: str = "pad_then_roll", backend: str = "auto") -> torch.Tensor:
     """Self-attention inside (wh, ww) windows of a (B, H, W) grid, Swin-style.
 
     Args:
         q, k, v: (B, H, W, heads, D), same shape and dtype, last dim contiguous (views into a
             packed (B, H, W, 3, heads, D) tensor work without copies).
         window_size: int or (wh, ww), wh*ww <= 256. The grid is padded bottom/right to whole
-            windows; padded positions are never keys and their outputs are dropped.
+            windows; padded positions are not keys (see ``pad_kv``) and their outputs are
+            dropped.
         shift_size: int or (sh, sw), 0 <= shift < window: Swin's shifted windows (roll by
             (-sh, -sw), attend within regions, roll back).
         rel_pos_bias: None, a ((2wh-1)*(2ww-1), heads) table indexed Swin-style, or a dense
             (heads, wh*ww, wh*ww) tensor. Gradients flow to it.
-        scale: defaults to D**-0.5.
+        scale: a float (default D**-0.5) or a (heads,) tensor, e.g. Swin V2's
+            ``exp(clamp(logit_scale, max=log(100)))``. Gradients flow to a tensor.
+        qk_norm: L2-normalise q and k along D first (eps 1e-12, as ``F.normalize``): cosine
+            attention. Done on the loaded tiles; no normalised copy is made.
+        pad_kv: (k_pad, v_pad), each (heads, D): padded positions become keys with these
+            values, as when a zero-padded input goes through a qkv projection with bias (what
+            timm, torchvision and mmdet do). Gradients flow to them.
+        shift_order: "pad_then_roll" (torchvision, mmdet) or "roll_then_pad" (timm: the
+            unpadded grid is rolled, then padded). The same on grids divisible by the window.
         backend: "auto", "reference", "triton" or "cuda".
 
     Returns:
         (B, H, W, heads, D), contiguous.
     """
-    window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale)
+    window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale,
+                                           qk_norm, pad_kv, shift_order)
+    roll_first = shift_order == "roll_then_pad"
     q, k, v = autocast_inputs(q, k, v)
+    k_pad, v_pad = (None, None) if pad_kv is None else (t.to(q.dtype).contiguous() for t in pad_kv)
+    extras = (rel_pos_bias, k_pad, v_pad, scale if isinstance(scale, torch.Tensor) else None)
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, rel_pos_bias) if t is not None)
+        t.requires_grad for t in (q, k, v) + extras if t is not None)
     bias_grad = needs_grad and rel_pos_bias is not None and rel_pos_bias.requires_grad
     chosen = select_backend(OP_NAME, backend, q.device,
-                            _fused_reason(q, window, needs_grad, bias_grad))
+                            _fused_reason(q, window, needs_grad, bias_grad,
+                                          extensions=(isinstance(scale, torch.Tensor) or qk_norm
+                                                      or pad_kv is not None or roll_first)))
     if chosen == "reference":
-        return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale)
-    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), scale, chosen)
+        pads = None if pad_kv is None else (k_pad, v_pad)
+        return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, qk_norm,
+                                          pads, roll_first)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.float().contiguous()
+    else:
+        scale = torch.full((q.shape[3],), scale, dtype=torch.float32, device=q.device)
+    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), scale, qk_norm,
+                            k_pad, v_pad, roll_first, chosen)
     return out

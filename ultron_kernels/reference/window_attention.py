@@ -1,16 +1,21 @@
 """Pure-PyTorch window attention (Swin W-MSA / SW-MSA): the CPU path and the oracle's twin.
 
-Pad bottom/right to whole windows, roll by (-sh, -sw), partition, attend with the relative
-position bias and the shifted-window region mask, reverse. Padded positions are never keys
-and their outputs are dropped.
+Pad bottom/right to whole windows, roll by (-sh, -sw) (or roll first, then pad: timm's
+order), partition, attend with the relative position bias and the shifted-window region mask,
+reverse. Padded positions are excluded as keys, or take given per-head key/value vectors
+(what a zero-padded input becomes through a qkv projection with bias); their outputs are
+dropped.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+# F.normalize's default: the cosine attention of Swin V2 (timm, torchvision) uses it.
+NORM_EPS = 1e-12
 
 
 def relative_position_index(window_h: int, window_w: int, device=None) -> torch.Tensor:
@@ -54,31 +59,60 @@ def _partition(t: torch.Tensor, window_h: int, window_w: int) -> torch.Tensor:
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                window: tuple[int, int], shift: tuple[int, int],
                                rel_pos_bias: Optional[torch.Tensor],
-                               scale: float) -> torch.Tensor:
-    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous."""
+                               scale: Union[float, torch.Tensor], qk_norm: bool = False,
+                               pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                               roll_first: bool = False) -> torch.Tensor:
+    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous.
+
+    scale: a float or a (heads,) tensor. qk_norm: q and k L2-normalised along D (cosine
+    attention). pad_kv: (k_pad, v_pad), each (heads, D): padded positions are keys with these
+    values instead of being excluded. roll_first: roll the unpadded grid, then pad (timm's
+    order) instead of padding, then rolling."""
     batch, height, width, heads, head_dim = q.shape
     (wh, ww), (sh, sw) = window, shift
     hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
     pad = (0, 0, 0, 0, 0, wp - width, 0, hp - height)
-    valid = torch.zeros(hp, wp, dtype=torch.bool, device=q.device)
-    valid[:height, :width] = True
-    q, k, v = (torch.roll(F.pad(t, pad), (-sh, -sw), (1, 2)) for t in (q, k, v))
-    valid = torch.roll(valid, (-sh, -sw), (0, 1))
+    image = torch.zeros(hp, wp, dtype=torch.bool, device=q.device)
+    image[:height, :width] = True
+
+    def arrange(t: torch.Tensor) -> torch.Tensor:  # the image -> the rolled, padded grid
+        if roll_first:
+            return F.pad(torch.roll(t, (-sh, -sw), (1, 2)), pad)
+        return torch.roll(F.pad(t, pad), (-sh, -sw), (1, 2))
+
+    def restore(t: torch.Tensor) -> torch.Tensor:  # the rolled, padded grid -> the image
+        if roll_first:
+            return torch.roll(t[:, :height, :width], (sh, sw), (1, 2))
+        return torch.roll(t, (sh, sw), (1, 2))[:, :height, :width]
+
+    # Scores, softmax and P.V in fp32 for 16-bit inputs, as the kernels accumulate: large
+    # but finite fp16 inputs must not overflow to inf here either.
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = v.dtype
+    q, k, v = (arrange(t.to(compute)) for t in (q, k, v))
+    valid = image if roll_first else torch.roll(image, (-sh, -sw), (0, 1))
+    keys = valid
+    if pad_kv is not None:
+        in_image = valid[None, :, :, None, None]
+        k = torch.where(in_image, k, pad_kv[0].to(compute))
+        v = torch.where(in_image, v, pad_kv[1].to(compute))
+        keys = torch.ones_like(valid)
+    if qk_norm:
+        q, k = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS)
     labels = (region_labels(hp, wh, sh)[:, None] * 3 + region_labels(wp, ww, sw)[None, :])
     labels = labels.to(q.device)
 
     def windows_of(grid: torch.Tensor) -> torch.Tensor:  # (Hp, Wp) -> (nWh, nWw, N)
         return _partition(grid[None, :, :, None, None], wh, ww)[0, :, :, 0, :, 0]
 
-    valid_w, labels_w = windows_of(valid), windows_of(labels)
-    allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & valid_w[..., None, :]
+    valid_w, keys_w, labels_w = windows_of(valid), windows_of(keys), windows_of(labels)
+    allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & keys_w[..., None, :]
     # Padded queries attend anywhere (their outputs are dropped): keeps every row finite.
     allowed = allowed | ~valid_w[..., :, None]
 
-    # Scores, softmax and P.V in fp32 for 16-bit inputs, as the kernels accumulate: large
-    # but finite fp16 inputs must not overflow to inf here either.
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = _partition(q.to(compute), wh, ww) @ _partition(k.to(compute), wh, ww).transpose(-1, -2) * scale
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(compute).view(heads, 1, 1)
+    scores = _partition(q, wh, ww) @ _partition(k, wh, ww).transpose(-1, -2) * scale
     bias = dense_bias(rel_pos_bias, wh, ww, heads)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
@@ -88,8 +122,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # its backward.
     dead = (scores == float("-inf")).all(-1, keepdim=True)
     attn = scores.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
-    out = (attn @ _partition(v.to(compute), wh, ww)).to(v.dtype)   # (B, nWh, nWw, heads, N, D)
+    out = attn @ _partition(v, wh, ww)   # (B, nWh, nWw, heads, N, D)
     out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)
-    out = torch.roll(out, (sh, sw), (1, 2))
-    return out[:, :height, :width].contiguous()
+    return restore(out).to(out_dtype).contiguous()

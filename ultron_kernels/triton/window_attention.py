@@ -15,6 +15,9 @@ gradient is accumulated per run of windows then reduced in a fixed order: determ
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -25,9 +28,10 @@ from ultron_kernels.triton.launch import Launch, plan, prune_to_device
 @triton.jit
 def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
                   WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, ROLL_FIRST: tl.constexpr):
     """For tokens ``block*BLOCK + arange(BLOCK)`` of ``window``: batch, in-window token id,
-    row/col inside the window, image row/col, 'real token' flag and shift region."""
+    row/col inside the window, image row/col, 'image token' and 'inside the window' flags
+    (a token inside the window but not in the image is padding) and shift region."""
     per_image = n_win_h * n_win_w
     batch = window // per_image
     wy = (window % per_image) // n_win_w
@@ -37,15 +41,21 @@ def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
     c = token % WW
     y_rolled = wy * WH + r
     x_rolled = wx * WW + c
-    y = (y_rolled + SH) % Hp          # undo torch.roll(-SH) of the padded grid
-    x = (x_rolled + SW) % Wp
-    real = (token < WH * WW) & (y < H) & (x < W)
+    inside = token < WH * WW
+    if ROLL_FIRST:                    # timm: the image was rolled by (-SH, -SW), then padded
+        y = (y_rolled + SH) % H
+        x = (x_rolled + SW) % W
+        real = inside & (y_rolled < H) & (x_rolled < W)
+    else:                             # the padded grid was rolled
+        y = (y_rolled + SH) % Hp
+        x = (x_rolled + SW) % Wp
+        real = inside & (y < H) & (x < W)
     region = tl.zeros_like(token)
     if SH > 0:
         region += 3 * ((y_rolled >= Hp - WH).to(tl.int32) + (y_rolled >= Hp - SH).to(tl.int32))
     if SW > 0:
         region += (x_rolled >= Wp - WW).to(tl.int32) + (x_rolled >= Wp - SW).to(tl.int32)
-    return batch, token, r, c, y, x, real, region
+    return batch, token, r, c, y, x, real, inside, region
 
 
 @triton.jit
@@ -55,11 +65,25 @@ def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, batch, y, x, head, real, skb, skh, skw, skn, svb, svh, svw, svn,
-             D: tl.constexpr):
+def _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, y, x, head, real, inside,
+             skb, skh, skw, skn, svb, svh, svw, svn, D: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Key and value rows; padding rows are zero, or the head's pad vectors with HAS_PAD."""
     k = _load_rows(k_ptr, batch, y, x, head, real, skb, skh, skw, skn, D)
     v = _load_rows(v_ptr, batch, y, x, head, real, svb, svh, svw, svn, D)
+    if HAS_PAD:
+        pad = (inside & ~real)[:, None]
+        d = head * D + tl.arange(0, D)
+        k = tl.where(pad, tl.load(kpad_ptr + d)[None, :], k)
+        v = tl.where(pad, tl.load(vpad_ptr + d)[None, :], v)
     return k, v
+
+
+@triton.jit
+def _inverse_norm(rows):
+    """1 / max(|row|, eps) per row (F.normalize), and whether |row| >= eps (where the norm's
+    derivative is not cut off by the clamp)."""
+    norm = tl.sqrt(tl.sum(rows.to(tl.float32) * rows.to(tl.float32), 1))
+    return 1.0 / tl.maximum(norm, 1e-12), norm >= 1e-12
 
 
 @triton.jit
@@ -108,40 +132,54 @@ def _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias
 
 
 @triton.jit
-def _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION: tl.constexpr):
-    """Biased, masked scores (fp32); -inf where attention is not allowed."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias
-    allowed = real_k[None, :] & (region_q[:, None] == region_k[None, :])
-    return tl.where(allowed, s, float("-inf"))
+def _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k, key_ok,
+            QK_NORM: tl.constexpr, PRECISION: tl.constexpr):
+    """(c, s): the q.k products (cosines with QK_NORM: the unnormalised product times both
+    inverse norms, so no normalised tile is made) and the scaled, biased, masked scores
+    (fp32; -inf where attention is not allowed)."""
+    c = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if QK_NORM:
+        c = c * inv_q[:, None] * inv_k[None, :]
+    allowed = key_ok[None, :] & (region_q[:, None] == region_k[None, :])
+    return c, tl.where(allowed, c * scale + bias, float("-inf"))
 
 
 @triton.jit
 def _window_attn_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr,
+        ROLL_FIRST: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         PRECISION: tl.constexpr):
     # Program (run, q_block): query block q_block of a run of windows, one head.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
+    scale = tl.load(scale_ptr + head)
     for window in range(first, last):
-        batch, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
-            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+        batch, tq, rq, cq, yq, xq, real_q, _, region_q = _token_coords(
+            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
         q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+        inv_q = scale
+        if QK_NORM:
+            inv_q, _ = _inverse_norm(q)
         m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK,), dtype=tl.float32)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         for k_block in range(NUM_BLOCKS):
-            _, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
-                window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-            k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
-                            svb, svh, svw, svn, D)
+            _, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
+                window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+            k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k, inside_k,
+                            skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+            inv_k = scale
+            if QK_NORM:
+                inv_k, _ = _inverse_norm(k)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
-            s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
+            _, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
+                           inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
@@ -160,32 +198,50 @@ def _window_attn_fwd_kernel(
 
 @triton.jit
 def _window_attn_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, do_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr, do_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sob, soh, sow, son, slb, slh, slw, sln, sdob, sdoh, sdow, sdon,
         sdq_part, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr,
+        ROLL_FIRST: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+        PAD_GRAD: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         PRECISION: tl.constexpr):
     # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
-    # per-key-block contributions (stride sdq_part) that the launcher sums in order.
+    # per-key-block contributions (stride sdq_part) that the launcher sums in order. The scale
+    # and pad-vector gradients are written once per program, (program, head) partials that
+    # the launcher sums in order too.
+    #
+    # With QK_NORM, s = scale * c + bias with c = (q.k) * iq * ik (iq, ik: inverse norms).
+    # Through the norms: dq_i = scale * iq_i * sum_j ds_ij ik_j k_j
+    #                           - scale * iq_i^2 * (sum_j ds_ij c_ij) * q_i,
+    # the second term only where |q_i| >= eps (F.normalize clamps the norm); dk likewise.
+    # Both are linear in ds, so per-key-block dq partials still add up.
     run, k_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     n_tok = WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
     run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
+    scale = tl.load(scale_ptr + head)
+    dscale_rows = tl.zeros((BLOCK,), dtype=tl.float32)   # sum_j ds_ij c_ij per query slot
+    dk_pad = tl.zeros((D,), dtype=tl.float32)
+    dv_pad = tl.zeros((D,), dtype=tl.float32)
     for window in range(first, last):
-        batch, tk, rk, ck, yk, xk, real_k, region_k = _token_coords(
-            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
-        k, v = _load_kv(k_ptr, v_ptr, batch, yk, xk, head, real_k, skb, skh, skw, skn,
-                        svb, svh, svw, svn, D)
+        batch, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
+            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+        k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k, inside_k,
+                        skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+        inv_k = scale
+        live_k = real_k
+        if QK_NORM:
+            inv_k, live_k = _inverse_norm(k)
         dk = tl.zeros((BLOCK, D), dtype=tl.float32)
         dv = tl.zeros((BLOCK, D), dtype=tl.float32)
+        dc_k = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_i ds_ij c_ij per key (QK_NORM)
         for q_block in range(NUM_BLOCKS):
-            _, tq, rq, cq, yq, xq, real_q, region_q = _token_coords(
-                window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK)
+            _, tq, rq, cq, yq, xq, real_q, _, region_q = _token_coords(
+                window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
             q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
             do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
             o = _load_rows(o_ptr, batch, yq, xq, head, real_q, sob, soh, sow, son, D)
@@ -193,15 +249,31 @@ def _window_attn_bwd_kernel(
                           mask=real_q, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a fully masked row: every p is 0
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            inv_q = scale
+            live_q = real_q
+            if QK_NORM:
+                inv_q, live_q = _inverse_norm(q)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
-            s = _scores(q, k, bias, region_q, region_k, real_k, scale, PRECISION)
+            c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
+                           inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
             p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            ds_c = ds * c
+            if SCALE_GRAD:
+                dscale_rows += tl.sum(ds_c, 1)
+            if QK_NORM:
+                dk += tl.dot(tl.trans(ds * inv_q[:, None]).to(q.dtype), q, input_precision=PRECISION)
+                dc_k += tl.sum(ds_c, 0)
+                dq = (tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
+                      * (scale * inv_q)[:, None]
+                      - (tl.where(live_q, inv_q * inv_q, 0.0) * scale * tl.sum(ds_c, 1))[:, None]
+                      * q.to(tl.float32))
+            else:
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
             dq_offs = (k_block.to(tl.int64) * sdq_part + batch.to(tl.int64) * sdqb + head * sdqn
                        + (yq.to(tl.int64) * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
             tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
@@ -214,10 +286,26 @@ def _window_attn_bwd_kernel(
                             + tq[:, None] * n_tok + tk[None, :])
                     old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
                     tl.store(dbias_ptr + offs, old + ds, mask=both)
+        if QK_NORM:
+            dk = (dk * (scale * inv_k)[:, None]
+                  - (tl.where(live_k, inv_k * inv_k, 0.0) * scale * dc_k)[:, None] * k.to(tl.float32))
+        else:
+            dk = dk * scale
         # dk and dv are contiguous like dq (one slice of it when dq holds partials).
         k_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yk.to(tl.int64) * sdqh + xk * sdqw))[:, None] + tl.arange(0, D)[None, :]
-        tl.store(dk_ptr + k_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
+        tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
         tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
+        if PAD_GRAD:  # padding keys all hold the head's pad vectors: their gradients add up
+            pad = (inside_k & ~real_k)[:, None]
+            dk_pad += tl.sum(tl.where(pad, dk, 0.0), 0)
+            dv_pad += tl.sum(tl.where(pad, dv, 0.0), 0)
+    partial = tl.program_id(0) * tl.num_programs(1) + head
+    if SCALE_GRAD:
+        tl.store(dscale_ptr + partial, tl.sum(dscale_rows, 0))
+    if PAD_GRAD:
+        d = tl.arange(0, D)
+        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * D + d, dk_pad)
+        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * D + D + d, dv_pad)
     if BIAS_GRAD:
         if NUM_BLOCKS == 1:
             t = tl.arange(0, BLOCK)
@@ -232,7 +320,8 @@ def _window_attn_bwd_kernel(
 # Configurations that do not fit the device's shared memory are pruned before timing.
 _window_attn_fwd_autotuned = triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (2, 4, 8) for st in (1, 2, 3)],
-    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "PRECISION"],
+    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "QK_NORM", "HAS_PAD", "ROLL_FIRST",
+         "PRECISION"],
     prune_configs_by={"early_config_prune": prune_to_device(_window_attn_fwd_kernel)},
 )(_window_attn_fwd_kernel)
 
@@ -270,13 +359,31 @@ def _geometry(q: torch.Tensor, window, shift):
                 n_win_h=n_win_h, n_win_w=n_win_w, n_windows=batch * n_win_h * n_win_w)
 
 
-def _meta(q: torch.Tensor, window, shift, bias_kind: int, candidate: dict) -> dict:
+def _meta(q: torch.Tensor, window, shift, bias_kind: int, variant: "Variant",
+          candidate: dict) -> dict:
     """Compile-time parameters of one launch: the op's flags and the candidate's tile."""
     interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
     return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
-                BIAS_KIND=bias_kind, NUM_BLOCKS=triton.cdiv(window[0] * window[1], candidate["BLOCK"]),
+                BIAS_KIND=bias_kind, QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
+                ROLL_FIRST=variant.roll_first,
+                NUM_BLOCKS=triton.cdiv(window[0] * window[1], candidate["BLOCK"]),
                 PRECISION="tf32" if tf32 else "ieee", **candidate)
+
+
+class Variant(NamedTuple):
+    """The op's per-call options the kernels take: a (heads,) float32 scale, cosine
+    attention, the pad vectors ((heads, D) in q's dtype, or None) and timm's roll-then-pad."""
+    scale: torch.Tensor
+    qk_norm: bool = False
+    k_pad: Optional[torch.Tensor] = None
+    v_pad: Optional[torch.Tensor] = None
+    roll_first: bool = False
+
+    def pointers(self, q: torch.Tensor) -> tuple:
+        """scale, k_pad, v_pad kernel arguments (q stands in for absent pads)."""
+        return (self.scale, q if self.k_pad is None else self.k_pad,
+                q if self.v_pad is None else self.v_pad)
 
 
 def _bias_strides(bias) -> tuple[int, int, int]:
@@ -286,7 +393,7 @@ def _bias_strides(bias) -> tuple[int, int, int]:
     return (*strides, 0) if bias.dim() == 2 else strides
 
 
-def forward_launch(q, k, v, bias, bias_kind: int, window, shift, scale: float):
+def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Variant):
     """(launch, out, lse): the forward's configuration chosen for the device, not yet run."""
     batch, height, width, heads, head_dim = q.shape
     out = torch.empty((batch, height, width, heads, head_dim), device=q.device, dtype=q.dtype)
@@ -294,14 +401,14 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, scale: float):
     geo = _geometry(q, window, shift)
 
     def build(candidate: dict) -> Launch:
-        meta = _meta(q, window, shift, bias_kind, candidate)
+        meta = _meta(q, window, shift, bias_kind, variant, candidate)
         blocks = meta["NUM_BLOCKS"]
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=8)
         grid = (triton.cdiv(geo["n_windows"], per_program) * blocks, heads)
-        args = (q, k, v, bias if bias is not None else q, out, lse,
+        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse,
                 geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program, scale,
+                geo["n_windows"], per_program,
                 *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
                 *_bias_strides(bias))
         return Launch(_window_attn_fwd_kernel, grid, args, meta)
@@ -316,11 +423,13 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, scale: float):
     return launch, out, lse
 
 
-def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: float):
+def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: torch.Tensor,
+                             qk_norm: bool, k_pad, v_pad, roll_first: bool):
     """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
     if q.numel() == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
-    launch, out, lse = forward_launch(q, k, v, bias, bias_kind, window, shift, scale)
+    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
+    launch, out, lse = forward_launch(q, k, v, bias, bias_kind, window, shift, variant)
     launch.run()
     return out, lse
 
@@ -339,11 +448,13 @@ def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
     return max(1, min(n_windows, (n_windows * parallel) // target))
 
 
-def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad: bool,
-                    window, shift, scale: float):
-    """(launch, dq buffer, dk, dv, dbias buffer or None): the backward's configuration chosen
-    for the device, not yet run. The dq buffer holds per-key-block float32 partials when the
-    window spans several blocks; dbias holds one partial per run of windows."""
+def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, shift,
+                    variant: Variant, bias_grad: bool, scale_grad: bool = False,
+                    pad_grad: bool = False):
+    """(launch, buffers): the backward's configuration chosen for the device, not yet run.
+    buffers: dq (per-key-block float32 partials when the window spans several blocks), dk,
+    dv, and the per-program partials of the bias (one per run of windows), scale and pad
+    gradients (None where not asked for)."""
     batch, height, width, heads, head_dim = q.shape
     geo = _geometry(q, window, shift)
     tokens = window[0] * window[1]
@@ -353,21 +464,24 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad
     buffers = {}
 
     def build(candidate: dict) -> Launch:
-        meta = dict(_meta(q, window, shift, bias_kind, candidate), BIAS_GRAD=bias_grad)
+        meta = dict(_meta(q, window, shift, bias_kind, variant, candidate), BIAS_GRAD=bias_grad,
+                    SCALE_GRAD=scale_grad, PAD_GRAD=pad_grad)
         blocks = meta["NUM_BLOCKS"]
         dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
               torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=4)
         runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
+        partial = dict(device=q.device, dtype=torch.float32)
         # Zeroed below for the chosen candidate only (its kernel accumulates into it).
-        dbias = (torch.empty((runs, heads, tokens, tokens), device=q.device, dtype=torch.float32)
-                 if bias_grad else None)
-        buffers[candidate["BLOCK"]] = dq, dbias
-        args = (q, k, v, bias if bias is not None else q, out, lse, grad_out,
-                dq, dk, dv, dbias if dbias is not None else lse,
+        dbias = torch.empty((runs, heads, tokens, tokens), **partial) if bias_grad else None
+        dscale = torch.empty((runs * blocks, heads), **partial) if scale_grad else None
+        dpad = torch.empty((runs * blocks, heads, 2, head_dim), **partial) if pad_grad else None
+        buffers[candidate["BLOCK"]] = dq, dk, dv, dbias, dscale, dpad
+        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse, grad_out,
+                dq, dk, dv, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
                 geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program, scale,
+                geo["n_windows"], per_program,
                 *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
                 *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0,
                 *_strides4(dq[0] if blocks > 1 else dq), *_bias_strides(bias))
@@ -375,23 +489,33 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad
 
     launch = plan("window attention backward", launch_candidates(head_dim, tokens, backward=True),
                   build)
-    dq, dbias = buffers[launch.meta["BLOCK"]]
-    if dbias is not None:
-        dbias.zero_()
-    return launch, dq, dk, dv, dbias
+    chosen = buffers[launch.meta["BLOCK"]]
+    if chosen[3] is not None:
+        chosen[3].zero_()
+    return launch, chosen
 
 
-def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, bias_grad: bool,
-                              window, shift, scale: float):
-    """Returns (dq, dk, dv, dbias) with dbias the (heads, N, N) float32 dense bias gradient
-    (None when ``bias_grad`` is False)."""
+def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, shift,
+                              scale: torch.Tensor, qk_norm: bool, k_pad, v_pad, roll_first: bool,
+                              bias_grad: bool, scale_grad: bool, pad_grad: bool):
+    """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad): dbias the (heads, N, N) float32
+    dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32; each None
+    when not asked for. Partials are summed in a fixed order: deterministic."""
+    heads, head_dim = q.shape[3], q.shape[4]
     if q.numel() == 0:
         tokens = window[0] * window[1]
-        dbias = q.new_zeros((q.shape[3], tokens, tokens), dtype=torch.float32) if bias_grad else None
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    launch, dq, dk, dv, dbias = backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind,
-                                                bias_grad, window, shift, scale)
+        zeros = functools.partial(q.new_zeros, dtype=torch.float32)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                zeros((heads, tokens, tokens)) if bias_grad else None,
+                zeros((heads,)) if scale_grad else None,
+                *((zeros((heads, head_dim)),) * 2 if pad_grad else (None, None)))
+    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
+    launch, (dq, dk, dv, dbias, dscale, dpad) = backward_launch(
+        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, variant, bias_grad,
+        scale_grad, pad_grad)
     launch.run()
     if dq.dim() == 6:  # per-key-block partials
         dq = dq.sum(0).to(q.dtype)
-    return dq, dk, dv, (dbias.sum(0) if dbias is not None else None)
+    dpad = (dpad[:, :, 0].sum(0), dpad[:, :, 1].sum(0)) if dpad is not None else (None, None)
+    return (dq, dk, dv, dbias.sum(0) if dbias is not None else None,
+            dscale.sum(0) if dscale is not None else None, *dpad)

@@ -1,0 +1,188 @@
+"""window_attention's options for the models people run: a per-head scale tensor, cosine
+attention (qk_norm), padded keys that take per-head vectors (pad_kv) and timm's
+roll-then-pad order. Parity of every backend with the float64 reference (forward and every
+gradient, scale and pad vectors included), gradcheck of the reference, opcheck,
+torch.compile, determinism and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ultron_kernels as uk
+from ultron_kernels.ops.window_attention import _fused_forward
+from ultron_kernels.reference.window_attention import window_attention_reference
+from helpers import assert_parity, backend_cases, poisoned_outputs
+
+CASES = backend_cases()
+FUSED_CASES = backend_cases(include_reference=False)
+ORDERS = {False: "pad_then_roll", True: "roll_then_pad"}
+
+
+def make_leaves(shape, window, dtype, device, qk_norm=True, pad=True, bias=True):
+    """q, k, v (packed views), scale, [k_pad, v_pad], [table]: fresh random leaves. The scale
+    is Swin V2-sized (exp(log 10)..) so that cosine scores are not all alike."""
+    b, h, w, heads, head_dim = shape
+    qkv = torch.randn(b, h, w, 3, heads, head_dim, device=device, dtype=dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32   # scale and table
+    scale = torch.rand(heads, device=device, dtype=wide)
+    leaves = {"q": qkv[:, :, :, 0], "k": qkv[:, :, :, 1], "v": qkv[:, :, :, 2],
+              "scale": scale * 10 + 2 if qk_norm else scale * 0.5 + 0.1}
+    if pad:
+        leaves["k_pad"] = torch.randn(heads, head_dim, device=device, dtype=dtype)
+        leaves["v_pad"] = torch.randn(heads, head_dim, device=device, dtype=dtype)
+    if bias:
+        leaves["table"] = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), heads, device=device,
+                                      dtype=wide)
+    return {name: t.detach().requires_grad_() for name, t in leaves.items()}
+
+
+def call(fn, leaves, window, shift, qk_norm, roll_first, **kwargs):
+    pads = (leaves["k_pad"], leaves["v_pad"]) if "k_pad" in leaves else None
+    if fn is window_attention_reference:
+        return fn(leaves["q"], leaves["k"], leaves["v"], window, shift, leaves.get("table"),
+                  leaves["scale"], qk_norm, pads, roll_first)
+    return fn(leaves["q"], leaves["k"], leaves["v"], window, shift, leaves.get("table"),
+              leaves["scale"], qk_norm=qk_norm, pad_kv=pads, shift_order=ORDERS[roll_first], **kwargs)
+
+
+def check_variant(device, backend, shape, window, shift, dtype, qk_norm, pad, roll_first, bias=True):
+    leaves = make_leaves(shape, window, dtype, device, qk_norm, pad, bias)
+    # q, k, v stay views of one packed tensor (as a qkv projection gives them)
+    packed = torch.stack([leaves[n] for n in "qkv"], 3)
+    inputs = dict(leaves, q=packed[:, :, :, 0], k=packed[:, :, :, 1], v=packed[:, :, :, 2])
+    with poisoned_outputs():
+        out = call(uk.window_attention, inputs, window, shift, qk_norm, roll_first, backend=backend)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    expected = call(window_attention_reference, ref_leaves, window, shift, qk_norm, roll_first)
+    assert_parity("out", out, expected, dtype)
+    # The same incoming gradient for both: rounded to dtype first (dscale sums ds * c over
+    # every pair with cancellation, so rounding it for one side only would show up there).
+    grad_out = torch.randn_like(expected).to(dtype).double()
+    with poisoned_outputs():
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=device, dtype=dtype))
+    ref_grads = torch.autograd.grad(expected, list(ref_leaves.values()), grad_out)
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert got.dtype == leaves[name].dtype, name
+        assert_parity(f"d{name}", got, want, dtype)
+
+
+VARIANTS = [  # shape (B, H, W, heads, D), window, shift, qk_norm, pad, roll_first
+    ((2, 9, 11, 2, 16), (4, 4), (2, 1), True, True, False),     # torchvision V2, padded grid
+    ((1, 10, 13, 2, 32), (4, 6), (2, 3), True, True, True),     # timm V2 order, rectangular
+    ((1, 9, 7, 1, 16), (7, 7), (3, 3), False, True, True),      # timm V1 on a padded grid
+    ((2, 10, 9, 2, 16), (4, 4), (2, 2), False, True, False),    # torchvision V1 on a padded grid
+    ((1, 8, 8, 2, 16), (4, 4), (2, 2), True, False, False),     # divisible: no padding at all
+    ((1, 18, 11, 1, 32), (9, 9), (4, 4), True, True, True),     # 81 tokens: several key blocks
+]
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("shape,window,shift,qk_norm,pad,roll_first", VARIANTS,
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_variant_parity_float32(device, backend, shape, window, shift, qk_norm, pad, roll_first):
+    check_variant(device, backend, shape, window, shift, torch.float32, qk_norm, pad, roll_first)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape,window,shift,qk_norm,pad,roll_first", [VARIANTS[0], VARIANTS[1], VARIANTS[5]],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_variant_parity_half(device, backend, dtype, shape, window, shift, qk_norm, pad, roll_first):
+    check_variant(device, backend, shape, window, shift, dtype, qk_norm, pad, roll_first)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_zero_query_and_key_rows(device, backend):
+    """Rows of norm 0 (below F.normalize's eps): the clamp cuts the norm's derivative off."""
+    leaves = make_leaves((1, 6, 6, 1, 16), (3, 3), torch.float32, device)
+    with torch.no_grad():
+        leaves["q"][0, 1, 2] = 0
+        leaves["k"][0, 4, 4] = 0
+        leaves["k_pad"].zero_()   # Swin V2's zero k-bias: every padded key has norm 0
+    out = call(uk.window_attention, leaves, (3, 3), (1, 1), True, False, backend=backend)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    expected = call(window_attention_reference, ref_leaves, (3, 3), (1, 1), True, False)
+    assert_parity("out", out, expected, torch.float32)
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    ref_grads = torch.autograd.grad(expected.sum(), list(ref_leaves.values()))
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert_parity(f"d{name}", got, want, torch.float32)
+
+
+def test_reference_gradcheck():
+    """The reference's own gradients (every input, the options included) in float64."""
+    leaves = make_leaves((1, 5, 6, 2, 4), (3, 3), torch.float64, "cpu")
+    names = list(leaves)
+
+    def fn(*tensors):
+        return call(window_attention_reference, dict(zip(names, tensors)), (3, 3), (1, 2), True, True)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_scale_and_pad_gradients_are_bitwise_deterministic(device, backend):
+    leaves = make_leaves((3, 11, 9, 2, 16), (4, 4), torch.float32, device)
+    out = call(uk.window_attention, leaves, (4, 4), (2, 2), True, True, backend=backend)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, list(leaves.values()), g, retain_graph=True)
+    second = torch.autograd.grad(out, list(leaves.values()), g)
+    for name, a, b in zip(leaves, first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_opcheck(device, backend):
+    for qk_norm, pad, roll_first in ((True, True, True), (False, True, False), (True, False, False)):
+        leaves = make_leaves((1, 7, 6, 2, 16), (4, 4), torch.float32, device, qk_norm, pad)
+        q, k, v = (leaves[n].detach().contiguous().requires_grad_() for n in "qkv")
+        pads = (leaves["k_pad"], leaves["v_pad"]) if pad else (None, None)
+        torch.library.opcheck(_fused_forward, (q, k, v, leaves["table"], 1, [4, 4], [2, 1], leaves["scale"],
+                                               qk_norm, *pads, roll_first, backend))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_torch_compile_fullgraph(device, backend):
+    leaves = make_leaves((1, 7, 9, 2, 16), (4, 4), torch.float32, device)
+
+    def fn(leaves):
+        return call(uk.window_attention, leaves, (4, 4), (2, 2), True, True, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    out = compiled(leaves)
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    expected = fn(leaves)
+    ref_grads = torch.autograd.grad(expected.sum(), list(leaves.values()))
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(leaves, grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), name
+
+
+def test_inputs_are_not_modified():
+    leaves = make_leaves((1, 7, 9, 2, 16), (4, 4), torch.float32, "cpu")
+    before = {n: t.detach().clone() for n, t in leaves.items()}
+    out = call(uk.window_attention, leaves, (4, 4), (2, 2), True, True, backend="reference")
+    out.sum().backward()
+    for name, t in leaves.items():
+        assert torch.equal(t.detach(), before[name]), name
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(scale=torch.ones(3)), ValueError, r"scale: a tensor scale must have shape \(heads,\) = \(2,\)"),
+    (dict(scale=torch.ones(2, dtype=torch.int32)), TypeError, "scale: dtype must be floating"),
+    (dict(scale=torch.ones(2, device="meta")), ValueError, "scale is on meta"),
+    (dict(scale="0.1"), TypeError, "scale must be a float, a"),
+    (dict(qk_norm=1), TypeError, "qk_norm must be a bool, got 1"),
+    (dict(pad_kv=torch.zeros(2, 16)), TypeError, "pad_kv must be None or a pair"),
+    (dict(pad_kv=(torch.zeros(2, 16), torch.zeros(2, 8))), ValueError,
+     r"pad_kv\[1\] \(v_pad\): expected shape \(heads, head_dim\) = \(2, 16\), got \(2, 8\)"),
+    (dict(pad_kv=(torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16))), TypeError,
+     r"pad_kv\[0\] \(k_pad\): dtype must be floating"),
+    (dict(pad_kv=(torch.zeros(2, 16), None)), TypeError, r"pad_kv\[1\] \(v_pad\) must be a torch.Tensor"),
+    (dict(shift_order="roll"), ValueError, "shift_order must be one of"),
+])
+def test_bad_options(kwargs, error, match):
+    q = torch.randn(1, 8, 8, 2, 16)
+    with pytest.raises(error, match=match):
+        uk.window_attention(q, q, q, 4, 2, **kwargs)

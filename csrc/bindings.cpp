@@ -44,10 +44,12 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
   m.def("dilated_conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[] dilation, int stride) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
-        "int[] window, int[] shift, float scale) -> (Tensor, Tensor)");
+        "int[] window, int[] shift, Tensor scale, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
+        "bool roll_first) -> (Tensor, Tensor)");
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor? bias, int bias_kind, bool bias_grad, int[] window, int[] shift, "
-        "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor lse, Tensor? bias, int bias_kind, int[] window, int[] shift, Tensor scale, "
+        "bool qk_norm, Tensor? k_pad, Tensor? v_pad, bool roll_first, bool bias_grad, "
+        "bool scale_grad, bool pad_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 #ifdef ULTRON_KERNELS_CUDA_ARCHS
   // The TORCH_CUDA_ARCH_LIST this binary was built with (e.g. "8.0;8.6;8.9;9.0+PTX"): which
   // GPUs have a kernel image in it.

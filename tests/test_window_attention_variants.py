@@ -13,6 +13,7 @@ import ultron_kernels as uk
 from ultron_kernels.ops.window_attention import _fused_forward
 from ultron_kernels.reference.window_attention import window_attention_reference
 from helpers import assert_parity, backend_cases, poisoned_outputs
+from ultron_kernels.testing import TOLERANCES
 
 CASES = backend_cases()
 FUSED_CASES = backend_cases(include_reference=False)
@@ -64,7 +65,23 @@ def check_variant(device, backend, shape, window, shift, dtype, qk_norm, pad, ro
     ref_grads = torch.autograd.grad(expected, list(ref_leaves.values()), grad_out)
     for name, got, want in zip(leaves, grads, ref_grads):
         assert got.dtype == leaves[name].dtype, name
-        assert_parity(f"d{name}", got, want, dtype)
+        if name == "scale" and qk_norm and dtype != torch.float32:
+            check_scale_gradient_16bit(got, want, out, grad_out, dtype)
+        else:
+            assert_parity(f"d{name}", got, want, dtype)
+
+
+def check_scale_gradient_16bit(got, want, out, grad_out, dtype):
+    """The backward's delta_i = dO_i . O_i uses the saved 16-bit output, as FlashAttention
+    does. The scale gradient sums dS_ij C_ij over every pair, with cancellation (each row of
+    dS sums to 0), so that rounding alone can move it by up to u * sum_i |dO_i| . |O_i| per
+    head (|C_ij| <= 1 for cosines). Allowed: the dtype's tolerance plus that bound."""
+    rel_tol, _ = TOLERANCES[dtype]
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    bound = unit_roundoff * (grad_out.abs() * out.detach().double().abs()).sum(dim=(0, 1, 2, 4))
+    error = (got.double() - want).abs()
+    assert (error <= rel_tol * want.abs().max() + bound).all(), (
+        f"dscale ({dtype}): error {error.tolist()} > {rel_tol} * {want.abs().max().item():.3g} + {bound.tolist()}")
 
 
 VARIANTS = [  # shape (B, H, W, heads, D), window, shift, qk_norm, pad, roll_first

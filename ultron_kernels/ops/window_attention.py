@@ -77,8 +77,8 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
         from ultron_kernels.triton.window_attention import window_attention_forward
         return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale,
                                         qk_norm, k_pad, v_pad, roll_first)
-    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift,
-                                                         float(scale[0]))
+    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale,
+                                                         qk_norm, k_pad, v_pad, roll_first)
 
 
 @_fused_forward.register_fake
@@ -103,9 +103,9 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             grad_out, q, k, v, out, lse, bias, bias_kind, tuple(window), tuple(shift), scale,
             qk_norm, k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
     else:
-        grads = (*_cuda.cuda_ops(q.device).window_attention_bwd(
-            grad_out, q, k, v, out, lse, bias, bias_kind, bias_grad, window, shift, float(scale[0])),
-            None, None, None)
+        grads = _cuda.cuda_ops(q.device).window_attention_bwd(
+            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad,
+            v_pad, roll_first, bias_grad, scale_grad, pad_grad)
     dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
 
     def none():  # a gradient not asked for; outputs may not alias each other
@@ -228,24 +228,24 @@ def _check_floating_on(name: str, t: torch.Tensor, device: torch.device) -> None
         raise TypeError(f"{name}: dtype must be floating point, got {t.dtype}")
 
 
-def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool) -> int:
-    """Shared memory one block of the CUDA kernels needs (csrc/window_attention: fwd keeps K
-    and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS and the run's bias gradient)."""
+def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool,
+                             extras: bool = False) -> int:
+    """Shared memory one block of the CUDA SIMT kernels needs (csrc/window_attention: fwd
+    keeps K and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS and the run's bias
+    gradient; with ``extras`` (cosine attention or a scale gradient) also dS*C and six
+    per-row values)."""
     row = head_dim + 1
     if not backward:
         return 4 * (2 * tokens * row + 4 * (tokens + head_dim))
-    return 4 * (4 * tokens * row + 2 * tokens * (tokens + 1) + 2 * tokens
-                + (tokens * tokens if bias_grad else 0))
+    return 4 * (4 * tokens * row + (3 if extras else 2) * tokens * (tokens + 1) + 2 * tokens
+                + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0))
 
 
 def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool,
-                  extensions: bool):
+                  extras: bool):
     def reason(backend: str) -> Optional[str]:
         if backend == "reference":
             return None
-        if backend == "cuda" and extensions:
-            return ("a (heads,) scale tensor, qk_norm, pad_kv and shift_order='roll_then_pad' "
-                    "are not in the CUDA kernels yet")
         if q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
         if q.shape[-1] not in FUSED_HEAD_DIMS:
@@ -256,7 +256,7 @@ def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bi
         if backend == "cuda" and q.device.type != "meta" and not torch.compiler.is_compiling():
             tokens = window[0] * window[1]
             need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
-                       cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad))
+                       cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad, extras))
             limit = _cuda.shared_memory_per_block(q.device)
             if need > limit:
                 return (f"window {window} with head_dim {q.shape[-1]} needs {need} bytes of shared "
@@ -307,8 +307,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     bias_grad = needs_grad and rel_pos_bias is not None and rel_pos_bias.requires_grad
     chosen = select_backend(OP_NAME, backend, q.device,
                             _fused_reason(q, window, needs_grad, bias_grad,
-                                          extensions=(isinstance(scale, torch.Tensor) or qk_norm
-                                                      or pad_kv is not None or roll_first)))
+                                          extras=qk_norm or (isinstance(scale, torch.Tensor)
+                                                             and scale.requires_grad)))
     if chosen == "reference":
         pads = None if pad_kv is None else (k_pad, v_pad)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, qk_norm,

@@ -104,15 +104,18 @@ def attention_case(shape, heads, head_dim, window, shift, dtype, bias_kind="tabl
     elif bias_kind == "dense":
         bias = torch.randn(heads, wh * ww, wh * ww)
     scale = head_dim ** -0.5
+    scales = torch.full((heads,), scale)
     grad_out = torch.randn(b, h, w, heads, head_dim, dtype=dtype)
 
     def run():
         with poisoned_outputs():
             if raw:
                 kind = {"table": 1, "dense": 2, None: 0}[bias_kind]
-                out, lse = sim_ops().window_attention_fwd(q, k, v, bias, kind, list(window), list(shift), scale)
-                dq, dk, dv, _ = sim_ops().window_attention_bwd(grad_out, q, k, v, out, lse, bias, kind, False,
-                                                              list(window), list(shift), scale)
+                out, lse = sim_ops().window_attention_fwd(q, k, v, bias, kind, list(window), list(shift), scales,
+                                                          False, None, None, False)
+                dq, dk, dv, *_ = sim_ops().window_attention_bwd(grad_out, q, k, v, out, lse, bias, kind,
+                                                               list(window), list(shift), scales, False, None,
+                                                               None, False, False, False, False)
                 return out, (dq, dk, dv)
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             out = uk.window_attention(*leaves, window, shift, bias, backend="cuda")
@@ -204,11 +207,12 @@ def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
 
 def _attn_fwd(**change):
     q, k, v = _qkv()
-    args = dict(q=q, k=k, v=v, bias=torch.randn(49, 2), bias_kind=1, window=[4, 4], shift=[0, 0], scale=0.25)
-    args["bias"] = torch.randn(49, 2)
+    args = dict(q=q, k=k, v=v, bias=torch.randn(49, 2), bias_kind=1, window=[4, 4], shift=[0, 0],
+                scale=torch.full((2,), 0.25), k_pad=None, v_pad=None)
     args.update(change)
     return sim_ops().window_attention_fwd(args["q"], args["k"], args["v"], args["bias"], args["bias_kind"],
-                                          args["window"], args["shift"], args["scale"])
+                                          args["window"], args["shift"], args["scale"], False, args["k_pad"],
+                                          args["v_pad"], False)
 
 
 def _conv_fwd(dilation=(1, 1, 1, 1), **change):
@@ -228,6 +232,15 @@ RAW_BAD = [
     ("kind without a bias", lambda: _attn_fwd(bias=None), ValueError, "needs a bias tensor"),
     ("unknown kind", lambda: _attn_fwd(bias_kind=3), ValueError, "bias_kind must be"),
     ("integer bias", lambda: _attn_fwd(bias=torch.ones(49, 2, dtype=torch.int64)), TypeError, "floating point"),
+    ("scale of the wrong shape", lambda: _attn_fwd(scale=torch.ones(3)), ValueError,
+     r"scale must have shape \(heads,\) = \(2\)"),
+    ("integer scale", lambda: _attn_fwd(scale=torch.ones(2, dtype=torch.int32)), TypeError,
+     "scale must be floating point"),
+    ("k_pad without v_pad", lambda: _attn_fwd(k_pad=torch.zeros(2, 16)), ValueError, "given together"),
+    ("pad of the wrong shape", lambda: _attn_fwd(k_pad=torch.zeros(2, 8), v_pad=torch.zeros(2, 8)), ValueError,
+     r"k_pad must have shape \(heads, head_dim\) = \(2, 16\)"),
+    ("pad dtype", lambda: _attn_fwd(k_pad=torch.zeros(2, 16, dtype=torch.float64),
+                                    v_pad=torch.zeros(2, 16, dtype=torch.float64)), TypeError, "must have q's dtype"),
     ("H past int32", lambda: _attn_fwd(q=torch.empty(0, 2**31, 1, 2, 16), k=torch.empty(0, 2**31, 1, 2, 16),
                                        v=torch.empty(0, 2**31, 1, 2, 16), bias=None, bias_kind=0),
      ValueError, "H = 2147483648 does not fit"),

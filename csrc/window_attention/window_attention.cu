@@ -86,22 +86,29 @@ __device__ __forceinline__ bool is_key(const Geometry& g, const Token& t) {
 }
 
 // 1 / max(|row|, eps) of each of n rows (row stride ld, dim elements; E: float or a 16-bit
-// type), and the rows scaled by it in place (F.normalize). live: 1 where |row| >= eps (the
-// norm's derivative is not cut off by the clamp), else 0. One thread per row.
-template <typename E, typename ToFloat, typename FromFloat>
-__device__ void normalize_rows(E* rows, int ld, int n, int dim, float* inv, float* live,
-                               ToFloat to_float, FromFloat from_float) {
+// type), as F.normalize divides by. live: 1 where |row| >= eps (the norm's derivative is not
+// cut off by the clamp), else 0. One thread per row.
+template <typename E, typename ToFloat>
+__device__ void row_inverse_norms(const E* rows, int ld, int n, int dim, float* inv, float* live,
+                                  ToFloat to_float) {
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     float sum = 0.f;
     for (int d = 0; d < dim; ++d) {
       const float x = to_float(rows[t * ld + d]);
       sum += x * x;
     }
-    const float norm = sqrtf(sum), r = 1.f / fmaxf(norm, kNormEps);
-    for (int d = 0; d < dim; ++d) rows[t * ld + d] = from_float(to_float(rows[t * ld + d]) * r);
-    inv[t] = r;
-    if (live != nullptr) live[t] = norm >= kNormEps ? 1.f : 0.f;
+    const float norm = sqrtf(sum);
+    inv[t] = 1.f / fmaxf(norm, kNormEps);
+    live[t] = norm >= kNormEps ? 1.f : 0.f;
   }
+}
+
+// The rows scaled by their inverse norms in place (normalised). One thread per row.
+template <typename E, typename ToFloat, typename FromFloat>
+__device__ void scale_rows(E* rows, int ld, int n, int dim, const float* inv, ToFloat to_float,
+                           FromFloat from_float) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x)
+    for (int d = 0; d < dim; ++d) rows[t * ld + d] = from_float(to_float(rows[t * ld + d]) * inv[t]);
 }
 
 __device__ __forceinline__ float float_of(float x) { return x; }
@@ -299,9 +306,11 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
       }
     }
     __syncthreads();
-    if (g.qk_norm) {
-      normalize_rows(qs, ld, n, dim, rx.inv_q, rx.live_q, float_of, float_of);
-      normalize_rows(ks, ld, n, dim, rx.inv_k, rx.live_k, float_of, float_of);
+    if (g.qk_norm) {  // float rows: normalised in place
+      row_inverse_norms(qs, ld, n, dim, rx.inv_q, rx.live_q, float_of);
+      row_inverse_norms(ks, ld, n, dim, rx.inv_k, rx.live_k, float_of);
+      scale_rows(qs, ld, n, dim, rx.inv_q, float_of, float_of);
+      scale_rows(ks, ld, n, dim, rx.inv_k, float_of, float_of);
       __syncthreads();
     }
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
@@ -541,14 +550,22 @@ __device__ void load_tile(NT* dst, int ld, const T* src, const int64_t* rows, in
   }
 }
 
-// The q and k tiles normalised in place (cosine attention), their inverse norms and live
-// flags in rx; a __syncthreads must follow before any thread reads the tiles.
+// Cosine attention on the 16-bit tiles: the inverse norms of the q and k rows (the scores
+// are the raw products times both, in float: no rounding of a normalised tile there) ...
+template <typename T, typename NT>
+__device__ void tile_inverse_norms(const NT* qs, const NT* ks, int ld, int np, int dim, const RowExtras& rx) {
+  auto to_float = [](NT x) { return Native<T>::to(x); };
+  row_inverse_norms(qs, ld, np, dim, rx.inv_q, rx.live_q, to_float);
+  row_inverse_norms(ks, ld, np, dim, rx.inv_k, rx.live_k, to_float);
+}
+
+// ... and, for the backward's dQ = dS K^ and dK = dS^T Q^, the tiles normalised in place.
 template <typename T, typename NT>
 __device__ void normalize_tiles(NT* qs, NT* ks, int ld, int np, int dim, const RowExtras& rx) {
   auto to_float = [](NT x) { return Native<T>::to(x); };
   auto from_float = [](float x) { return Native<T>::from(x); };
-  normalize_rows(qs, ld, np, dim, rx.inv_q, rx.live_q, to_float, from_float);
-  normalize_rows(ks, ld, np, dim, rx.inv_k, rx.live_k, to_float, from_float);
+  scale_rows(qs, ld, np, dim, rx.inv_q, to_float, from_float);
+  scale_rows(ks, ld, np, dim, rx.inv_k, to_float, from_float);
 }
 
 // Completes this thread's load_tile copies; a __syncthreads must follow before any thread
@@ -622,10 +639,8 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     load_tile(vs, L.ld16, v, rows + 2 * L.np, L.np, dim, vec, v_pad, info);
     finish_tile_loads();
     __syncthreads();
-    if (g.qk_norm) {
-      normalize_tiles<T>(qs, ks, L.ld16, L.np, dim, rx);
-      __syncthreads();
-    }
+    // Read after the barrier that follows S (the matmul only reads the tiles too).
+    if (g.qk_norm) tile_inverse_norms<T>(qs, ks, L.ld16, L.np, dim, rx);
 
     for (int tile = warp; tile < tiles * tiles; tile += warps) {  // S = Q K^T
       const int a = tile / tiles, b = tile % tiles;
@@ -646,7 +661,8 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
       const int ti = info[i];
       float m = -FLT_MAX;
       for (int j = lane; j < L.np; j += 32) {
-        const float s = packed_score(ss[i * L.ldf + j], scale, bias_s, g.tokens, i, j, ti, info[j]);
+        const float c = g.qk_norm ? ss[i * L.ldf + j] * rx.inv_q[i] * rx.inv_k[j] : ss[i * L.ldf + j];
+        const float s = packed_score(c, scale, bias_s, g.tokens, i, j, ti, info[j]);
         ss[i * L.ldf + j] = s;
         m = fmaxf(m, s);
       }
@@ -780,10 +796,8 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
     }
     finish_tile_loads();  // the copies overlapped the loop above
     __syncthreads();
-    if (g.qk_norm) {
-      normalize_tiles<T>(qs, ks, L.ld16, np, dim, rx);
-      __syncthreads();
-    }
+    // Read after the barrier that follows S and dP (the matmuls only read the tiles too).
+    if (g.qk_norm) tile_inverse_norms<T>(qs, ks, L.ld16, np, dim, rx);
 
     const int tiles = np / 16;
     for (int tile = warp; tile < 2 * tiles * tiles; tile += warps) {  // S = QK^T, dP = dO V^T
@@ -805,7 +819,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
 
     for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
       const int i = e / np, j = e % np;
-      const float c = ss[i * L.ldf + j];
+      const float c = g.qk_norm ? ss[i * L.ldf + j] * rx.inv_q[i] * rx.inv_k[j] : ss[i * L.ldf + j];
       const float s = packed_score(c, scale, bias_s, n, i, j, info[i], info[j]);
       float p = 0.f, ds = 0.f;
       if (s > -INFINITY) {
@@ -828,6 +842,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
         rx.dc_q[r] = row;
         rx.dc_k[r] = col;
       }
+      if (g.qk_norm) normalize_tiles<T>(qs, ks, L.ld16, np, dim, rx);  // not read since S
       __syncthreads();  // the matmuls below overwrite ss (the staging tile)
       if (threadIdx.x == 0)
         for (int r = 0; r < np; ++r) dscale_run += rx.dc_q[r];

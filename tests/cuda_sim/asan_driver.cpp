@@ -27,8 +27,10 @@ void conv(std::vector<int64_t> shape, int k, std::vector<int64_t> rates, int64_t
   ultron::dilated_conv2d_bwd(at::randn_like(y), x, w, rates, stride);
 }
 
+// cosine: Swin V2's options (qk_norm, a per-head scale with its gradient, pad vectors with
+// theirs, timm's roll-then-pad order).
 void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, std::vector<int64_t> window,
-               std::vector<int64_t> shift, int64_t bias_kind, at::ScalarType dtype) {
+               std::vector<int64_t> shift, int64_t bias_kind, at::ScalarType dtype, bool cosine = false) {
   auto opts = at::TensorOptions().dtype(dtype);
   std::vector<int64_t> full = shape;
   full.push_back(head_dim + row_pad);
@@ -38,9 +40,16 @@ void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, st
   std::optional<at::Tensor> bias;
   if (bias_kind == 1) bias = at::randn({(2 * window[0] - 1) * (2 * window[1] - 1), heads});
   if (bias_kind == 2) bias = at::randn({heads, tokens, tokens});
-  auto [out, lse] = ultron::window_attention_fwd(qkv[0], qkv[1], qkv[2], bias, bias_kind, window, shift, 0.3);
-  ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], out, lse, bias, bias_kind,
-                               bias_kind != 0, window, shift, 0.3);
+  const at::Tensor scale = at::rand({heads}) * 10;
+  std::optional<at::Tensor> k_pad, v_pad;
+  if (cosine) {
+    k_pad = at::randn({heads, head_dim}, opts);
+    v_pad = at::randn({heads, head_dim}, opts);
+  }
+  auto [out, lse] = ultron::window_attention_fwd(qkv[0], qkv[1], qkv[2], bias, bias_kind, window, shift, scale,
+                                                 cosine, k_pad, v_pad, cosine);
+  ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], out, lse, bias, bias_kind, window,
+                               shift, scale, cosine, k_pad, v_pad, cosine, bias_kind != 0, cosine, cosine);
 }
 
 }  // namespace
@@ -60,6 +69,7 @@ int main() {
     attention({1, 8, 9, 1}, 48, 0, {4, 4}, {2, 2}, 1, dtype);        // head_dim 48
     attention({1, 13, 12, 2}, 16, 0, {12, 12}, {1, 2}, 0, dtype);    // 144 tokens: SIMT
     attention({1, 5, 3, 1}, 32, 0, {7, 7}, {0, 0}, 1, dtype);        // smaller than a window
+    attention({2, 9, 11, 2}, 16, 0, {4, 4}, {2, 1}, 1, dtype, true);  // Swin V2 options (fp32: SIMT)
   }
   setenv("ULTRON_KERNELS_CUDA_SIM_SMS", "1", 1);                     // runs of windows per block
   attention({3, 14, 21, 2}, 16, 0, {7, 7}, {3, 3}, 1, at::kBFloat16);

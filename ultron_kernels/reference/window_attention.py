@@ -61,8 +61,10 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                rel_pos_bias: Optional[torch.Tensor],
                                scale: Union[float, torch.Tensor], qk_norm: bool = False,
                                pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                               roll_first: bool = False) -> torch.Tensor:
-    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous.
+                               roll_first: bool = False, return_lse: bool = False):
+    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous, and with
+    ``return_lse`` also the logsumexp of each query's scores (B, H, W, heads) in the compute
+    dtype (-inf for a row whose every key is masked), as the fused forward saves it.
 
     scale: a float or a (heads,) tensor. qk_norm: q and k L2-normalised along D (cosine
     attention). pad_kv: (k_pad, v_pad), each (heads, D): padded positions are keys with these
@@ -125,4 +127,10 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = attn @ _partition(v, wh, ww)   # (B, nWh, nWw, heads, N, D)
     out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)
-    return restore(out).to(out_dtype).contiguous()
+    out = restore(out).to(out_dtype).contiguous()
+    if not return_lse:
+        return out
+    lse = scores.logsumexp(-1)  # (B, nWh, nWw, heads, N)
+    lse = lse.reshape(batch, hp // wh, wp // ww, heads, wh, ww)
+    lse = lse.permute(0, 1, 4, 2, 5, 3).reshape(batch, hp, wp, heads, 1)
+    return out, restore(lse)[..., 0].contiguous()

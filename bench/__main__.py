@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.cases import Case, attention_cases, conv_cases, fwd_bwd, rotate
+from bench.cases import Case, attention_cases, cosine_attention_cases, conv_cases, fwd_bwd, rotate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     if args.op in ("conv", "all"):
         builders.append(conv_cases)
     if args.op in ("attention", "all"):
-        builders.append(attention_cases)
+        builders += [attention_cases, cosine_attention_cases]
     also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []
     for case_dtype, shapes in [(dtype, None)] + [(d, 1) for d in also if d != dtype]:
         for build in builders:

@@ -110,8 +110,10 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
 
 
 def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
-                    shapes: Optional[int] = None) -> list[Case]:
-    """Cases for the preset's first ``shapes`` shapes (all by default)."""
+                    shapes: Optional[int] = None, cosine: bool = False) -> list[Case]:
+    """Cases for the preset's first ``shapes`` shapes (all by default). ``cosine``: Swin V2's
+    attention (q and k L2-normalised, a per-head logit scale with its gradient) at the same
+    shapes, so that its rows compare with the plain ones."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
     for b, h, w, heads, d, window in ATTN_SHAPES[preset][:shapes]:
@@ -122,25 +124,35 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
         def make(b=b, h=h, w=w, heads=heads, d=d, window=window):
             qkv = torch.randn(b, h, w, 3, heads, d, device=device, dtype=dtype)
             table = torch.randn((2 * window - 1) ** 2, heads, device=device, dtype=torch.float32) * 0.1
-            return [t.requires_grad_() for t in (*qkv.unbind(3), table)]
+            extra = [torch.full((heads,), 10.0, device=device)] if cosine else []  # exp(log 10)
+            return [t.requires_grad_() for t in (*qkv.unbind(3), table, *extra)]
 
-        case = Case("window_attention", f"B{b} {h}x{w} h{heads} d{d} w{window}", dtype, "-",
-                    4 * act, 12 * act)
+        op = "window_attention cosine" if cosine else "window_attention"
+        case = Case(op, f"B{b} {h}x{w} h{heads} d{d} w{window}", dtype, "-", 4 * act, 12 * act)
         case.inputs = [[t.detach().requires_grad_() for t in s]
                        for s in _input_sets(make, 3 * act, device)]
 
         # Shape values are bound as defaults: the variants run after this loop has moved on.
-        def eager(q, k, v, table, window=window, d=d):
-            return window_attention_reference(q, k, v, (window, window), (0, 0), table, d ** -0.5)
+        def eager(q, k, v, table, scale=None, window=window, d=d):
+            return window_attention_reference(q, k, v, (window, window), (0, 0), table,
+                                              d ** -0.5 if scale is None else scale, cosine)
 
         def partition(t, window=window, n=n):
             bb, hh, ww, nh, dd = t.shape
             t = t.reshape(bb, hh // window, window, ww // window, window, nh, dd)
             return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, n, dd)
 
-        def sdpa(q, k, v, table, window=window, heads=heads, partition=partition):
+        def queries_keys(q, k, scale, d=d):
+            """Partitioned q (scaled) and k, and the scale SDPA/flex then apply."""
+            if scale is None:
+                return partition(q), partition(k), d ** -0.5
+            q, k = F.normalize(partition(q), dim=-1), F.normalize(partition(k), dim=-1)
+            return q * scale.view(-1, 1, 1).to(q.dtype), k, 1.0
+
+        def sdpa(q, k, v, table, scale=None, window=window, heads=heads):
             bias = dense_bias(table, window, window, heads).to(q.dtype)[None]
-            out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
+            q, k, factor = queries_keys(q, k, scale)
+            out = F.scaled_dot_product_attention(q, k, partition(v), attn_mask=bias, scale=factor)
             return out  # kept partitioned: the reverse copy would only add to the peer's time
 
         variants = {"peer: eager": eager}
@@ -150,20 +162,26 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
             try:
                 from torch.nn.attention.flex_attention import flex_attention
 
-                def flex_peer(q, k, v, table, window=window, heads=heads, partition=partition):
+                def flex_peer(q, k, v, table, scale=None, window=window, heads=heads):
                     # Compiled as a whole (score_mod included), as FlexAttention is meant to
                     # be used: one graph, no recompilation per call.
                     bias = dense_bias(table, window, window, heads)
 
                     def score_mod(score, bi, hi, qi, ki):
                         return score + bias[hi, qi, ki]
-                    return flex_attention(partition(q), partition(k), partition(v), score_mod=score_mod)
+                    q, k, factor = queries_keys(q, k, scale)
+                    return flex_attention(q, k, partition(v), score_mod=score_mod, scale=factor)
                 variants["peer: flex(partitioned)"] = torch.compile(flex_peer)
             except ImportError as exc:
                 print(f"skipping FlexAttention peer: {exc}")
         for name in backends:
-            variants[f"ours: {name}"] = (lambda name, window: lambda q, k, v, table: uk.window_attention(
-                q, k, v, window, 0, table, backend=name))(name, window)
+            variants[f"ours: {name}"] = (lambda name, window: lambda q, k, v, table, scale=None: uk.window_attention(
+                q, k, v, window, 0, table, scale, qk_norm=cosine, backend=name))(name, window)
         case.variants = variants
         cases.append(case)
     return cases
+
+
+def cosine_attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
+                           shapes: Optional[int] = None) -> list[Case]:
+    return attention_cases(preset, dtype, device, shapes, cosine=True)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bench.__main__ import agreement, main
-from bench.cases import attention_cases, conv_cases
+from bench.cases import attention_cases, conv_cases, cosine_attention_cases
 
 
-@pytest.mark.parametrize("build", [conv_cases, attention_cases], ids=["conv", "attention"])
+@pytest.mark.parametrize("build", [conv_cases, attention_cases, cosine_attention_cases],
+                         ids=["conv", "attention", "cosine attention"])
 def test_every_variant_agrees_with_eager(build):
     # Two shapes per op: a variant that read another case's shape (a closure bound late)
     # computes a different result or fails, and this catches it.

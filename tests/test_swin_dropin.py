@@ -164,3 +164,26 @@ def test_swapped_model_compiles_without_graph_breaks_and_runs_under_autocast(lib
             out = swapped(x)
     assert out.dtype == torch.bfloat16
     assert_parity("autocast output", out, want, torch.bfloat16)
+
+
+def test_swapped_model_trains_under_ddp(tmp_path):
+    """DistributedDataParallel (gloo, one process) over a swapped Swin V2: every parameter is
+    reached by the backward (DDP's reducer fails otherwise) and the gradients equal the
+    swapped model's own."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        build, size, _, _ = MODELS["timm-v2"]
+        _, swapped = _original_and_copy(build, size)
+        uk.swap_in(swapped, "triton")
+        alone = copy.deepcopy(swapped)
+        ddp = DistributedDataParallel(swapped)
+        x = torch.randn(2, 3, size, size)
+        ddp(x).square().sum().backward()
+        alone(x).square().sum().backward()
+        for (name, p), (_, q) in zip(swapped.named_parameters(), alone.named_parameters()):
+            assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    finally:
+        dist.destroy_process_group()

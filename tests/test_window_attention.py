@@ -156,8 +156,7 @@ def test_opcheck(device, backend):
         q, k, v, bias = make_inputs((1, 9, 8), 2, 16, (4, 4), bias_kind, torch.float32, device, False)
         leaves = [t.requires_grad_() for t in (q, k, v)]
         bias = bias.requires_grad_() if bias is not None else None
-        scale = torch.full((2,), 0.25, device=device)
-        torch.library.opcheck(_fused_forward, (*leaves, bias, kind, [4, 4], [2, 1], scale, False,
+        torch.library.opcheck(_fused_forward, (*leaves, bias, kind, [4, 4], [2, 1], None, 0.25, False,
                                                None, None, False, backend))
 
 

@@ -93,7 +93,7 @@ def _attention_cases():
                     else torch.empty(heads, tokens, tokens, dtype=dtype) if bias_kind == 2 else None)
             shift = (window[0] // 2, window[1] // 2)
             tag = f"{dtype_name} d{d} window{window[0]}x{window[1]}" + ("" if bias_kind == 1 else f" bias{bias_kind}")
-            variant = attn.Variant(torch.empty(heads))
+            variant = attn.Variant(0.125)
             if cosine:
                 tag += " cosine"
                 pad = torch.empty(heads, d, dtype=dtype)

@@ -253,7 +253,8 @@ __device__ __forceinline__ float through_norm(float raw, float unit, float inv, 
 
 // Where the scale and pad-vector gradient partials of one block go.
 struct ExtraGrads {
-  float* dscale;  // (blocks, heads) or nullptr
+  float* dscale;  // (windows, heads) or nullptr: per window, not per run of windows, so that
+                  // no float gathers the rounding of a long run (torch sums them pairwise)
   float* dpad;    // (blocks, heads, 2, D) or nullptr
 };
 
@@ -284,7 +285,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (dbias_partial != nullptr)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
-  float dscale_run = 0.f, dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread 0; thread d < dim
+  float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
@@ -346,8 +347,11 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
         rx.dc_k[t] = col;
       }
       __syncthreads();
-      if (threadIdx.x == 0)
-        for (int t = 0; t < n; ++t) dscale_run += rx.dc_q[t];
+      if (extra.dscale != nullptr && threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int t = 0; t < n; ++t) sum += rx.dc_q[t];
+        extra.dscale[window * gridDim.y + head] = sum;
+      }
     }
     // The gradients of query row t and key row t at column d.
     auto query_grad = [&](int t, int d) {
@@ -392,7 +396,6 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     float* dst = dbias_partial + partial * n * n;
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
   }
-  if (extra.dscale != nullptr && threadIdx.x == 0) extra.dscale[partial] = dscale_run;
   if (extra.dpad != nullptr && threadIdx.x < dim) {
     extra.dpad[partial * 2 * dim + threadIdx.x] = dk_pad_run;
     extra.dpad[partial * 2 * dim + dim + threadIdx.x] = dv_pad_run;
@@ -766,7 +769,7 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
   const float scale = opt.scale[head];
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
-  float dscale_run = 0.f, dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread 0; thread d < dim
+  float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim
   const Strides strides[6] = {sq, sk, sv, sdo, so, sgrad};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (bias_grad)
@@ -844,8 +847,11 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
       }
       if (g.qk_norm) normalize_tiles<T>(qs, ks, L.ld16, np, dim, rx);  // not read since S
       __syncthreads();  // the matmuls below overwrite ss (the staging tile)
-      if (threadIdx.x == 0)
-        for (int r = 0; r < np; ++r) dscale_run += rx.dc_q[r];
+      if (extra.dscale != nullptr && threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int r = 0; r < np; ++r) sum += rx.dc_q[r];
+        extra.dscale[window * gridDim.y + head] = sum;
+      }
     }
 
     // dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K; each staged, then written.
@@ -882,7 +888,6 @@ __global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
     float* dst = dbias_partial + partial * n * n;
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
   }
-  if (extra.dscale != nullptr && threadIdx.x == 0) extra.dscale[partial] = dscale_run;
   if (extra.dpad != nullptr && threadIdx.x < dim) {
     extra.dpad[partial * 2 * dim + threadIdx.x] = dk_pad_run;
     extra.dpad[partial * 2 * dim + dim + threadIdx.x] = dv_pad_run;
@@ -1131,7 +1136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::TensorOptions partial = q.options().dtype(at::kFloat);
   const int64_t blocks = std::max<int64_t>(runs, 1);
   at::Tensor dbias = bias_grad ? at::zeros({blocks, g.heads, g.tokens, g.tokens}, partial) : at::empty({0}, partial);
-  at::Tensor dscale = scale_grad ? at::zeros({blocks, g.heads}, partial) : at::empty({0}, partial);
+  at::Tensor dscale = scale_grad ? at::zeros({std::max<int64_t>(windows, 1), g.heads}, partial) : at::empty({0}, partial);
   at::Tensor dpad = pad_grad ? at::zeros({blocks, g.heads, 2, g.head_dim}, partial) : at::empty({0}, partial);
   // The per-block partials summed in a fixed order: deterministic.
   auto result = [&] {

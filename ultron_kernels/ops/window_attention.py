@@ -65,32 +65,49 @@ def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
 
 # ---------------------------------------------------------------- custom ops (fused backends)
 #
-# scale is a float32 (heads,) tensor here (a float from the caller is broadcast); k_pad and
-# v_pad are (heads, D) in q's dtype or None; roll_first is timm's roll-then-pad order.
+# scale is a float32 (heads,) tensor, or None for the float scale_value (the common case: the
+# Triton kernels then take it as an argument, not a load); k_pad and v_pad are (heads, D) in
+# q's dtype or None; roll_first is timm's roll-then-pad order.
 
 @torch.library.custom_op("ultron_kernels::window_attention_fwd", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                   bias_kind: int, window: list[int], shift: list[int], scale: torch.Tensor,
-                   qk_norm: bool, k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
-                   roll_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias_kind: int, window: list[int], shift: list[int],
+                   scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
+                   k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor], roll_first: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_forward
-        return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift), scale,
-                                        qk_norm, k_pad, v_pad, roll_first)
-    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale,
+        return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift),
+                                        _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad,
+                                        roll_first)
+    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift,
+                                                         _scale_tensor(q, scale, scale_value),
                                                          qk_norm, k_pad, v_pad, roll_first)
 
 
+def _triton_scale(scale: Optional[torch.Tensor], scale_value: float):
+    return scale_value if scale is None else scale
+
+
+def _scale_tensor(q: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float) -> torch.Tensor:
+    """The CUDA kernels read a (heads,) float32 scale in every case."""
+    if scale is not None:
+        return scale
+    return torch.full((q.shape[3],), scale_value, dtype=torch.float32, device=q.device)
+
+
 @_fused_forward.register_fake
-def _(q, k, v, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad, roll_first, backend):
+def _(q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
+      backend):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=torch.float32))
 
 
 @torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
-                    bias_kind: int, window: list[int], shift: list[int], scale: torch.Tensor,
-                    qk_norm: bool, k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
+                    bias_kind: int, window: list[int], shift: list[int],
+                    scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
+                    k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
                     roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,12 +117,14 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_backward
         grads = window_attention_backward(
-            grad_out, q, k, v, out, lse, bias, bias_kind, tuple(window), tuple(shift), scale,
-            qk_norm, k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
+            grad_out, q, k, v, out, lse, bias, bias_kind, tuple(window), tuple(shift),
+            _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
+            scale_grad, pad_grad)
     else:
         grads = _cuda.cuda_ops(q.device).window_attention_bwd(
-            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad,
-            v_pad, roll_first, bias_grad, scale_grad, pad_grad)
+            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift,
+            _scale_tensor(q, scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
+            scale_grad, pad_grad)
     dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
 
     def none():  # a gradient not asked for; outputs may not alias each other
@@ -120,8 +139,8 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 @_fused_backward.register_fake
-def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad,
-      roll_first, bias_grad, scale_grad, pad_grad, backend):
+def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+      k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend):
     def grad_like(t, wanted):
         return torch.empty_like(t) if wanted else q.new_empty((0,))
 
@@ -131,23 +150,25 @@ def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_nor
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad, roll_first, backend = inputs
+    (q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
+     backend) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, out, lse)
     needs = ctx.needs_input_grad
-    ctx.grads = (bias is not None and needs[3], needs[7], k_pad is not None and (needs[9] or needs[10]))
-    ctx.args = (bias_kind, window, shift, qk_norm, roll_first, backend)
+    ctx.grads = (bias is not None and needs[3], scale is not None and needs[7],
+                 k_pad is not None and (needs[10] or needs[11]))
+    ctx.args = (bias_kind, window, shift, scale_value, qk_norm, roll_first, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, bias, scale, k_pad, v_pad, out, lse = ctx.saved_tensors
-    bias_kind, window, shift, qk_norm, roll_first, backend = ctx.args
+    bias_kind, window, shift, scale_value, qk_norm, roll_first, backend = ctx.args
     bias_grad, scale_grad, pad_grad = ctx.grads
     dq, dk, dv, dbias, dscale, dk_pad, dv_pad = _fused_backward(
-        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, qk_norm, k_pad, v_pad,
-        roll_first, bias_grad, scale_grad, pad_grad, backend)
+        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+        k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend)
     return (dq, dk, dv, dbias if bias_grad else None, None, None, None,
-            dscale if scale_grad else None, None, dk_pad if pad_grad else None,
+            dscale if scale_grad else None, None, None, dk_pad if pad_grad else None,
             dv_pad if pad_grad else None, None, None)
 
 
@@ -313,10 +334,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         pads = None if pad_kv is None else (k_pad, v_pad)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, qk_norm,
                                           pads, roll_first)
-    if isinstance(scale, torch.Tensor):
-        scale = scale.float().contiguous()
-    else:
-        scale = torch.full((q.shape[3],), scale, dtype=torch.float32, device=q.device)
-    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), scale, qk_norm,
+    per_head = scale.float().contiguous() if isinstance(scale, torch.Tensor) else None
+    value = 0.0 if per_head is not None else scale
+    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), per_head, value, qk_norm,
                             k_pad, v_pad, roll_first, chosen)
     return out

@@ -16,7 +16,7 @@ gradient is accumulated per run of windows then reduced in a fixed order: determ
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -87,6 +87,17 @@ def _inverse_norm(rows):
 
 
 @triton.jit
+def _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE: tl.constexpr):
+    """The head's scale: loaded from the (heads,) tensor, or the float argument. A loaded
+    scale costs the backward up to 62 registers (ptxas, sm_90: tools/compile_triton.py), so
+    the common float scale stays an argument."""
+    if PER_HEAD_SCALE:
+        return tl.load(scale_ptr + head)
+    else:
+        return scale_value
+
+
+@triton.jit
 def _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """Relative position bias (fp32) of query block ``q_block`` against key block ``k_block``.
@@ -147,38 +158,38 @@ def _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k, key_ok,
 @triton.jit
 def _window_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr,
-        ROLL_FIRST: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-        PRECISION: tl.constexpr):
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
+        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     # Program (run, q_block): query block q_block of a run of windows, one head.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
-    scale = tl.load(scale_ptr + head)
+    scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     for window in range(first, last):
-        batch, tq, rq, cq, yq, xq, real_q, _, region_q = _token_coords(
+        batch, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
             window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
         q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
         inv_q = scale
         if QK_NORM:
-            inv_q, _ = _inverse_norm(q)
+            inv_q, live_q = _inverse_norm(q)
         m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK,), dtype=tl.float32)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         for k_block in range(NUM_BLOCKS):
-            _, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
+            batch_k, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
                 window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
             k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k, inside_k,
                             skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
             inv_k = scale
             if QK_NORM:
-                inv_k, _ = _inverse_norm(k)
+                inv_k, live_k = _inverse_norm(k)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
-            _, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
+            c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
                            inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,19 +211,20 @@ def _window_attn_fwd_kernel(
 def _window_attn_bwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr, do_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
         sob, soh, sow, son, slb, slh, slw, sln, sdob, sdoh, sdow, sdon,
         sdq_part, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr,
-        ROLL_FIRST: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
+        BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
         PAD_GRAD: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         PRECISION: tl.constexpr):
     # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
     # per-key-block contributions (stride sdq_part) that the launcher sums in order. The scale
-    # and pad-vector gradients are written once per program, (program, head) partials that
-    # the launcher sums in order too.
+    # gradient is written per (window, key block, head), the pad-vector gradients per
+    # (program, head): partials that the launcher sums in order too.
     #
     # With QK_NORM, s = scale * c + bias with c = (q.k) * iq * ik (iq, ik: inverse norms).
     # Through the norms: dq_i = scale * iq_i * sum_j ds_ij ik_j k_j
@@ -223,8 +235,7 @@ def _window_attn_bwd_kernel(
     n_tok = WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
     run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
-    scale = tl.load(scale_ptr + head)
-    dscale_rows = tl.zeros((BLOCK,), dtype=tl.float32)   # sum_j ds_ij c_ij per query slot
+    scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     dk_pad = tl.zeros((D,), dtype=tl.float32)
     dv_pad = tl.zeros((D,), dtype=tl.float32)
     for window in range(first, last):
@@ -238,9 +249,9 @@ def _window_attn_bwd_kernel(
             inv_k, live_k = _inverse_norm(k)
         dk = tl.zeros((BLOCK, D), dtype=tl.float32)
         dv = tl.zeros((BLOCK, D), dtype=tl.float32)
-        dc_k = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_i ds_ij c_ij per key (QK_NORM)
+        dc_k = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_i ds_ij c_ij per key
         for q_block in range(NUM_BLOCKS):
-            _, tq, rq, cq, yq, xq, real_q, _, region_q = _token_coords(
+            batch_q, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
                 window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
             q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
             do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
@@ -262,11 +273,10 @@ def _window_attn_bwd_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             ds_c = ds * c
-            if SCALE_GRAD:
-                dscale_rows += tl.sum(ds_c, 1)
+            if SCALE_GRAD or QK_NORM:
+                dc_k += tl.sum(ds_c, 0)
             if QK_NORM:
                 dk += tl.dot(tl.trans(ds * inv_q[:, None]).to(q.dtype), q, input_precision=PRECISION)
-                dc_k += tl.sum(ds_c, 0)
                 dq = (tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
                       * (scale * inv_q)[:, None]
                       - (tl.where(live_q, inv_q * inv_q, 0.0) * scale * tl.sum(ds_c, 1))[:, None]
@@ -286,6 +296,9 @@ def _window_attn_bwd_kernel(
                             + tq[:, None] * n_tok + tk[None, :])
                     old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
                     tl.store(dbias_ptr + offs, old + ds, mask=both)
+        if SCALE_GRAD:  # one partial per window and key block, summed by the launcher
+            tl.store(dscale_ptr + (window * NUM_BLOCKS + k_block).to(tl.int64) * tl.num_programs(1) + head,
+                     tl.sum(dc_k, 0))
         if QK_NORM:
             dk = (dk * (scale * inv_k)[:, None]
                   - (tl.where(live_k, inv_k * inv_k, 0.0) * scale * dc_k)[:, None] * k.to(tl.float32))
@@ -300,8 +313,6 @@ def _window_attn_bwd_kernel(
             dk_pad += tl.sum(tl.where(pad, dk, 0.0), 0)
             dv_pad += tl.sum(tl.where(pad, dv, 0.0), 0)
     partial = tl.program_id(0) * tl.num_programs(1) + head
-    if SCALE_GRAD:
-        tl.store(dscale_ptr + partial, tl.sum(dscale_rows, 0))
     if PAD_GRAD:
         d = tl.arange(0, D)
         tl.store(dpad_ptr + partial.to(tl.int64) * 2 * D + d, dk_pad)
@@ -320,8 +331,8 @@ def _window_attn_bwd_kernel(
 # Configurations that do not fit the device's shared memory are pruned before timing.
 _window_attn_fwd_autotuned = triton.autotune(
     configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (2, 4, 8) for st in (1, 2, 3)],
-    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "QK_NORM", "HAS_PAD", "ROLL_FIRST",
-         "PRECISION"],
+    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
+         "ROLL_FIRST", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_to_device(_window_attn_fwd_kernel)},
 )(_window_attn_fwd_kernel)
 
@@ -365,25 +376,35 @@ def _meta(q: torch.Tensor, window, shift, bias_kind: int, variant: "Variant",
     interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
     return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
-                BIAS_KIND=bias_kind, QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
+                BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
+                QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
                 ROLL_FIRST=variant.roll_first,
                 NUM_BLOCKS=triton.cdiv(window[0] * window[1], candidate["BLOCK"]),
                 PRECISION="tf32" if tf32 else "ieee", **candidate)
 
 
 class Variant(NamedTuple):
-    """The op's per-call options the kernels take: a (heads,) float32 scale, cosine
-    attention, the pad vectors ((heads, D) in q's dtype, or None) and timm's roll-then-pad."""
-    scale: torch.Tensor
+    """The op's per-call options the kernels take: the scale (a float, or a (heads,) float32
+    tensor), cosine attention, the pad vectors ((heads, D) in q's dtype, or None) and timm's
+    roll-then-pad order."""
+    scale: Union[float, torch.Tensor]
     qk_norm: bool = False
     k_pad: Optional[torch.Tensor] = None
     v_pad: Optional[torch.Tensor] = None
     roll_first: bool = False
 
+    @property
+    def per_head_scale(self) -> bool:
+        return isinstance(self.scale, torch.Tensor)
+
     def pointers(self, q: torch.Tensor) -> tuple:
-        """scale, k_pad, v_pad kernel arguments (q stands in for absent pads)."""
-        return (self.scale, q if self.k_pad is None else self.k_pad,
+        """scale, k_pad, v_pad pointer arguments (q stands in for an absent one)."""
+        return (self.scale if self.per_head_scale else q, q if self.k_pad is None else self.k_pad,
                 q if self.v_pad is None else self.v_pad)
+
+    @property
+    def scale_value(self) -> float:
+        return 0.0 if self.per_head_scale else self.scale
 
 
 def _bias_strides(bias) -> tuple[int, int, int]:
@@ -408,7 +429,7 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
         grid = (triton.cdiv(geo["n_windows"], per_program) * blocks, heads)
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse,
                 geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program,
+                geo["n_windows"], per_program, variant.scale_value,
                 *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
                 *_bias_strides(bias))
         return Launch(_window_attn_fwd_kernel, grid, args, meta)
@@ -423,7 +444,8 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
     return launch, out, lse
 
 
-def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift, scale: torch.Tensor,
+def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift,
+                             scale: Union[float, torch.Tensor],
                              qk_norm: bool, k_pad, v_pad, roll_first: bool):
     """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
     if q.numel() == 0:
@@ -475,13 +497,14 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, s
         partial = dict(device=q.device, dtype=torch.float32)
         # Zeroed below for the chosen candidate only (its kernel accumulates into it).
         dbias = torch.empty((runs, heads, tokens, tokens), **partial) if bias_grad else None
-        dscale = torch.empty((runs * blocks, heads), **partial) if scale_grad else None
+        # Per window: a long run's sum would otherwise gather its rounding in one float.
+        dscale = torch.empty((geo["n_windows"] * blocks, heads), **partial) if scale_grad else None
         dpad = torch.empty((runs * blocks, heads, 2, head_dim), **partial) if pad_grad else None
         buffers[candidate["BLOCK"]] = dq, dk, dv, dbias, dscale, dpad
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse, grad_out,
                 dq, dk, dv, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
                 geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program,
+                geo["n_windows"], per_program, variant.scale_value,
                 *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
                 *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0,
                 *_strides4(dq[0] if blocks > 1 else dq), *_bias_strides(bias))
@@ -496,8 +519,8 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, s
 
 
 def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, shift,
-                              scale: torch.Tensor, qk_norm: bool, k_pad, v_pad, roll_first: bool,
-                              bias_grad: bool, scale_grad: bool, pad_grad: bool):
+                              scale: Union[float, torch.Tensor], qk_norm: bool, k_pad, v_pad,
+                              roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool):
     """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad): dbias the (heads, N, N) float32
     dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32; each None
     when not asked for. Partials are summed in a fixed order: deterministic."""

@@ -743,7 +743,7 @@ __device__ void tc_matmul_to_stage(const NT* a, int lda, const NT* b, int ldb, f
 #endif
 
 template <typename T>
-__global__ void __launch_bounds__(kTcBwdThreads) window_attn_bwd_tc_kernel(
+__global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,

@@ -322,20 +322,20 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     roll_first = shift_order == "roll_then_pad"
     q, k, v = autocast_inputs(q, k, v)
     k_pad, v_pad = (None, None) if pad_kv is None else (t.to(q.dtype).contiguous() for t in pad_kv)
-    extras = (rel_pos_bias, k_pad, v_pad, scale if isinstance(scale, torch.Tensor) else None)
+    per_head = scale if isinstance(scale, torch.Tensor) else None
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v) + extras if t is not None)
+        t.requires_grad for t in (q, k, v, rel_pos_bias, k_pad, v_pad, per_head) if t is not None)
     bias_grad = needs_grad and rel_pos_bias is not None and rel_pos_bias.requires_grad
     chosen = select_backend(OP_NAME, backend, q.device,
                             _fused_reason(q, window, needs_grad, bias_grad,
-                                          extras=qk_norm or (isinstance(scale, torch.Tensor)
-                                                             and scale.requires_grad)))
+                                          extras=qk_norm or (per_head is not None
+                                                             and per_head.requires_grad)))
     if chosen == "reference":
         pads = None if pad_kv is None else (k_pad, v_pad)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, qk_norm,
                                           pads, roll_first)
-    per_head = scale.float().contiguous() if isinstance(scale, torch.Tensor) else None
     value = 0.0 if per_head is not None else scale
-    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), per_head, value, qk_norm,
-                            k_pad, v_pad, roll_first, chosen)
+    per_head = per_head.float().contiguous() if per_head is not None else None
+    out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), per_head, value,
+                            qk_norm, k_pad, v_pad, roll_first, chosen)
     return out

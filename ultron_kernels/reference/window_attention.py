@@ -70,7 +70,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     attention). pad_kv: (k_pad, v_pad), each (heads, D): padded positions are keys with these
     values instead of being excluded. roll_first: roll the unpadded grid, then pad (timm's
     order) instead of padding, then rolling."""
-    batch, height, width, heads, head_dim = q.shape
+    batch, height, width, heads = q.shape[:4]
     (wh, ww), (sh, sw) = window, shift
     hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
     pad = (0, 0, 0, 0, 0, wp - width, 0, hp - height)
@@ -82,7 +82,10 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             return F.pad(torch.roll(t, (-sh, -sw), (1, 2)), pad)
         return torch.roll(F.pad(t, pad), (-sh, -sw), (1, 2))
 
-    def restore(t: torch.Tensor) -> torch.Tensor:  # the rolled, padded grid -> the image
+    def restore(t: torch.Tensor) -> torch.Tensor:
+        """(B, nWh, nWw, heads, N, X) windows -> (B, H, W, heads, X) on the image."""
+        t = t.reshape(batch, hp // wh, wp // ww, heads, wh, ww, t.shape[-1])
+        t = t.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, t.shape[-1])
         if roll_first:
             return torch.roll(t[:, :height, :width], (sh, sw), (1, 2))
         return torch.roll(t, (sh, sw), (1, 2))[:, :height, :width]
@@ -124,13 +127,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # its backward.
     dead = (scores == float("-inf")).all(-1, keepdim=True)
     attn = scores.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
-    out = attn @ _partition(v, wh, ww)   # (B, nWh, nWw, heads, N, D)
-    out = out.reshape(batch, hp // wh, wp // ww, heads, wh, ww, head_dim)
-    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, head_dim)
-    out = restore(out).to(out_dtype).contiguous()
+    out = restore(attn @ _partition(v, wh, ww)).to(out_dtype).contiguous()
     if not return_lse:
         return out
-    lse = scores.logsumexp(-1)  # (B, nWh, nWw, heads, N)
-    lse = lse.reshape(batch, hp // wh, wp // ww, heads, wh, ww)
-    lse = lse.permute(0, 1, 4, 2, 5, 3).reshape(batch, hp, wp, heads, 1)
-    return out, restore(lse)[..., 0].contiguous()
+    return out, restore(scores.logsumexp(-1, keepdim=True))[..., 0].contiguous()

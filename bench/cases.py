@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ultron_kernels as uk
-from ultron_kernels.reference.dilated_conv import same_padding
+from ultron_kernels.ops.dilated_conv import same_padding
 from ultron_kernels.reference.window_attention import dense_bias, window_attention_reference
 
 CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups

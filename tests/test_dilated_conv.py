@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 import ultron_kernels as uk
 from ultron_kernels.nn import ChannelwiseDilatedConv2d, SplitDilatedConv2d
-from ultron_kernels.ops.dilated_conv import _fused_forward, normalize_dilation
+from ultron_kernels.ops.dilated_conv import normalize_dilation
 from helpers import assert_parity, backend_cases, poisoned_outputs
 
 CASES = backend_cases()
@@ -152,16 +152,6 @@ def test_backward_is_bitwise_deterministic(device, backend):
     second = torch.autograd.grad(y, leaves, g)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
-
-
-@pytest.mark.parametrize("device,backend", FUSED_CASES)
-def test_opcheck(device, backend):
-    x, weight, b = make_inputs((1, 4, 6, 5), 3, torch.float32, device, False)
-    weight = weight.reshape(4, 3, 3).contiguous()
-    for args in ((x, weight, b, [1, 1, 3, 3], 1, backend),
-                 (x.to(memory_format=torch.channels_last), weight, None, [2, 2, 1, 1], 2, backend)):
-        args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-        torch.library.opcheck(_fused_forward, args)
 
 
 @pytest.mark.parametrize("device,backend", CASES)

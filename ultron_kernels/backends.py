@@ -30,6 +30,7 @@ from ultron_kernels import _cuda
 BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER = {
     "channelwise_dilated_conv2d": ("triton", "cuda", "reference"),
+    "grouped_depthwise_conv2d": ("triton", "cuda", "reference"),
     "window_attention": ("triton", "cuda", "reference"),
 }
 ENV_VAR = "ULTRON_KERNELS_BACKEND"
@@ -39,7 +40,7 @@ ENV_VAR = "ULTRON_KERNELS_BACKEND"
 # Modules whose @triton.jit functions show the mode they were decorated in (triton's own
 # helpers such as tl.cdiv, and our kernels), with one such function each.
 _JIT_PROBES = (("triton.language.standard", "cdiv"),
-               ("ultron_kernels.triton.dilated_conv", "_dilated_conv_gather_kernel"),
+               ("ultron_kernels.triton.grouped_depthwise_conv", "_grouped_conv_gather_kernel"),
                ("ultron_kernels.triton.window_attention", "_window_attn_fwd_kernel"))
 
 

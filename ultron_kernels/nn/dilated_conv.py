@@ -8,8 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ultron_kernels.ops.dilated_conv import Dilation, channelwise_dilated_conv2d, normalize_dilation
-from ultron_kernels.reference.dilated_conv import same_padding
+from ultron_kernels.ops.dilated_conv import Dilation, channelwise_dilated_conv2d, normalize_dilation, same_padding
 
 
 def _describe(rates: Sequence[int]) -> str:

@@ -1,0 +1,319 @@
+"""Triton kernels for the grouped depthwise convolution (and the channel-wise dilated one,
+its special case).
+
+One launch covers every group. Axis 1 of the grid walks channel blocks, each inside one group
+(a host-made block table names the group and the block's channel range), so a program reads
+its group's kernel shape, dilation, padding and weight offset as scalars: the tap loops run
+that group's own kh x kw taps (a 1x11 band costs 11 taps, not 121), and the addresses stay
+affine in the channel, so channels_last loads vectorise. An identity group is a 1x1 tap of
+weight 1 (exact in every dtype). The kernels take the tensors' strides, so NCHW and
+channels_last share them; the tile is (channels x output pixels), shaped per layout so that
+the contiguous axis (W for NCHW, C for NHWC) lies along the warp.
+
+* forward and grad input: one gather kernel; forward is a direct convolution with a masked
+  load per tap (re-reads hit L1/L2), grad input reads the taps backwards (no atomics);
+* grad weight / bias: per-program partial sums written to a (programs, weights) buffer that
+  the launcher reduces in a fixed order, so two backward calls give bitwise-identical grads.
+  Grid axis 2 walks chunks of TAPS taps; a chunk past its group's taps has nothing to do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
+from ultron_kernels.reference.grouped_depthwise_conv import ResolvedGroup
+from ultron_kernels.triton.launch import Launch, plan, prune_to_device
+
+GROUP_COLUMNS = 8   # channel start, kh, kw, dh, dw, pad top, pad left, weight offset (-1: identity)
+BLOCK_COLUMNS = 3   # group, first channel, end channel
+MAX_TAPS_PER_CHUNK = 16
+
+
+@triton.jit
+def _tile_pixels(pid_pixels, height, width, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Batch index and (row, col) vectors of one program's pixel tile, and which exist."""
+    tiles_h = tl.cdiv(height, BLOCK_H)
+    tiles_w = tl.cdiv(width, BLOCK_W)
+    batch = pid_pixels // (tiles_h * tiles_w)
+    tile = pid_pixels % (tiles_h * tiles_w)
+    pixel = tl.arange(0, BLOCK_H * BLOCK_W)
+    row = (tile // tiles_w) * BLOCK_H + pixel // BLOCK_W
+    col = (tile % tiles_w) * BLOCK_W + pixel % BLOCK_W
+    return batch, row, col, (row < height) & (col < width)
+
+
+@triton.jit
+def _block_group(group_ptr, block_ptr, pid_channels, BLOCK_C: tl.constexpr):
+    """The channels of block ``pid_channels`` (all in one group) and that group's geometry:
+    (channel, channel_ok, kh, kw, dh, dw, pad_top, pad_left, weight row of each channel,
+    has_weight)."""
+    group = tl.load(block_ptr + pid_channels * 3)
+    first = tl.load(block_ptr + pid_channels * 3 + 1)
+    end = tl.load(block_ptr + pid_channels * 3 + 2)
+    row = group_ptr + group * 8
+    group_first = tl.load(row)
+    kh = tl.load(row + 1)
+    kw = tl.load(row + 2)
+    dil_h = tl.load(row + 3)
+    dil_w = tl.load(row + 4)
+    pad_top = tl.load(row + 5)
+    pad_left = tl.load(row + 6)
+    weight_offset = tl.load(row + 7)
+    has_weight = weight_offset >= 0
+    channel = first + tl.arange(0, BLOCK_C)
+    weight_row = tl.maximum(weight_offset, 0) + (channel - group_first) * (kh * kw)
+    return channel, channel < end, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight
+
+
+@triton.jit
+def _source_pos(pos, k, dil, pad, STRIDE: tl.constexpr, limit, TRANSPOSED: tl.constexpr):
+    """Source position that tap ``k`` of destination ``pos`` reads, and whether it exists.
+    Forward: src = pos*STRIDE - pad + k*dil. Grad input (TRANSPOSED): src*STRIDE = pos + pad - k*dil."""
+    if TRANSPOSED:
+        scaled = pos + pad - k * dil
+        src = scaled // STRIDE
+        ok = (scaled >= 0) & (src < limit)
+        if STRIDE > 1:
+            ok = ok & (scaled % STRIDE == 0)
+    else:
+        src = pos * STRIDE - pad + k * dil
+        ok = (src >= 0) & (src < limit)
+    return src, ok
+
+
+@triton.jit
+def _grouped_conv_gather_kernel(
+        src_ptr, w_ptr, b_ptr, group_ptr, block_ptr, dst_ptr,
+        H_src, W_src, H_dst, W_dst,
+        ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
+        STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx; the same taps
+    # read backwards, so every dx element is written once, without atomics.
+    batch, dst_h, dst_w, pixel_ok = _tile_pixels(tl.program_id(0), H_dst, W_dst, BLOCK_H, BLOCK_W)
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight = _block_group(
+        group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+    dst_ok = channel_ok[:, None] & pixel_ok[None, :]
+    weight_ok = channel_ok & has_weight  # an identity group's masked weight reads as 1
+    src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None].to(tl.int64) * ssc
+    acc = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=tl.float32)
+    for i in range(kh):
+        src_h, row_ok = _source_pos(dst_h[None, :], i, dil_h, pad_top, STRIDE, H_src, TRANSPOSED)
+        row_ok = row_ok & dst_ok
+        for j in range(kw):
+            src_w, col_ok = _source_pos(dst_w[None, :], j, dil_w, pad_left, STRIDE, W_src, TRANSPOSED)
+            v = tl.load(src_base + src_h * ssh + src_w * ssw, mask=row_ok & col_ok, other=0.0)
+            wv = tl.load(w_ptr + weight_row + (i * kw + j), mask=weight_ok, other=1.0)
+            acc += v.to(tl.float32) * wv.to(tl.float32)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[:, None]
+    dst_offset = (batch.to(tl.int64) * sdb + channel[:, None].to(tl.int64) * sdc
+                  + dst_h[None, :] * sdh + dst_w[None, :] * sdw)
+    tl.store(dst_ptr + dst_offset, acc.to(dst_ptr.dtype.element_ty), mask=dst_ok)
+
+
+@triton.jit
+def _grouped_conv_grad_weight_kernel(
+        dy_ptr, x_ptr, group_ptr, block_ptr, dw_partial_ptr, db_partial_ptr,
+        C, n_weights, H, W, H_out, W_out, n_tiles,
+        sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
+        STRIDE: tl.constexpr, TAPS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # Program (p, block, chunk) sums the output tiles p, p + P, p + 2P, ... (P programs along
+    # axis 0) for taps [chunk*TAPS, chunk*TAPS + TAPS) of its block's group into
+    # dw_partial[p, weight] (and, chunk 0, db_partial[p, c]). The taps are a tensor axis: one
+    # (channels x pixels x taps) gather per tile, reduced over the pixels.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    chunk = tl.program_id(2)
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight = _block_group(
+        group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+    tap = chunk * TAPS + tl.arange(0, TAPS)
+    tap_ok = (tap < kh * kw) & has_weight
+    tap_h = (tap // kw)[None, None, :]
+    tap_w = (tap % kw)[None, None, :]
+    active = has_weight & (chunk * TAPS < kh * kw)
+    last_tile = tl.where(active, n_tiles, 0)
+    acc = tl.zeros((BLOCK_C, TAPS), dtype=tl.float32)
+    acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for tile in range(pid, last_tile, programs):
+        batch, out_h, out_w, pixel_ok = _tile_pixels(tile, H_out, W_out, BLOCK_H, BLOCK_W)
+        out_ok = channel_ok[:, None] & pixel_ok[None, :]
+        dy_offset = (batch.to(tl.int64) * sdyb + channel[:, None].to(tl.int64) * sdyc
+                     + out_h[None, :] * sdyh + out_w[None, :] * sdyw)
+        g = tl.load(dy_ptr + dy_offset, mask=out_ok, other=0.0).to(tl.float32)
+        acc_bias += tl.sum(g, axis=1)
+        in_h, row_ok = _source_pos(out_h[None, :, None], tap_h, dil_h, pad_top, STRIDE, H, False)
+        in_w, col_ok = _source_pos(out_w[None, :, None], tap_w, dil_w, pad_left, STRIDE, W, False)
+        x_offset = (batch.to(tl.int64) * sxb + channel[:, None, None].to(tl.int64) * sxc
+                    + in_h * sxh + in_w * sxw)
+        ok = out_ok[:, :, None] & row_ok & col_ok & tap_ok[None, None, :]
+        xv = tl.load(x_ptr + x_offset, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(g[:, :, None] * xv, axis=1)
+    partial_row = pid.to(tl.int64) * n_weights
+    tl.store(dw_partial_ptr + partial_row + weight_row[:, None] + tap[None, :], acc,
+             mask=channel_ok[:, None] & tap_ok[None, :])
+    tl.store(db_partial_ptr + pid.to(tl.int64) * C + channel, acc_bias, mask=channel_ok & active & (chunk == 0))
+
+
+# ---------------------------------------------------------------- host side
+
+def _groups_of(spec: tuple) -> list[ResolvedGroup]:
+    return [ResolvedGroup(*spec[i:i + 9]) for i in range(0, len(spec), 9)]
+
+
+@functools.lru_cache(maxsize=128)
+def _group_table(spec: tuple, device: torch.device) -> torch.Tensor:
+    """(G, GROUP_COLUMNS) int32: each group's geometry and the offset of its weights in the
+    packed weight vector (-1 and a 1x1 tap for an identity group)."""
+    rows, first, offset = [], 0, 0
+    for g in _groups_of(spec):
+        if g.identity:
+            rows.append([first, 1, 1, 1, 1, 0, 0, -1])
+        else:
+            rows.append([first, g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, offset])
+            offset += g.channels * g.kernel_h * g.kernel_w
+        first += g.channels
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=128)
+def _block_table(spec: tuple, block_c: int, device: torch.device) -> torch.Tensor:
+    """(blocks, BLOCK_COLUMNS) int32: the channel blocks of BLOCK_C channels, none straddling
+    two groups."""
+    rows, first = [], 0
+    for index, g in enumerate(_groups_of(spec)):
+        rows += [[index, c, min(c + block_c, first + g.channels)]
+                 for c in range(first, first + g.channels, block_c)]
+        first += g.channels
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, BLOCK_COLUMNS).to(device)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+def _block_c(t: torch.Tensor, spec: tuple, cap: int) -> int:
+    """Channels per program: 1 for NCHW; for channels_last a power of two up to ``cap``, no
+    larger than the widest group needs."""
+    if not _channels_last(t):
+        return 1
+    return min(cap, triton.next_power_of_2(max(1, max(g.channels for g in _groups_of(spec)))))
+
+
+def _max_taps(spec: tuple) -> int:
+    return max([g.kernel_h * g.kernel_w for g in _groups_of(spec) if not g.identity] or [1])
+
+
+def _tile(t: torch.Tensor, block_c: int) -> dict:
+    """Fixed tile (the interpreter's, and the one used when autotuning is off) with the
+    contiguous axis along the warp."""
+    if _channels_last(t):
+        return dict(BLOCK_H=4, BLOCK_W=max(2, 256 // (block_c * 4)), num_warps=4)
+    return dict(BLOCK_H=16, BLOCK_W=32, num_warps=4)
+
+
+def _grad_weight_tile(t: torch.Tensor, taps: int, block_c: int) -> dict:
+    """Fixed tile of the grad-weight kernel: about 8K (channel, pixel, tap) elements."""
+    pixels = max(1, 8192 // (taps * block_c))
+    block_w = min(pixels, 8 if _channels_last(t) else 32)
+    return dict(BLOCK_H=max(1, pixels // block_w), BLOCK_W=block_w, num_warps=4)
+
+
+def _configs(shapes) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w in shapes for nw in (4, 8)]
+
+
+# BLOCK_C is fixed per call (the block table depends on it), so each layout tunes the pixel
+# tile only; the layout's own list keeps the contiguous axis along the warp.
+_AUTOTUNE_KEY = ["H_src", "W_src", "H_dst", "W_dst", "STRIDE", "TRANSPOSED", "BLOCK_C"]
+_gather_autotuned = {
+    layout: triton.autotune(configs=_configs(shapes), key=_AUTOTUNE_KEY, prune_configs_by={
+        "early_config_prune": prune_to_device(_grouped_conv_gather_kernel)})(_grouped_conv_gather_kernel)
+    for layout, shapes in (("nchw", [(8, 32), (16, 32), (32, 32), (4, 64), (8, 64)]),
+                           ("nhwc", [(2, 4), (4, 4), (2, 8), (4, 8), (8, 8)]))
+}
+
+
+def _grid(batch: int, height: int, width: int, blocks: int):
+    def grid(meta):
+        tiles = triton.cdiv(height, meta["BLOCK_H"]) * triton.cdiv(width, meta["BLOCK_W"])
+        return (batch * tiles, blocks)
+    return grid
+
+
+def _program_budget(device: torch.device) -> int:
+    """Programs for the reduction kernel: a few per multiprocessor on a GPU; few in the
+    interpreter, where every program costs Python time."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gather_launch(src: torch.Tensor, weight: torch.Tensor, bias, spec: tuple, dst: torch.Tensor,
+                  stride: int, transposed: bool) -> Launch:
+    """The gather kernel's launch (forward: src = x, dst = y; grad input: src = dy, dst = dx):
+    autotuned on a GPU; one fixed tile in the interpreter (autotuning there would only
+    multiply its run time) or when autotuning is switched off."""
+    block_c = _block_c(dst, spec, 64)
+    blocks = _block_table(spec, block_c, dst.device)
+    args = (src, weight, bias if bias is not None else weight, _group_table(spec, dst.device), blocks, dst,
+            *src.shape[2:], *dst.shape[2:], *src.stride(), *dst.stride())
+    flags = dict(STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=transposed, BLOCK_C=block_c)
+    grid = _grid(dst.shape[0], *dst.shape[2:], blocks.shape[0])
+    if not triton_interpreter_on() and autotune_enabled():
+        return Launch(_gather_autotuned["nhwc" if _channels_last(dst) else "nchw"], grid, args, flags)
+    return plan("grouped conv gather", [_tile(dst, block_c)], lambda candidate: Launch(
+        _grouped_conv_gather_kernel, grid(candidate), args, dict(flags, **candidate)))
+
+
+def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, spec: tuple, stride: int):
+    """(launch or None, dw_partial, db_partial): the grad-weight kernel with a fixed tile and
+    program count (from the shape and the device only), so that the partial-sum order never
+    depends on tuning."""
+    batch, channels, height, width = x.shape
+    h_out, w_out = grad_out.shape[2:]
+    taps = min(MAX_TAPS_PER_CHUNK, triton.next_power_of_2(_max_taps(spec)))
+    chunks = triton.cdiv(_max_taps(spec), taps)
+    block_c = _block_c(x, spec, 32)
+    blocks = _block_table(spec, block_c, x.device)
+    tile = _grad_weight_tile(x, taps, block_c)
+    n_tiles = _grid(batch, h_out, w_out, 1)(tile)[0]
+    programs = max(1, min(n_tiles, _program_budget(x.device) // max(1, blocks.shape[0] * chunks)))
+    dw_partial = torch.empty((programs, n_weights), device=x.device, dtype=torch.float32)
+    # Identity groups' channels get no bias gradient: their partials stay zero.
+    db_partial = torch.zeros((programs, channels), device=x.device, dtype=torch.float32)
+    if n_tiles == 0 or n_weights == 0:
+        return None, dw_partial.zero_(), db_partial
+    args = (grad_out, x, _group_table(spec, x.device), blocks, dw_partial, db_partial, channels, n_weights,
+            height, width, h_out, w_out, n_tiles, *grad_out.stride(), *x.stride())
+    meta = dict(STRIDE=stride, TAPS=taps, BLOCK_C=block_c)
+    launch = plan("grouped conv grad weight", [tile], lambda candidate: Launch(
+        _grouped_conv_grad_weight_kernel, (programs, blocks.shape[0], chunks), args, dict(meta, **candidate)))
+    return launch, dw_partial, db_partial
+
+
+def grouped_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, spec: tuple,
+                         stride: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes the convolution of ``x`` into ``out`` (either layout) and returns it. ``spec``:
+    the resolved groups flattened (9 ints each); ``weight``: their packed weights."""
+    if out.numel() > 0:
+        gather_launch(x, weight, bias, spec, out, stride, transposed=False).run()
+    return out
+
+
+def grouped_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec: tuple,
+                          stride: int, grad_x: torch.Tensor):
+    """Writes grad x into ``grad_x``; returns (grad_x, grad of the packed weight (fp32),
+    grad bias (C,) fp32)."""
+    if grad_x.numel() > 0:
+        gather_launch(grad_out, weight, None, spec, grad_x, stride, transposed=True).run()
+    launch, dw_partial, db_partial = grad_weight_launch(grad_out, x, weight.numel(), spec, stride)
+    if launch is not None:
+        launch.run()
+    return grad_x, dw_partial.sum(0), db_partial.sum(0)

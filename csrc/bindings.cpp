@@ -40,8 +40,8 @@ PyObject* ULTRON_MODULE_INIT(void) {
 }
 
 TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
-  m.def("dilated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, int[] dilation, int stride) -> Tensor");
-  m.def("dilated_conv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[] dilation, int stride) "
+  m.def("grouped_dwconv2d_fwd(Tensor x, Tensor weight, Tensor? bias, int[] groups, int stride) -> Tensor");
+  m.def("grouped_dwconv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[] groups, int stride) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
         "int[] window, int[] shift, Tensor scale, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
@@ -67,8 +67,8 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
 }
 
 TORCH_LIBRARY_IMPL(ULTRON_OPS_NAMESPACE, ULTRON_OPS_DEVICE, m) {
-  m.impl("dilated_conv2d_fwd", &ultron::dilated_conv2d_fwd);
-  m.impl("dilated_conv2d_bwd", &ultron::dilated_conv2d_bwd);
+  m.impl("grouped_dwconv2d_fwd", &ultron::grouped_dwconv2d_fwd);
+  m.impl("grouped_dwconv2d_bwd", &ultron::grouped_dwconv2d_bwd);
   m.impl("window_attention_fwd", &ultron::window_attention_fwd);
   m.impl("window_attention_bwd", &ultron::window_attention_bwd);
 }

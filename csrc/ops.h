@@ -8,10 +8,14 @@
 #include <ATen/ATen.h>
 
 namespace ultron {
-at::Tensor dilated_conv2d_fwd(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, at::IntArrayRef dilation, int64_t stride);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilation,
+// groups: 9 ints per group (channels, kh, kw, dh, dw, pad top, bottom, left, right; kernel 0x0
+// is an identity group); weight: the non-identity groups' weights, each tap-major
+// ((kh*kw, channels) flattened), concatenated. The backward returns grad x, the packed weight's
+// gradient (float32) and the bias gradient (C,) (float32).
+at::Tensor grouped_dwconv2d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef groups, int64_t stride);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_dwconv2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef groups,
     int64_t stride);
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -15,7 +15,8 @@ import torch
 from ultron_kernels.backends import select_backend
 from ultron_kernels.ops._common import autocast_inputs, check_same_device_and_dtype, check_tensor
 from ultron_kernels.ops.grouped_depthwise_conv import (MAX_DILATION, check_dtype, check_input, fused_reason,
-                                                       checked_stride, run_fused)
+                                                       checked_stride, pack_weights,
+                                                       run_fused)
 from ultron_kernels.reference.grouped_depthwise_conv import ResolvedGroup, grouped_depthwise_conv2d_reference
 
 OP_NAME = "channelwise_dilated_conv2d"
@@ -118,5 +119,5 @@ def channelwise_dilated_conv2d(x: torch.Tensor, weight: torch.Tensor,
         weights = weight.reshape(channels, 1, kernel_size, kernel_size).split(counts)
         biases = bias.split(counts) if bias is not None else (None,) * len(groups)
         return grouped_depthwise_conv2d_reference(x, weights, biases, groups, stride)
-    # The packed weight of these groups is the (C, K, K) weight itself, flattened.
-    return run_fused(x, weight.reshape(-1), bias, groups, stride, chosen)
+    counts = [g.channels for g in groups]
+    return run_fused(x, pack_weights(weight.split(counts), x), bias, groups, stride, chosen)

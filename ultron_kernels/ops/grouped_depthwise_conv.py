@@ -163,8 +163,8 @@ def _output_shape(x: torch.Tensor, spec: list[int], stride: int) -> tuple[int, i
 # ---------------------------------------------------------------- custom ops (fused backends)
 #
 # ``groups`` is the resolved groups flattened, 9 ints each (ResolvedGroup's fields); ``weight``
-# is every non-identity group's (c_i, 1, kh, kw) weight flattened and concatenated in order;
-# ``bias`` (C,) or None.
+# is every non-identity group's weight, tap-major ((kh*kw, c_i) flattened, see pack_weights),
+# concatenated in order; ``bias`` (C,) or None.
 
 @torch.library.custom_op("ultron_kernels::grouped_dwconv2d_fwd", mutates_args=())
 def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -248,6 +248,14 @@ def run_fused(x: torch.Tensor, packed_weight: torch.Tensor, packed_bias: Optiona
                           None if packed_bias is None else packed_bias.contiguous(), spec, stride, backend)
 
 
+def pack_weights(weights: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The kernels' weight vector: each (c_i, 1, kh, kw) weight tap-major, (kh*kw, c_i), so
+    that one tap's weights of consecutive channels are contiguous (one vector load for a run
+    of channels_last channels), concatenated. A small copy per call; autograd maps the
+    gradient back to each weight."""
+    return torch.cat([w.reshape(w.shape[0], -1).t().reshape(-1) for w in weights] or [x.new_empty(0)])
+
+
 def check_input(x) -> None:
     check_tensor("x", x, dims=4)
     check_int32_sizes("x", x)
@@ -304,7 +312,7 @@ def grouped_depthwise_conv2d(x: torch.Tensor, weights: Sequence[Optional[torch.T
     chosen = select_backend(OP_NAME, backend, x.device, fused_reason(x))
     if chosen == "reference":
         return grouped_depthwise_conv2d_reference(x, weights, biases, resolved, stride)
-    packed_weight = torch.cat([w.reshape(-1) for w in weights if w is not None] or [x.new_empty(0)])
+    packed_weight = pack_weights([w for w in weights if w is not None], x)
     packed_bias = None
     if any(b is not None for b in biases):
         packed_bias = torch.cat([b if b is not None else x.new_zeros(g.channels)

@@ -29,7 +29,7 @@ from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
 from ultron_kernels.reference.grouped_depthwise_conv import ResolvedGroup
 from ultron_kernels.triton.launch import Launch, plan, prune_to_device
 
-GROUP_COLUMNS = 8   # channel start, kh, kw, dh, dw, pad top, pad left, weight offset (-1: identity)
+GROUP_COLUMNS = 9   # first channel, channels, kh, kw, dh, dw, pad top, pad left, weight offset (-1: identity)
 BLOCK_COLUMNS = 3   # group, first channel, end channel
 MAX_TAPS_PER_CHUNK = 16
 
@@ -50,24 +50,27 @@ def _tile_pixels(pid_pixels, height, width, BLOCK_H: tl.constexpr, BLOCK_W: tl.c
 @triton.jit
 def _block_group(group_ptr, block_ptr, pid_channels, BLOCK_C: tl.constexpr):
     """The channels of block ``pid_channels`` (all in one group) and that group's geometry:
-    (channel, channel_ok, kh, kw, dh, dw, pad_top, pad_left, weight row of each channel,
-    has_weight)."""
-    group = tl.load(block_ptr + pid_channels * 3)
+    (channel, channel_ok, kh, kw, dh, dw, pad_top, pad_left, each channel's weight at tap 0,
+    the stride between taps, has_weight). The packed weights are tap-major per group, so a
+    tap's weights for consecutive channels are contiguous."""
+    group = tl.load(block_ptr + pid_channels * 3)       # BLOCK_COLUMNS
     first = tl.load(block_ptr + pid_channels * 3 + 1)
     end = tl.load(block_ptr + pid_channels * 3 + 2)
-    row = group_ptr + group * 8
+    row = group_ptr + group * 9                          # GROUP_COLUMNS
     group_first = tl.load(row)
-    kh = tl.load(row + 1)
-    kw = tl.load(row + 2)
-    dil_h = tl.load(row + 3)
-    dil_w = tl.load(row + 4)
-    pad_top = tl.load(row + 5)
-    pad_left = tl.load(row + 6)
-    weight_offset = tl.load(row + 7)
+    tap_stride = tl.load(row + 1)
+    kh = tl.load(row + 2)
+    kw = tl.load(row + 3)
+    dil_h = tl.load(row + 4)
+    dil_w = tl.load(row + 5)
+    pad_top = tl.load(row + 6)
+    pad_left = tl.load(row + 7)
+    weight_offset = tl.load(row + 8)
     has_weight = weight_offset >= 0
     channel = first + tl.arange(0, BLOCK_C)
-    weight_row = tl.maximum(weight_offset, 0) + (channel - group_first) * (kh * kw)
-    return channel, channel < end, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight
+    weight_base = tl.maximum(weight_offset, 0) + (channel - group_first)
+    return (channel, channel < end, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride,
+            has_weight)
 
 
 @triton.jit
@@ -96,8 +99,8 @@ def _grouped_conv_gather_kernel(
     # Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx; the same taps
     # read backwards, so every dx element is written once, without atomics.
     batch, dst_h, dst_w, pixel_ok = _tile_pixels(tl.program_id(0), H_dst, W_dst, BLOCK_H, BLOCK_W)
-    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight = _block_group(
-        group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
     dst_ok = channel_ok[:, None] & pixel_ok[None, :]
     weight_ok = channel_ok & has_weight  # an identity group's masked weight reads as 1
     src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None].to(tl.int64) * ssc
@@ -108,7 +111,7 @@ def _grouped_conv_gather_kernel(
         for j in range(kw):
             src_w, col_ok = _source_pos(dst_w[None, :], j, dil_w, pad_left, STRIDE, W_src, TRANSPOSED)
             v = tl.load(src_base + src_h * ssh + src_w * ssw, mask=row_ok & col_ok, other=0.0)
-            wv = tl.load(w_ptr + weight_row + (i * kw + j), mask=weight_ok, other=1.0)
+            wv = tl.load(w_ptr + weight_base + (i * kw + j) * tap_stride, mask=weight_ok, other=1.0)
             acc += v.to(tl.float32) * wv.to(tl.float32)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[:, None]
@@ -131,8 +134,8 @@ def _grouped_conv_grad_weight_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     chunk = tl.program_id(2)
-    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_row, has_weight = _block_group(
-        group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
     tap = chunk * TAPS + tl.arange(0, TAPS)
     tap_ok = (tap < kh * kw) & has_weight
     tap_h = (tap // kw)[None, None, :]
@@ -156,7 +159,7 @@ def _grouped_conv_grad_weight_kernel(
         xv = tl.load(x_ptr + x_offset, mask=ok, other=0.0).to(tl.float32)
         acc += tl.sum(g[:, :, None] * xv, axis=1)
     partial_row = pid.to(tl.int64) * n_weights
-    tl.store(dw_partial_ptr + partial_row + weight_row[:, None] + tap[None, :], acc,
+    tl.store(dw_partial_ptr + partial_row + weight_base[:, None] + tap[None, :] * tap_stride, acc,
              mask=channel_ok[:, None] & tap_ok[None, :])
     tl.store(db_partial_ptr + pid.to(tl.int64) * C + channel, acc_bias, mask=channel_ok & active & (chunk == 0))
 
@@ -174,9 +177,10 @@ def _group_table(spec: tuple, device: torch.device) -> torch.Tensor:
     rows, first, offset = [], 0, 0
     for g in _groups_of(spec):
         if g.identity:
-            rows.append([first, 1, 1, 1, 1, 0, 0, -1])
+            rows.append([first, g.channels, 1, 1, 1, 1, 0, 0, -1])
         else:
-            rows.append([first, g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w, g.pad_top, g.pad_left, offset])
+            rows.append([first, g.channels, g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w, g.pad_top,
+                         g.pad_left, offset])
             offset += g.channels * g.kernel_h * g.kernel_w
         first += g.channels
     return torch.tensor(rows, dtype=torch.int32).to(device)

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from bench.cases import Case, attention_cases, cosine_attention_cases, conv_cases, fwd_bwd, rotate
+from bench.cases import (Case, attention_cases, cosine_attention_cases, conv_cases, fwd_bwd, grouped_conv_cases,
+                         rotate)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -138,16 +139,21 @@ def model_rows(device: torch.device) -> list[dict]:
     return rows
 
 
-# timm Swin models, whole-model: (timm name, timm keyword arguments, batch, image size).
+# timm models, whole-model: (timm name, timm keyword arguments, batch, image size). Swin: the
+# window attention; the convnets: the grouped depthwise convolution (MixNet, InceptionNeXt).
 SWIN_MODELS = {
     "quick": [("swin_tiny_patch4_window7_224", {}, 64, 224), ("swinv2_tiny_window8_256", {}, 64, 256)],
     "tiny": [("swin_tiny_patch4_window7_224",
               dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(1, 2), num_classes=10), 2, 56)],
 }
+CONVNET_MODELS = {
+    "quick": [("mixnet_s", {}, 128, 224), ("inception_next_tiny", {}, 128, 224)],
+    "tiny": [("mixnet_s", dict(num_classes=10), 2, 64)],
+}
 
 
-def swin_rows(device: torch.device, preset: str) -> list[dict]:
-    """Inference and a training step of timm Swin models: eager and torch.compile (the peers),
+def timm_model_rows(device: torch.device, models: list) -> list[dict]:
+    """Inference and a training step of timm models: eager and torch.compile (the peers),
     then swapped in to each available fused backend, alone and compiled (compiled variants on
     a GPU only: on the CPU they would time Inductor's compile). bf16 autocast on a GPU, fp32
     on the CPU. Each variant's logits are compared with eager's (rel. err column)."""
@@ -159,7 +165,7 @@ def swin_rows(device: torch.device, preset: str) -> list[dict]:
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=gpu)
     fused = [b for b, why in uk.available_backends(device).items() if why == "available" and b != "reference"]
     rows = []
-    for name, kwargs, batch, size in SWIN_MODELS[preset]:
+    for name, kwargs, batch, size in models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, **kwargs).to(device)
         images = torch.randn(batch, 3, size, size, device=device)
@@ -192,7 +198,7 @@ def swin_rows(device: torch.device, preset: str) -> list[dict]:
             for direction, fn in (("inference", infer), ("train step", train_step)):
                 row = dict(op=name, shape=f"B{batch} {size}x{size}", dtype="bf16-autocast" if gpu else "fp32",
                            layout="-", direction=direction, variant=variant, rel_err_vs_eager=err,
-                           note=f"{swapped} blocks swapped" if backend else "")
+                           note=f"{swapped} modules swapped" if backend else "")
                 try:
                     row["ms"] = time_ms(fn, device)
                 except Exception as exc:
@@ -267,7 +273,8 @@ def save(rows: list[dict], meta: dict, out_dir: str, copy_to: str | None, with_p
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--op", choices=["conv", "attention", "model", "swin", "all"], default="all")
+    p.add_argument("--op", choices=["conv", "grouped", "attention", "model", "swin", "convnets", "all"],
+                   default="all")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="dtype of every shape of the preset")
@@ -298,6 +305,8 @@ def main(argv=None) -> int:
     builders = []
     if args.op in ("conv", "all"):
         builders.append(conv_cases)
+    if args.op in ("grouped", "all"):
+        builders.append(grouped_conv_cases)
     if args.op in ("attention", "all"):
         builders += [attention_cases, cosine_attention_cases]
     also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []
@@ -310,7 +319,9 @@ def main(argv=None) -> int:
     if args.op in ("model", "all") and gpu:
         rows += model_rows(device)
     if args.op in ("swin", "all"):
-        rows += swin_rows(device, preset)
+        rows += timm_model_rows(device, SWIN_MODELS[preset])
+    if args.op in ("convnets", "all"):
+        rows += timm_model_rows(device, CONVNET_MODELS[preset])
     save(rows, meta, out_dir, args.out, with_plots=True)
     print(markdown([r for r in rows if r.get("ms") is not None], meta)[-6000:])
     print(f"results in {os.path.relpath(out_dir)}")

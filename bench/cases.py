@@ -27,6 +27,16 @@ ATTN_SHAPES = {  # (B, H, W, heads, D, window), table bias
     "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8)],
 }
 DILATIONS = (1, 3, 6)
+# timm modules whose split + depthwise convs + cat becomes one grouped depthwise conv: (label,
+# timm model, which module, batch, image size). The module's input shape is read from the
+# model itself (a forward hook), so the shapes are the real model's.
+GROUPED_MODULES = {
+    "quick": [("MixNet-S mixed dw s1", "mixnet_s", "mixed-s1", 128, 224),
+              ("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 128, 224),
+              ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 128, 224)],
+    "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 2, 64),
+             ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 2, 64)],
+}
 
 
 @dataclass
@@ -185,3 +195,72 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
 def cosine_attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
                            shapes: Optional[int] = None) -> list[Case]:
     return attention_cases(preset, dtype, device, shapes, cosine=True)
+
+
+def _first_module(model: torch.nn.Module, which: str) -> torch.nn.Module:
+    """The model's first depthwise MixedConv2d of stride 1 ("mixed-s1") or 2 ("mixed-s2") with
+    more than two kernel sizes where it has one, or its first InceptionDWConv2d."""
+    def fits(m, groups):
+        if which == "inception":
+            return type(m).__name__ == "InceptionDWConv2d"
+        convs = list(m.values()) if type(m).__name__ == "MixedConv2d" else []
+        return (bool(convs) and len(convs) >= groups and all(c.groups == c.in_channels for c in convs)
+                and convs[0].stride[0] == int(which[-1]))
+    for groups in (3, 2):
+        found = [m for m in model.modules() if fits(m, groups)]
+        if found:
+            return found[0]
+    raise LookupError(f"no {which} module")
+
+
+def grouped_conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
+                       shapes: Optional[int] = None) -> list[Case]:
+    """timm's split + depthwise convs + cat modules as they are (the peers: eager, and compiled
+    on a GPU) against the same module swapped in to each available backend, both layouts."""
+    import copy
+
+    import timm
+
+    cases = []
+    backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
+    for label, model_name, which, batch, size in GROUPED_MODULES[preset][:shapes]:
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False)
+        module = _first_module(model, which)
+        seen = {}
+        hook = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0].shape, y=out.shape))
+        with torch.no_grad():
+            model(torch.randn(1, 3, size, size))
+        hook.remove()
+        module = module.to(device=device, dtype=dtype)
+        (_, c, h, w), (_, _, ho, wo) = seen["x"], seen["y"]
+        elt = torch.tensor([], dtype=dtype).element_size()
+        act_in, act_out = batch * c * h * w * elt, batch * c * ho * wo * elt
+        params = dict(module.named_parameters())
+
+        def with_weights(m, names=tuple(params)):
+            return lambda x, *weights: torch.func.functional_call(m, dict(zip(names, weights)), (x,))
+
+        swapped = {}
+        for backend in backends:
+            swapped[backend] = copy.deepcopy(module)
+            uk.swap_in(swapped[backend], backend)
+        for layout in ("nchw", "nhwc"):
+            def make(c=c, h=h, w=w, layout=layout):
+                x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                # The weights are inputs too, so that forward+backward computes their gradients.
+                return [x.requires_grad_()] + [p.detach().clone().requires_grad_() for p in params.values()]
+
+            # Floors: read x, write y; backward reads dy and x, writes dx (the weights are small).
+            case = Case(f"grouped_depthwise_conv2d {label}", f"B{batch} C{c} {h}x{w} -> {ho}x{wo}", dtype,
+                        layout, act_in + act_out, 3 * act_in + 2 * act_out)
+            case.inputs = _input_sets(make, act_in, device)
+            variants = {"peer: timm split+conv+cat": with_weights(module)}
+            if device.type == "cuda":
+                variants["peer: timm split+conv+cat compiled"] = torch.compile(with_weights(module))
+            variants.update({f"ours: {name}": with_weights(swapped[name]) for name in backends})
+            case.variants.update(variants)
+            cases.append(case)
+    return cases

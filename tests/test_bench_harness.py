@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from bench.__main__ import agreement, main
-from bench.cases import attention_cases, conv_cases, cosine_attention_cases
+from bench.cases import attention_cases, conv_cases, cosine_attention_cases, grouped_conv_cases
 
 
-@pytest.mark.parametrize("build", [conv_cases, attention_cases, cosine_attention_cases],
-                         ids=["conv", "attention", "cosine attention"])
+@pytest.mark.parametrize("build", [conv_cases, grouped_conv_cases, attention_cases, cosine_attention_cases],
+                         ids=["conv", "grouped conv modules", "attention", "cosine attention"])
 def test_every_variant_agrees_with_eager(build):
     # Two shapes per op: a variant that read another case's shape (a closure bound late)
     # computes a different result or fails, and this catches it.
@@ -37,11 +37,22 @@ def test_run_writes_results(tmp_path):
 def test_swin_model_rows_run_on_the_cpu():
     """The whole-model Swin cases (timm, tiny preset): every variant runs, and swapped-in
     variants compute eager's logits."""
-    from bench.__main__ import swin_rows
+    from bench.__main__ import SWIN_MODELS, timm_model_rows
 
-    rows = swin_rows(torch.device("cpu"), "tiny")
+    rows = timm_model_rows(torch.device("cpu"), SWIN_MODELS["tiny"])
     variants = {r["variant"] for r in rows}
     assert "peer: eager" in variants and any(v.startswith("ours: ") for v in variants), variants
     assert all(r["ms"] is not None for r in rows), [r for r in rows if r["ms"] is None]
     assert all(r["rel_err_vs_eager"] < 1e-4 for r in rows), rows
-    assert all(r["note"] == "4 blocks swapped" for r in rows if r["variant"].startswith("ours")), rows
+    assert all(r["note"] == "4 modules swapped" for r in rows if r["variant"].startswith("ours")), rows
+
+
+def test_convnet_model_rows_run_on_the_cpu():
+    """The whole-model MixNet case (timm, tiny preset): the same checks, with every depthwise
+    MixedConv2d swapped."""
+    from bench.__main__ import CONVNET_MODELS, timm_model_rows
+
+    rows = timm_model_rows(torch.device("cpu"), CONVNET_MODELS["tiny"])
+    assert all(r["ms"] is not None for r in rows), [r for r in rows if r["ms"] is None]
+    assert all(r["rel_err_vs_eager"] < 1e-4 for r in rows), rows
+    assert all(r["note"].endswith("modules swapped") for r in rows if r["variant"].startswith("ours")), rows

@@ -6,7 +6,6 @@ torch.compile, determinism and bad input."""
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -19,13 +18,11 @@ from helpers import assert_parity, assert_parity_or_as_conditioned, backend_case
 CASES = backend_cases()
 
 
-@pytest.fixture(autouse=True)
-def seeded(request):
-    """Inputs drawn fresh per test but the same in every run, whatever ran before: the scale
-    gradient is a sum with heavy cancellation, and a draw that brings it near zero makes its
-    relative error a measure of that draw (the oracle below already takes the kernels' own
-    saved output and logsumexp into account)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+# Inputs drawn fresh per test but the same in every run (conftest.py): the scale gradient is
+# a sum with heavy cancellation, and a draw that brings it near zero makes its relative error a
+# measure of that draw (the oracle below already takes the kernels' own saved output and
+# logsumexp into account).
+pytestmark = pytest.mark.usefixtures("seeded_per_test")
 FUSED_CASES = backend_cases(include_reference=False)
 ORDERS = {False: "pad_then_roll", True: "roll_then_pad"}
 

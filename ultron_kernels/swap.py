@@ -34,7 +34,8 @@ def swap_in(model: nn.Module, backend: str = "auto") -> SwapReport:
     """Convert every module of ``model`` that an adapter recognises to run on ``backend``:
     our own modules (the backend attribute; split + conv + cat becomes one fused conv with
     the same weights and keys), timm's and torchvision's Swin attention (one window-attention
-    call per block). Returns the report of what was converted and what was left alone, why."""
+    call per block), timm's depthwise MixedConv2d, InceptionDWConv2d and ConvRelPosEnc (one
+    grouped depthwise convolution each). Returns the report of what was converted and what was left alone, why."""
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     table = adapters()

@@ -273,7 +273,8 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
     const int* __restrict__ group_of, float* __restrict__ dw_partial, float* __restrict__ db_partial,
     int64_t n_weights, int64_t rows, int64_t rows_per_chunk, ConvShape s) {
   constexpr int kTapsPerPass = KT > 0 ? KT * KT : 8;
-  ULTRON_SHARED_ARRAY(float, scratch, kThreads);
+  constexpr int kSlice = 9;  // a 3x3 kernel's taps and its bias in one slice
+  ULTRON_SHARED_ARRAY(float, scratch, kSlice * kThreads);
   const int c = CHANNELS_LAST ? blockIdx.y * 32 + threadIdx.x : blockIdx.y;
   const bool channel_ok = c < s.C;
   const Group g = groups[group_of[channel_ok ? c : 0]];
@@ -328,27 +329,47 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
         }
       }
     }
-    const bool writer = CHANNELS_LAST ? threadIdx.y == 0 : (threadIdx.x == 0 && threadIdx.y == 0);
+    // Fixed-order sums, kSlice sums at a time through shared memory, so that a pass costs a
+    // few barriers per kSlice taps rather than per tap. channels_last: over the y-lanes of each
+    // channel; NCHW: a tree over the block.
+    // The slice loops unroll, so acc[] is indexed with constants and stays in registers.
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    constexpr int kSums = kTapsPerPass + 1;  // the last: the bias gradient, written once
 #pragma unroll
-    for (int u = 0; u <= kTapsPerPass; ++u) {
-      if (u == kTapsPerPass && first != 0) break;  // the bias gradient, once
-      float total;
-      if (CHANNELS_LAST) {  // fixed-order sum over the y-lanes of each channel
-        scratch[threadIdx.y * 32 + threadIdx.x] = acc[u];
-        __syncthreads();
-        total = 0.f;
-        if (threadIdx.y == 0)
-          for (int y = 0; y < blockDim.y; ++y) total += scratch[y * 32 + threadIdx.x];
-        __syncthreads();
+    for (int slice = 0; slice < kSums; slice += kSlice) {
+#pragma unroll
+      for (int v = 0; v < kSlice; ++v)
+        if (slice + v < kSums) scratch[v * kThreads + tid] = acc[slice + v];
+      __syncthreads();
+      if (CHANNELS_LAST) {
+        if (threadIdx.y == 0) {
+          for (int v = 0; v < kSlice && slice + v < kSums; ++v) {
+            float total = 0.f;
+            for (int y = 0; y < blockDim.y; ++y) total += scratch[v * kThreads + y * 32 + threadIdx.x];
+            scratch[v * kThreads + threadIdx.x] = total;  // only this lane reads it back
+          }
+        }
       } else {
-        total = block_sum(acc[u], scratch);
+        for (int half = kThreads / 2; half > 0; half /= 2) {
+          if (tid < half)
+            for (int v = 0; v < kSlice && slice + v < kSums; ++v)
+              scratch[v * kThreads + tid] += scratch[v * kThreads + tid + half];
+          __syncthreads();
+        }
       }
-      if (!writer || taps == 0) continue;
-      if (u == kTapsPerPass) {
-        db_partial[out_row] = total;
-      } else if (first + u < taps) {
-        dw_partial[blockIdx.x * n_weights + g.weight_offset + (first + u) * g.channels + (c - g.first)] = total;
+      const bool writer = CHANNELS_LAST ? threadIdx.y == 0 : tid == 0;
+      if (writer && taps > 0) {
+        for (int v = 0; v < kSlice && slice + v < kSums; ++v) {
+          const int u = slice + v;
+          const float total = scratch[v * kThreads + (CHANNELS_LAST ? threadIdx.x : 0)];
+          if (u == kTapsPerPass) {
+            if (first == 0) db_partial[out_row] = total;
+          } else if (first + u < taps) {
+            dw_partial[blockIdx.x * n_weights + g.weight_offset + (first + u) * g.channels + (c - g.first)] = total;
+          }
+        }
       }
+      __syncthreads();  // the next slice overwrites the scratch
     }
   }
 }

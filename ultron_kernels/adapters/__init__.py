@@ -69,11 +69,12 @@ def restore(module: nn.Module) -> Optional[str]:
     if original is None:
         return None
     module.__class__ = original
-    del module._ultron_backend
+    for name in [n for n in vars(module) if n.startswith("_ultron_")]:  # what the adapter stored
+        delattr(module, name)
     return original.__name__
 
 
 def adapters() -> list[Adapter]:
-    from ultron_kernels.adapters import ours, timm_swin, torchvision_swin
+    from ultron_kernels.adapters import ours, timm_conv, timm_swin, torchvision_swin
 
-    return ours.ADAPTERS + timm_swin.ADAPTERS + torchvision_swin.ADAPTERS
+    return ours.ADAPTERS + timm_swin.ADAPTERS + torchvision_swin.ADAPTERS + timm_conv.ADAPTERS

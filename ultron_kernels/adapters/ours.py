@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ultron_kernels.adapters import Adapter
-from ultron_kernels.nn import ChannelwiseDilatedConv2d, SplitDilatedConv2d, WindowAttention
+from ultron_kernels.nn import ChannelwiseDilatedConv2d, GroupedDepthwiseConv2d, SplitDilatedConv2d, WindowAttention
 
 
 def _set_backend(module, backend: str):
@@ -21,6 +21,8 @@ def _fuse_split(module: SplitDilatedConv2d, backend: str):
 ADAPTERS = [
     Adapter("ultron_kernels ChannelwiseDilatedConv2d",
             lambda m: isinstance(m, ChannelwiseDilatedConv2d), _set_backend),
+    Adapter("ultron_kernels GroupedDepthwiseConv2d",
+            lambda m: isinstance(m, GroupedDepthwiseConv2d), _set_backend),
     Adapter("ultron_kernels WindowAttention", lambda m: isinstance(m, WindowAttention), _set_backend),
     Adapter("ultron_kernels SplitDilatedConv2d", lambda m: isinstance(m, SplitDilatedConv2d), _fuse_split),
 ]

@@ -190,8 +190,8 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     if backend == "triton":
         from ultron_kernels.triton.grouped_depthwise_conv import grouped_conv_backward
-        grad_x, grad_w, grad_b = grouped_conv_backward(grad_out, x, weight, tuple(groups), stride,
-                                                       torch.empty_like(x))
+        grad_x, grad_w, grad_b = grouped_conv_backward(grad_out, x, weight, tuple(groups), stride, torch.empty(
+            x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x)))
     else:
         grad_x, grad_w, grad_b = _cuda.cuda_ops(x.device).grouped_dwconv2d_bwd(
             grad_out, x, weight, groups, stride)
@@ -200,7 +200,8 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 @_fused_backward.register_fake
 def _(grad_out, x, weight, groups, stride, backend):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((x.shape[1],))
+    return (torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x)),
+            torch.empty_like(weight), weight.new_empty((x.shape[1],)))
 
 
 def _setup_context(ctx, inputs, output):

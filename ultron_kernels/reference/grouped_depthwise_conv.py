@@ -40,7 +40,9 @@ class ResolvedGroup(NamedTuple):
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """The output's layout: channels_last when x keeps its channels innermost (channels_last,
+    or a channels-innermost view such as one slice of a packed qkv), else NCHW."""
+    if not x.is_contiguous() and x.stride(1) == 1:
         return torch.channels_last
     return torch.contiguous_format
 

@@ -1,0 +1,108 @@
+"""swap_in on timm's models with split + depthwise convs + cat blocks, built for real (random
+weights, small inputs on the CPU): MixNet (PyTorch and TF-'SAME' padding, stride 1 and 2),
+InceptionNeXt (identity and band groups), CoaT-Lite (the conv position encoding). Output,
+input gradient and every parameter gradient equal the untouched model's; state_dicts load
+both ways; swap_out restores; grouped 1x1 MixedConv2d splits are left alone, with the reason."""
+
+import copy
+
+import pytest
+import torch
+
+import ultron_kernels as uk
+from helpers import assert_parity, backend_cases
+
+timm = pytest.importorskip("timm")
+
+MODELS = {  # name -> (timm model, keyword arguments, input size, the module class converted)
+    # Odd sizes through every stride-2 layer (17 -> 9 -> 5 -> 3 -> 2 -> 1): TF-'SAME' pads
+    # them asymmetrically.
+    "mixnet_s": ("mixnet_s", {}, 17, "MixedConv2d"),
+    "tf_mixnet_s": ("tf_mixnet_s", {}, 17, "MixedConv2d"),
+    "inception_next_atto": ("inception_next_atto", {}, 32, "InceptionDWConv2d"),
+    "coat_lite_tiny": ("coat_lite_tiny", {"img_size": 32}, 32, "ConvRelPosEnc"),
+}
+# The Triton interpreter and the CUDA simulation run every program or thread on the CPU:
+# mixnet_s differs from tf_mixnet_s only in its padding (symmetric, which the op-level tests
+# cover on both), so its fused runs are left to tf_mixnet_s.
+SLOW_IN_THE_INTERPRETER = {("mixnet_s", "triton"), ("mixnet_s", "cuda")}
+
+
+def _build(name):
+    model_name, kwargs, size, _ = MODELS[name]
+    torch.manual_seed(0)
+    return timm.create_model(model_name, pretrained=False, num_classes=10, **kwargs).eval(), size
+
+
+def _convertible(model, kind):
+    """The paths of the modules that swap_in must convert: every ``kind``, MixedConv2d only
+    when depthwise (MixNet also splits its 1x1 convs into groups: those stay)."""
+    return [path for path, m in model.named_modules() if type(m).__name__ == kind and (
+        kind != "MixedConv2d" or all(c.groups == c.in_channels == c.out_channels for c in m.values()))]
+
+
+def _step(model, x, grad):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
+def test_swapped_model_matches_the_original(name, device, backend):
+    if (name, backend) in SLOW_IN_THE_INTERPRETER:
+        pytest.skip("covered by tf_mixnet_s on this backend (CPU emulation time)")
+    original, size = _build(name)
+    swapped = copy.deepcopy(original)
+    keys = {k: v.shape for k, v in swapped.state_dict().items()}
+    report = uk.swap_in(swapped, backend)
+    assert [path for path, _, _ in report.swapped] == _convertible(original, MODELS[name][3]), str(report)
+    assert all("not depthwise" in why for _, _, why in report.skipped), str(report)
+    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    # The fused backends run the models channels_last, as convnets are run on GPUs (NCHW is
+    # covered by the op-level tests).
+    layout = torch.contiguous_format if backend == "reference" else torch.channels_last
+    torch.manual_seed(1)
+    x, grad = torch.randn(1, 3, size, size), torch.randn(1, 10)
+    want = _step(original.double(), x.double(), grad.double())
+    got = _step(swapped.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout), grad.to(dtype))
+    assert_parity("output", got[0], want[0], dtype)
+    assert_parity("input grad", got[1], want[1], dtype)
+    assert got[2].keys() == want[2].keys()
+    for param in want[2]:
+        assert_parity(f"grad {param}", got[2][param], want[2][param], dtype)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_state_dicts_load_both_ways_and_swap_out_restores(name):
+    original, size = _build(name)
+    swapped = copy.deepcopy(original)
+    uk.swap_in(swapped, "reference")
+    other, _ = _build(name)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    swapped.load_state_dict(other.state_dict())    # a checkpoint of timm's model
+    original.load_state_dict(swapped.state_dict())  # a checkpoint saved after the swap
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        # Equal up to fp32 summation order (CoaT's conv runs channels_last once swapped).
+        torch.testing.assert_close(swapped(x), other(x), rtol=1e-5, atol=1e-6)
+        assert torch.equal(original(x), other(x))
+    restored = uk.swap_out(swapped)
+    assert restored == _convertible(original, MODELS[name][3])
+    assert not [m for m in swapped.modules() if type(m).__name__.startswith("Ultron")]
+    assert not [n for m in swapped.modules() for n in vars(m) if n.startswith("_ultron_")]
+
+
+def test_mixnet_compiles_fullgraph_and_runs_under_autocast():
+    model, size = _build("tf_mixnet_s")
+    uk.swap_in(model, "reference")
+    blocks = model.blocks[1]  # stride-2 mixed depthwise convs with TF-'SAME' padding, then stride 1
+    x = torch.randn(1, 16, 17, 17)
+    compiled = torch.compile(blocks, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), blocks(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blocks(x).dtype == torch.bfloat16

@@ -59,7 +59,7 @@ def test_extension_builds_and_registers_ops():
 
 def _assert_ops_registered(namespace: str):
     ops = getattr(torch.ops, namespace)
-    for name in ("dilated_conv2d_fwd", "dilated_conv2d_bwd", "window_attention_fwd",
+    for name in ("grouped_dwconv2d_fwd", "grouped_dwconv2d_bwd", "window_attention_fwd",
                  "window_attention_bwd"):
         assert getattr(ops, name).default._schema.name == f"{namespace}::{name}"
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
+from ultron_kernels.ops.grouped_depthwise_conv import pack_weights
 from ultron_kernels.reference.window_attention import window_attention_reference
 from helpers import assert_parity, poisoned_outputs
 
@@ -199,6 +200,45 @@ def test_shared_memory_limit_follows_the_architecture(arch, fits, monkeypatch):
             uk.window_attention(q, k, v, 8, 0, None, backend="cuda")
 
 
+# Mixed kernel shapes run the same kernels with the shape read at run time (K = 0): an identity
+# group, a square and two bands in groups of 8 channels (16-byte vectors for 16-bit types).
+GROUPED_PATHS = [
+    ("nhwc-mixed", torch.channels_last, ["gather_nhwc_kernel<{T}, 0, {V}, false>",
+                                         "gather_nhwc_kernel<{T}, 0, {V}, true>",
+                                         "grad_weight_partial_kernel<{T}, 0, true>"]),
+    ("nchw-mixed", torch.contiguous_format, ["gather_nchw_tile_kernel<{T}, 0, false>",
+                                             "gather_nchw_tile_kernel<{T}, 0, true>",
+                                             "grad_weight_partial_kernel<{T}, 0, false>"]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GROUPED_PATHS, ids=[c[0] for c in GROUPED_PATHS])
+def test_grouped_conv_path(case, dtype):
+    _, layout, expected = case
+    groups = [uk.DepthwiseGroup.identity(8), uk.DepthwiseGroup(8, 3), uk.DepthwiseGroup(8, (1, 11)),
+              uk.DepthwiseGroup(8, (11, 1))]
+    x = torch.randn(1, 32, 13, 9, dtype=dtype).to(memory_format=layout).requires_grad_()
+    weights = [None] + [torch.randn(8, 1, *s, dtype=dtype, requires_grad=True) for s in ((3, 3), (1, 11), (11, 1))]
+
+    def run():
+        with poisoned_outputs():
+            y = uk.grouped_depthwise_conv2d(x, weights, groups, backend="cuda")
+            g = torch.randn_like(y)
+            return y, g, torch.autograd.grad(y, [x] + weights[1:], g)
+
+    (y, g, grads), log = launches(run)
+    leaves = [t.detach().double().requires_grad_() for t in [x] + weights[1:]]
+    ref = uk.grouped_depthwise_conv2d(leaves[0], [None] + leaves[1:], groups, backend="reference")
+    for name, got, want in zip(("y", "dx", "dw1", "dw2", "dw3"), (y,) + grads,
+                               (ref,) + torch.autograd.grad(ref, leaves, g.double())):
+        assert_parity(name, got, want, dtype)
+    names = [line.split(" grid=")[0] for line in log]
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    for kernel in expected:
+        assert kernel.format(T=TYPE_NAMES[dtype], V=vec) in names, names
+
+
 # ---------------------------------------------------------------- raw C++ op validation
 
 def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
@@ -215,10 +255,13 @@ def _attn_fwd(**change):
                                           args["v_pad"], False)
 
 
-def _conv_fwd(dilation=(1, 1, 1, 1), **change):
-    args = dict(x=torch.randn(1, 4, 6, 6), weight=torch.randn(4, 3, 3), bias=None, stride=1)
+SPEC = [4, 3, 3, 1, 1, 1, 1, 1, 1]  # one group: 4 channels, 3x3, dilation 1, padding 1
+
+
+def _conv_fwd(groups=SPEC, **change):
+    args = dict(x=torch.randn(1, 4, 6, 6), weight=torch.randn(36), bias=None, stride=1)
     args.update(change)
-    return sim_ops().dilated_conv2d_fwd(args["x"], args["weight"], args["bias"], list(dilation), args["stride"])
+    return sim_ops().grouped_dwconv2d_fwd(args["x"], args["weight"], args["bias"], list(groups), args["stride"])
 
 
 RAW_BAD = [
@@ -244,19 +287,28 @@ RAW_BAD = [
     ("H past int32", lambda: _attn_fwd(q=torch.empty(0, 2**31, 1, 2, 16), k=torch.empty(0, 2**31, 1, 2, 16),
                                        v=torch.empty(0, 2**31, 1, 2, 16), bias=None, bias_kind=0),
      ValueError, "H = 2147483648 does not fit"),
-    ("rates of the wrong length", lambda: _conv_fwd(dilation=(1, 2)), ValueError, "one rate per channel"),
-    ("rate 0", lambda: _conv_fwd(dilation=(1, 0, 1, 1)), ValueError, r"dilation\[1\] must be in"),
+    ("groups not 9 ints each", lambda: _conv_fwd(groups=SPEC[:8]), ValueError, "9 ints per group"),
+    ("channels do not sum to C", lambda: _conv_fwd(groups=[3] + SPEC[1:]), ValueError, "sum to 3, x has C = 4"),
+    ("kernel 32", lambda: _conv_fwd(groups=[4, 32, 1] + SPEC[3:]), ValueError, r"kernel must be in \[1, 31\]"),
+    ("dilation 0", lambda: _conv_fwd(groups=[4, 3, 3, 0] + SPEC[4:]), ValueError, "dilation must be in"),
+    ("negative padding", lambda: _conv_fwd(groups=SPEC[:5] + [-1, 1, 1, 1]), ValueError, "padding must be in"),
+    ("identity at stride 2", lambda: _conv_fwd(groups=[4, 0, 0, 1, 1, 0, 0, 0, 0], weight=torch.randn(0), stride=2),
+     ValueError, "identity group needs stride 1"),
+    ("output sizes differ", lambda: _conv_fwd(groups=[2, 3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 3, 1, 1, 0, 0, 0, 0],
+                                              weight=torch.randn(36)), ValueError, "groups\\[0\\]"),
+    ("kernel beyond the image", lambda: _conv_fwd(groups=[4, 9, 9, 1, 1, 0, 0, 0, 0], weight=torch.randn(324)),
+     ValueError, "smaller than its dilated kernel"),
     ("stride 3", lambda: _conv_fwd(stride=3), ValueError, "stride must be 1 or 2"),
-    ("even kernel", lambda: _conv_fwd(weight=torch.randn(4, 2, 2)), ValueError, "K odd"),
-    ("weight dtype", lambda: _conv_fwd(weight=torch.randn(4, 3, 3, dtype=torch.float16)), TypeError,
+    ("packed weight size", lambda: _conv_fwd(weight=torch.randn(35)), ValueError, "a contiguous 1-D tensor of 36"),
+    ("weight dtype", lambda: _conv_fwd(weight=torch.randn(36, dtype=torch.float16)), TypeError,
      "differs from x dtype"),
     ("bias length", lambda: _conv_fwd(bias=torch.randn(3)), ValueError, "bias must hold C = 4"),
-    ("grad_out shape", lambda: sim_ops().dilated_conv2d_bwd(torch.randn(1, 4, 5, 6), torch.randn(1, 4, 6, 6),
-                                                            torch.randn(4, 3, 3), [1] * 4, 1),
+    ("grad_out shape", lambda: sim_ops().grouped_dwconv2d_bwd(torch.randn(1, 4, 5, 6), torch.randn(1, 4, 6, 6),
+                                                              torch.randn(36), SPEC, 1),
      ValueError, "grad_out must have the forward output's sizes"),
-    ("grad_out shape, stride 2", lambda: sim_ops().dilated_conv2d_bwd(torch.randn(1, 4, 6, 6),
-                                                                      torch.randn(1, 4, 6, 6), torch.randn(4, 3, 3),
-                                                                      [1] * 4, 2),
+    ("grad_out shape, stride 2", lambda: sim_ops().grouped_dwconv2d_bwd(torch.randn(1, 4, 6, 6),
+                                                                        torch.randn(1, 4, 6, 6), torch.randn(36),
+                                                                        SPEC, 2),
      ValueError, "grad_out must have the forward output's sizes"),
 ]
 
@@ -268,13 +320,14 @@ def test_raw_ops_validate_their_inputs(call, error, match):
 
 
 def test_raw_conv_derives_the_channel_runs_itself():
-    """The raw op used to trust the caller's channel run and largest rate (a wrong one read
-    past the NCHW tile); now it takes the rates and derives both. Rates that change inside
-    every aligned run of 8 channels must still come out exact on the channels_last path."""
+    """The raw op derives the channels_last vector width from the groups itself (a caller's
+    wrong one would read past a group). Groups of 4 channels must come out exact with vectors
+    of 4 floats, not 8."""
     x = torch.randn(1, 16, 7, 9).to(memory_format=torch.channels_last)
     w = torch.randn(16, 3, 3)
-    rates = [1, 1, 1, 1, 2, 2, 2, 2] * 2  # runs of 4: vectors of 4 floats, not 8
-    out, log = launches(lambda: sim_ops().dilated_conv2d_fwd(x, w, None, rates, 1))
+    rates = [1, 1, 1, 1, 2, 2, 2, 2] * 2
+    groups = [v for d in (1, 2, 1, 2) for v in (4, 3, 3, d, d, d, d, d, d)]
+    out, log = launches(lambda: sim_ops().grouped_dwconv2d_fwd(x, pack_weights(w.split(4), x), None, groups, 1))
     ref = uk.channelwise_dilated_conv2d(x.double(), w.double(), None, tuple(rates), backend="reference")
     assert_parity("out", out, ref, torch.float32)
     assert any(line.startswith("gather_nhwc_kernel<float, 3, 4, false>") for line in log), log

@@ -110,7 +110,7 @@ def test_real_kernels_under_address_sanitizer(tmp_path):
     cmd = [compiler, "-std=c++20", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer",
            "-DULTRON_CUDA_SIM", "-I", os.path.join(ROOT, "csrc"), "-I", headers[0],
            *[f"-I{p}" for p in include_paths()],
-           os.path.join(ROOT, "csrc", "sim", "dilated_conv_sim.cpp"),
+           os.path.join(ROOT, "csrc", "sim", "grouped_depthwise_conv_sim.cpp"),
            os.path.join(ROOT, "csrc", "sim", "window_attention_sim.cpp"),
            os.path.join(ROOT, "tests", "cuda_sim", "asan_driver.cpp"),
            f"-L{libs}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libs}", "-o", exe]

@@ -297,28 +297,3 @@ def test_module_from_convs_equals_split_convs_cat_and_keeps_weights():
     torch.testing.assert_close(copy(x), expected)
     with pytest.raises(ValueError, match=r"part 0: not depthwise"):
         GroupedDepthwiseConv2d.from_convs([nn.Conv2d(4, 4, 3, padding=1)])
-
-
-@pytest.mark.parametrize("name,call,match", [
-    ("spec length", lambda ops, x, w: ops.grouped_dwconv2d_fwd(x, w, None, [4, 3, 3, 1, 1, 1, 1, 1], 1),
-     "9 ints per group"),
-    ("channels sum", lambda ops, x, w: ops.grouped_dwconv2d_fwd(x, w, None, [3, 3, 3, 1, 1, 1, 1, 1, 1], 1),
-     "sum to 3"),
-    ("kernel 32", lambda ops, x, w: ops.grouped_dwconv2d_fwd(x, w, None, [4, 32, 1, 1, 1, 0, 0, 0, 0], 1),
-     r"kernel must be in \[1, 31\]"),
-    ("weight size", lambda ops, x, w: ops.grouped_dwconv2d_fwd(x, w[:-1], None, [4, 3, 3, 1, 1, 1, 1, 1, 1], 1),
-     "36 elements"),
-    ("identity at stride 2", lambda ops, x, w: ops.grouped_dwconv2d_fwd(x, w[:0], None, [4, 0, 0, 1, 1, 0, 0, 0, 0], 2),
-     "identity group needs stride 1"),
-    ("output sizes", lambda ops, x, w: ops.grouped_dwconv2d_fwd(
-        x, w[:18], None, [2, 3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 3, 1, 1, 0, 0, 0, 0], 1), "output"),
-    ("grad_out shape", lambda ops, x, w: ops.grouped_dwconv2d_bwd(
-        torch.randn(1, 4, 5, 6), x, w, [4, 3, 3, 1, 1, 1, 1, 1, 1], 1), "grad_out must have"),
-])
-def test_raw_cuda_op_validates_its_groups(name, call, match):
-    from ultron_kernels import _cuda
-    if _cuda.SIM_EXTENSION_ERROR:
-        pytest.skip(_cuda.SIM_EXTENSION_ERROR)
-    ops = torch.ops.ultron_kernels_cuda_sim
-    with pytest.raises(ValueError, match=match):
-        call(ops, torch.randn(1, 4, 6, 6), torch.randn(36))

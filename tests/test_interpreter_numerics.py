@@ -41,8 +41,8 @@ def test_16bit_dot_and_bf16_rounding_match_the_gpu(dtype):
 
 
 def test_kernels_have_no_interpreter_path():
-    from ultron_kernels.triton import dilated_conv, window_attention
+    from ultron_kernels.triton import grouped_depthwise_conv, window_attention
 
-    for module in (dilated_conv, window_attention):
+    for module in (grouped_depthwise_conv, window_attention):
         source = inspect.getsource(module)
         assert "DOT_FP32" not in source and "TRITON_INTERPRET" not in source, module.__name__

@@ -38,10 +38,10 @@ def test_selfcheck_command_on_this_machine(tmp_path):
 
 def test_selfcheck_fails_on_a_wrong_result(tmp_path, monkeypatch):
     """A backend that is 1% off is a mismatch: exit code 1 and the row says which output."""
-    from ultron_kernels.triton import dilated_conv
+    from ultron_kernels.triton import grouped_depthwise_conv
 
-    forward = dilated_conv.dilated_conv_forward
-    monkeypatch.setattr(dilated_conv, "dilated_conv_forward", lambda *a, **k: forward(*a, **k).mul_(1.01))
+    forward = grouped_depthwise_conv.grouped_conv_forward
+    monkeypatch.setattr(grouped_depthwise_conv, "grouped_conv_forward", lambda *a, **k: forward(*a, **k).mul_(1.01))
     out = tmp_path / "report.json"
     assert selfcheck.main(["--json", str(out)]) == 1
     rows = json.loads(out.read_text())["checks"]

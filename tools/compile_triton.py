@@ -107,42 +107,42 @@ def _attention_cases():
 
 def _conv_cases():
     import torch
-    from ultron_kernels.triton import dilated_conv as conv
 
+    from ultron_kernels.ops.grouped_depthwise_conv import DepthwiseGroup as G
+    from ultron_kernels.ops.grouped_depthwise_conv import resolve_groups
+    from ultron_kernels.triton import grouped_depthwise_conv as conv
+
+    # The kernels read every group's shape at run time, so one mix of kernel shapes covers
+    # them: channel counts that are multiples of 32 (full blocks, channels_last vector loads)
+    # or not (the last block of a group masked).
+    mixes = {"full": [G(32, 3), G(32, 5, padding="tf_same"), G(32, (1, 11))],
+             "ragged": [G(30, 3), G(34, 5, padding="tf_same"), G(32, (1, 11))]}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for layout_name, layout in (("nhwc", torch.channels_last), ("nchw", torch.contiguous_format)):
-            # K=3 (the common case) for both dtypes; K=7 (the largest tile of taps) in bf16.
-            for k in ((3, 7) if dtype_name == "bf16" else (3,)):
-                # Uniform rate over 32-channel blocks (vector loads in NHWC); per-channel rates.
-                for channel_run in ((32, 1) if layout_name == "nhwc" else (32,)):
-                    x = torch.empty(2, 96, 17, 19, dtype=dtype).to(memory_format=layout)
-                    weight = torch.empty(96, k, k, dtype=dtype)
-                    dilation = torch.empty(96, dtype=torch.int32)
-                    tag = f"{layout_name} {dtype_name} k{k} run{channel_run}"
-                    for stride in (1, 2):
-                        out = torch.empty(2, 96, 17 // stride, 19 // stride, dtype=dtype).to(memory_format=layout)
-                        geometry = (96, 17, 19, *out.shape[2:])
-                        yield f"conv fwd {tag} s{stride}", conv.gather_launch(
-                            x, (2, *out.shape[2:], 96), x, weight, weight, dilation, out, *geometry,
-                            *x.stride(), *out.stride(), K=k, STRIDE=stride, HAS_BIAS=True,
-                            TRANSPOSED=False, CHANNEL_RUN=channel_run)
-                    # The backward kernels at stride 2 (the stride is a compile-time constant;
-                    # stride 1 differs only by the checks it removes).
-                    yield f"conv grad-input {tag} s2", conv.gather_launch(
-                        x, (2, 17, 19, 96), out, weight, weight, dilation, x, 96, *out.shape[2:], 17, 19,
-                        *out.stride(), *x.stride(), K=k, STRIDE=2, HAS_BIAS=False,
-                        TRANSPOSED=True, CHANNEL_RUN=channel_run)
-                    yield f"conv grad-weight {tag} s2", conv.grad_weight_launch(
-                        out, x, dilation, k, channel_run, 2)[0]
+            for mix in (("full", "ragged") if layout_name == "nhwc" else ("full",)):
+                x = torch.empty(2, 96, 17, 19, dtype=dtype).to(memory_format=layout)
+                tag = f"{layout_name} {dtype_name} {mix}"
+                for stride in (1, 2):
+                    groups = resolve_groups(mixes[mix], 17, 19, stride)
+                    spec = tuple(v for g in groups for v in g)
+                    weight = torch.empty(sum(g.channels * g.kernel_h * g.kernel_w for g in groups), dtype=dtype)
+                    out = torch.empty(2, 96, *groups[0].output_size(17, 19, stride), dtype=dtype)
+                    out = out.to(memory_format=layout)
+                    yield f"conv fwd {tag} s{stride}", conv.gather_launch(x, weight, weight[:96], spec, out,
+                                                                          stride, transposed=False)
+                # The backward kernels at stride 2 (the stride is a compile-time constant;
+                # stride 1 differs only by the checks it removes).
+                yield f"conv grad-input {tag} s2", conv.gather_launch(out, weight, None, spec, x, 2, transposed=True)
+                yield f"conv grad-weight {tag} s2", conv.grad_weight_launch(out, x, weight.numel(), spec, 2)[0]
 
 
 def _autotune_cases():
     """(name, autotuner, launch of its base kernel): per autotuned kernel, the launch whose
     configurations need the most shared memory: attention at head_dim 128 in bf16 and fp32,
     when the plan keeps the preferred tile (a smaller tile is launched plain, untuned); the
-    conv gather once, bf16 K=3 (its tiles need a few KB of shared memory at most, the same
-    for every K; fp32 doubles it, still far below any limit)."""
-    from ultron_kernels.triton import dilated_conv as conv
+    conv gather once per layout, bf16 (its tiles need a few KB of shared memory at most, the
+    same for every kernel shape; fp32 doubles it, still far below any limit)."""
+    from ultron_kernels.triton import grouped_depthwise_conv as conv
     from ultron_kernels.triton import window_attention as attn
 
     for name, launch in _attention_cases():
@@ -150,8 +150,10 @@ def _autotune_cases():
             if launch.meta["BLOCK"] == attn._block(7 * 7):
                 yield name, attn._window_attn_fwd_autotuned, launch
     for name, launch in _conv_cases():
-        if name == "conv fwd nhwc bf16 k3 run32 s2":
-            yield name, conv._gather_autotuned, launch
+        if name == "conv fwd nhwc bf16 full s2":
+            yield name, conv._gather_autotuned["nhwc"], launch
+        if name == "conv fwd nchw bf16 full s2":
+            yield name, conv._gather_autotuned["nchw"], launch
 
 
 def _resource_usage(cubin: bytes) -> dict:

@@ -1,5 +1,5 @@
-"""Small forward+backward calls of every CUDA kernel (both layouts, strides, padding,
-shift, multi-block windows), for compute-sanitizer to watch."""
+"""Small forward+backward calls of every CUDA kernel (both layouts, strides, padding, kernel
+shapes per group, shift, multi-block windows), for compute-sanitizer to watch."""
 
 import torch
 
@@ -24,6 +24,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     leaves = [t.requires_grad_() for t in (x, w)]
     y = uk.channelwise_dilated_conv2d(*leaves, None, (1, 6), 1, backend="cuda")
     torch.autograd.grad(y, leaves, torch.randn_like(y))
+    # Grouped: InceptionNeXt's identity, square and bands; MixNet's TF-'SAME' kernels at stride 2
+    # (asymmetric padding, unequal groups, an even kernel). Both layouts.
+    G = uk.DepthwiseGroup
+    for groups, stride in (([G.identity(20), G(4, 3), G(4, (1, 11)), G(4, (11, 1))], 1),
+                           ([G(6, 3, padding="tf_same"), G(5, 5, padding="tf_same"), G(5, 4, padding="tf_same")], 2)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 16 if stride == 2 else 32, 37, 35, device="cuda", dtype=dtype)
+            x = x.to(memory_format=layout).requires_grad_()
+            weights = [None if g.kernel_size is None else torch.randn(
+                g.channels, 1, *((g.kernel_size,) * 2 if isinstance(g.kernel_size, int) else g.kernel_size),
+                device="cuda", dtype=dtype, requires_grad=True) for g in groups]
+            y = uk.grouped_depthwise_conv2d(x, weights, groups, None, stride, backend="cuda")
+            torch.autograd.grad(y, [x] + [w for w in weights if w is not None], torch.randn_like(y))
     # (window, shift, grid, heads, head_dim); the last: 16 heads over 200 windows, so each
     # block takes a run of several windows (the barriers between windows matter).
     for window, shift, size, heads, dim in (((7, 7), (3, 3), (15, 17), 2, 32), ((4, 6), (0, 3), (9, 7), 2, 32),

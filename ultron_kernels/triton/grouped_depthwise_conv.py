@@ -48,11 +48,14 @@ def _tile_pixels(pid_pixels, height, width, BLOCK_H: tl.constexpr, BLOCK_W: tl.c
 
 
 @triton.jit
-def _block_group(group_ptr, block_ptr, pid_channels, BLOCK_C: tl.constexpr):
+def _block_group(group_ptr, block_ptr, pid_channels, BLOCK_C: tl.constexpr, FULL_BLOCKS: tl.constexpr):
     """The channels of block ``pid_channels`` (all in one group) and that group's geometry:
     (channel, channel_ok, kh, kw, dh, dw, pad_top, pad_left, each channel's weight at tap 0,
     the stride between taps, has_weight). The packed weights are tap-major per group, so a
-    tap's weights for consecutive channels are contiguous."""
+    tap's weights for consecutive channels are contiguous. FULL_BLOCKS: every group's channel
+    count is a multiple of BLOCK_C, so blocks start at multiples of BLOCK_C and need no channel
+    mask: the channels_last loads can then be vectors (the table's values carry no such
+    facts for the compiler)."""
     group = tl.load(block_ptr + pid_channels * 3)       # BLOCK_COLUMNS
     first = tl.load(block_ptr + pid_channels * 3 + 1)
     end = tl.load(block_ptr + pid_channels * 3 + 2)
@@ -67,10 +70,18 @@ def _block_group(group_ptr, block_ptr, pid_channels, BLOCK_C: tl.constexpr):
     pad_left = tl.load(row + 7)
     weight_offset = tl.load(row + 8)
     has_weight = weight_offset >= 0
+    weight_offset = tl.maximum(weight_offset, 0)
+    if FULL_BLOCKS:
+        first = tl.multiple_of(first, BLOCK_C)
+        weight_offset = tl.multiple_of(weight_offset, BLOCK_C)
+        tap_stride = tl.multiple_of(tap_stride, BLOCK_C)
     channel = first + tl.arange(0, BLOCK_C)
-    weight_base = tl.maximum(weight_offset, 0) + (channel - group_first)
-    return (channel, channel < end, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride,
-            has_weight)
+    if FULL_BLOCKS:
+        channel_ok = tl.full((BLOCK_C,), 1, tl.int1)
+    else:
+        channel_ok = channel < end
+    weight_base = weight_offset + (channel - group_first)
+    return (channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight)
 
 
 @triton.jit
@@ -95,12 +106,12 @@ def _grouped_conv_gather_kernel(
         H_src, W_src, H_dst, W_dst,
         ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
         STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        BLOCK_C: tl.constexpr, FULL_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx; the same taps
     # read backwards, so every dx element is written once, without atomics.
     batch, dst_h, dst_w, pixel_ok = _tile_pixels(tl.program_id(0), H_dst, W_dst, BLOCK_H, BLOCK_W)
     channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
-        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C, FULL_BLOCKS)
     dst_ok = channel_ok[:, None] & pixel_ok[None, :]
     weight_ok = channel_ok & has_weight  # an identity group's masked weight reads as 1
     src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None].to(tl.int64) * ssc
@@ -126,7 +137,7 @@ def _grouped_conv_grad_weight_kernel(
         C, n_weights, H, W, H_out, W_out, n_tiles,
         sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
         STRIDE: tl.constexpr, TAPS: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        BLOCK_C: tl.constexpr, FULL_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # Program (p, block, chunk) sums the output tiles p, p + P, p + 2P, ... (P programs along
     # axis 0) for taps [chunk*TAPS, chunk*TAPS + TAPS) of its block's group into
     # dw_partial[p, weight] (and, chunk 0, db_partial[p, c]). The taps are a tensor axis: one
@@ -135,7 +146,7 @@ def _grouped_conv_grad_weight_kernel(
     programs = tl.num_programs(0)
     chunk = tl.program_id(2)
     channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
-        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C)
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C, FULL_BLOCKS)
     tap = chunk * TAPS + tl.arange(0, TAPS)
     tap_ok = (tap < kh * kw) & has_weight
     tap_h = (tap // kw)[None, None, :]
@@ -202,12 +213,20 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.shape[1] > 1
 
 
-def _block_c(t: torch.Tensor, spec: tuple, cap: int) -> int:
-    """Channels per program: 1 for NCHW; for channels_last a power of two up to ``cap``, no
-    larger than the widest group needs."""
+def _block_c(t: torch.Tensor, spec: tuple, cap: int) -> tuple[int, bool]:
+    """(channels per program, whether every block is full). NCHW: 1. channels_last: the
+    largest power of two up to ``cap`` that divides every group's channel count, when that is
+    at least 4 (full blocks: vector loads); else a power of two up to ``cap``, no larger than
+    the widest group needs, with the last block of a group masked."""
     if not _channels_last(t):
-        return 1
-    return min(cap, triton.next_power_of_2(max(1, max(g.channels for g in _groups_of(spec)))))
+        return 1, True
+    counts = [g.channels for g in _groups_of(spec) if g.channels]
+    full = cap
+    while full > 1 and any(c % full for c in counts):
+        full //= 2
+    if full >= 4:
+        return full, True
+    return min(cap, triton.next_power_of_2(max(counts or [1]))), False
 
 
 def _max_taps(spec: tuple) -> int:
@@ -217,8 +236,9 @@ def _max_taps(spec: tuple) -> int:
 def _tile(t: torch.Tensor, block_c: int) -> dict:
     """Fixed tile (the interpreter's, and the one used when autotuning is off) with the
     contiguous axis along the warp."""
-    if _channels_last(t):
-        return dict(BLOCK_H=4, BLOCK_W=max(2, 256 // (block_c * 4)), num_warps=4)
+    if _channels_last(t):  # about 1K elements: 8 per thread, 16-byte vectors of bf16 channels
+        pixels = max(4, 1024 // block_c)
+        return dict(BLOCK_H=pixels // min(8, pixels), BLOCK_W=min(8, pixels), num_warps=4)
     return dict(BLOCK_H=16, BLOCK_W=32, num_warps=4)
 
 
@@ -235,7 +255,7 @@ def _configs(shapes) -> list[triton.Config]:
 
 # BLOCK_C is fixed per call (the block table depends on it), so each layout tunes the pixel
 # tile only; the layout's own list keeps the contiguous axis along the warp.
-_AUTOTUNE_KEY = ["H_src", "W_src", "H_dst", "W_dst", "STRIDE", "TRANSPOSED", "BLOCK_C"]
+_AUTOTUNE_KEY = ["H_src", "W_src", "H_dst", "W_dst", "STRIDE", "TRANSPOSED", "BLOCK_C", "FULL_BLOCKS"]
 _gather_autotuned = {
     layout: triton.autotune(configs=_configs(shapes), key=_AUTOTUNE_KEY, prune_configs_by={
         "early_config_prune": prune_to_device(_grouped_conv_gather_kernel)})(_grouped_conv_gather_kernel)
@@ -264,11 +284,12 @@ def gather_launch(src: torch.Tensor, weight: torch.Tensor, bias, spec: tuple, ds
     """The gather kernel's launch (forward: src = x, dst = y; grad input: src = dy, dst = dx):
     autotuned on a GPU; one fixed tile in the interpreter (autotuning there would only
     multiply its run time) or when autotuning is switched off."""
-    block_c = _block_c(dst, spec, 64)
+    block_c, full = _block_c(dst, spec, 64)
     blocks = _block_table(spec, block_c, dst.device)
     args = (src, weight, bias if bias is not None else weight, _group_table(spec, dst.device), blocks, dst,
             *src.shape[2:], *dst.shape[2:], *src.stride(), *dst.stride())
-    flags = dict(STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=transposed, BLOCK_C=block_c)
+    flags = dict(STRIDE=stride, HAS_BIAS=bias is not None, TRANSPOSED=transposed, BLOCK_C=block_c,
+                 FULL_BLOCKS=full)
     grid = _grid(dst.shape[0], *dst.shape[2:], blocks.shape[0])
     if not triton_interpreter_on() and autotune_enabled():
         return Launch(_gather_autotuned["nhwc" if _channels_last(dst) else "nchw"], grid, args, flags)
@@ -284,7 +305,7 @@ def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, 
     h_out, w_out = grad_out.shape[2:]
     taps = min(MAX_TAPS_PER_CHUNK, triton.next_power_of_2(_max_taps(spec)))
     chunks = triton.cdiv(_max_taps(spec), taps)
-    block_c = _block_c(x, spec, 32)
+    block_c, full = _block_c(x, spec, 32)
     blocks = _block_table(spec, block_c, x.device)
     tile = _grad_weight_tile(x, taps, block_c)
     n_tiles = _grid(batch, h_out, w_out, 1)(tile)[0]
@@ -296,7 +317,7 @@ def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, 
         return None, dw_partial.zero_(), db_partial
     args = (grad_out, x, _group_table(spec, x.device), blocks, dw_partial, db_partial, channels, n_weights,
             height, width, h_out, w_out, n_tiles, *grad_out.stride(), *x.stride())
-    meta = dict(STRIDE=stride, TAPS=taps, BLOCK_C=block_c)
+    meta = dict(STRIDE=stride, TAPS=taps, BLOCK_C=block_c, FULL_BLOCKS=full)
     launch = plan("grouped conv grad weight", [tile], lambda candidate: Launch(
         _grouped_conv_grad_weight_kernel, (programs, blocks.shape[0], chunks), args, dict(meta, **candidate)))
     return launch, dw_partial, db_partial

@@ -98,6 +98,21 @@ def _conv_case(dtype, device, backend):
                 (x, weight, bias), grad, dtype, device)
 
 
+def _grouped_conv_case(dtype, device, backend):
+    """InceptionNeXt's mix (identity, 3x3, 1x7 and 7x1 bands) and a TF-'SAME' 4x4, odd sizes."""
+    from ultron_kernels import DepthwiseGroup as G
+    from ultron_kernels import grouped_depthwise_conv2d
+
+    groups = [G.identity(3), G(4, 3), G(3, (1, 7)), G(3, (7, 1)), G(3, 4, padding="tf_same")]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 13, 11, generator=gen)
+    weights = [torch.randn(g.channels, 1, *((g.kernel_size,) * 2 if isinstance(g.kernel_size, int)
+                                            else g.kernel_size), generator=gen) / 3 for g in groups[1:]]
+    grad = torch.randn(2, 16, 13, 11, generator=gen)
+    return _run(lambda x, *w: grouped_depthwise_conv2d(x, [None, *w], groups, backend=backend),
+                (x, *weights), grad, dtype, device)
+
+
 def _run(op: Callable, inputs, grad, dtype, device):
     """Output and input gradients of ``op`` on ``inputs`` cast to ``dtype`` on ``device``."""
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
@@ -106,9 +121,11 @@ def _run(op: Callable, inputs, grad, dtype, device):
     return [out.detach(), *grads]
 
 
-OPS = {"window_attention": _attention_case, "channelwise_dilated_conv2d": _conv_case}
+OPS = {"window_attention": _attention_case, "channelwise_dilated_conv2d": _conv_case,
+       "grouped_depthwise_conv2d": _grouped_conv_case}
 OUTPUT_NAMES = {"window_attention": ("out", "dq", "dk", "dv", "dbias"),
-                "channelwise_dilated_conv2d": ("out", "dx", "dweight", "dbias")}
+                "channelwise_dilated_conv2d": ("out", "dx", "dweight", "dbias"),
+                "grouped_depthwise_conv2d": ("out", "dx", "dw_3x3", "dw_1x7", "dw_7x1", "dw_4x4")}
 
 
 def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:

@@ -95,11 +95,30 @@ constexpr int kMaxGridZ = 65535;
 
 // channels_last: x-lanes take runs of VEC channels (one group each), y-lanes take output
 // columns; grid (runs / blockDim.x, W_dst / blockDim.y, rows), each block looping over rows.
+// For a compile-time K the block first stages its channels' weights tap-major in shared
+// memory: read from global memory instead, the KT*KT loop-invariant weight vectors would be
+// hoisted out of the row loop into registers (176 for 7x7 bf16 on sm_90, where staged: 64).
 template <typename T, int KT, int VEC, bool TRANSPOSED>
 __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
     const Group* __restrict__ groups, const int* __restrict__ group_of, T* __restrict__ dst, int64_t rows,
     ConvShape s) {
+  ULTRON_SHARED_ARRAY(T, staged, KT > 0 ? KT * KT * 32 * VEC : 1);  // [tap][block channel]
+  const int block_channels = blockDim.x * VEC;
+  if (KT > 0) {
+    const int first = blockIdx.x * block_channels;
+    for (int e = threadIdx.y * blockDim.x + threadIdx.x; e < KT * KT * block_channels;
+         e += blockDim.x * blockDim.y) {
+      const int tap = e / block_channels, c = first + e % block_channels;
+      T value = static_cast<T>(0.f);
+      if (c < s.C) {
+        const Group& owner = groups[group_of[c]];
+        value = weight[owner.weight_offset + tap * owner.channels + (c - owner.first)];
+      }
+      staged[e] = value;
+    }
+    __syncthreads();
+  }
   const int run = blockIdx.x * blockDim.x + threadIdx.x;
   const int x = blockIdx.y * blockDim.y + threadIdx.y;
   if (run >= s.C / VEC || x >= s.dst_w) return;  // no block-wide synchronisation below
@@ -125,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) gather_nhwc_kernel(
       }
       // VEC consecutive channels of one tap: contiguous in the tap-major weights.
       const Pack<T, VEC> w = *reinterpret_cast<const Pack<T, VEC>*>(
-          weight + g.weight_offset + tap * g.channels + (c0 - g.first));
+          KT > 0 ? staged + tap * block_channels + threadIdx.x * VEC
+                 : weight + g.weight_offset + tap * g.channels + (c0 - g.first));
 #pragma unroll
       for (int v = 0; v < VEC; ++v) acc[v] += static_cast<float>(in.v[v]) * static_cast<float>(w.v[v]);
     });
@@ -281,9 +301,10 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
   const int taps = channel_ok ? taps_of(g) : 0;
   // Passes are block-uniform (each ends in block-wide reductions): the largest tap count among
   // the block's channels. NCHW blocks have one channel; channels_last blocks have the same 32
-  // channels in every warp, so a warp's maximum is the block's.
-  int block_taps = taps;
-  if (CHANNELS_LAST) {
+  // channels in every warp, so a warp's maximum is the block's. A compile-time K is one pass
+  // known as such (the accumulators then need not outlive it).
+  int block_taps = KT > 0 ? KT * KT : taps;
+  if (CHANNELS_LAST && KT == 0) {
 #pragma unroll
     for (int lane_mask = 16; lane_mask > 0; lane_mask /= 2)
       block_taps = max(block_taps, __shfl_xor_sync(0xffffffffu, block_taps, lane_mask));
@@ -296,9 +317,11 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
   const int64_t out_row = blockIdx.x * static_cast<int64_t>(s.C) + c;
   // src = x (H, W); dst = grad_out (H_out, W_out).
   for (int first = 0; first < block_taps; first += kTapsPerPass) {
-    int tap_h[kTapsPerPass], tap_w[kTapsPerPass];
+    // A run-time kernel's taps of this pass, once per pass (a compile-time K needs none: one
+    // pass of constant taps, which keeps 2*K*K values out of the registers).
+    int tap_h[KT > 0 ? 1 : kTapsPerPass], tap_w[KT > 0 ? 1 : kTapsPerPass];
 #pragma unroll
-    for (int u = 0; u < kTapsPerPass; ++u) {
+    for (int u = 0; u < (KT > 0 ? 0 : kTapsPerPass); ++u) {
       const int tap = first + u;
       const bool live = tap < taps;
       tap_h[u] = live ? tap / g.kw : -1;  // -1: no such tap in this channel's kernel
@@ -318,9 +341,10 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
           acc[kTapsPerPass] += grad;
 #pragma unroll
           for (int u = 0; u < kTapsPerPass; ++u) {
-            if (tap_h[u] < 0) continue;
-            const int iy = source_pos<false>(oy, tap_h[u], g.dh, g.pad_top, s.stride, s.src_h);
-            const int ix = source_pos<false>(ox, tap_w[u], g.dw, g.pad_left, s.stride, s.src_w);
+            const int ty = KT > 0 ? u / KT : tap_h[u], tx = KT > 0 ? u % KT : tap_w[u];
+            if (ty < 0) continue;
+            const int iy = source_pos<false>(oy, ty, g.dh, g.pad_top, s.stride, s.src_h);
+            const int ix = source_pos<false>(ox, tx, g.dw, g.pad_left, s.stride, s.src_w);
             if (iy < 0 || ix < 0) continue;
             const int64_t x_off = CHANNELS_LAST ? ((b * s.src_h + iy) * s.src_w + ix) * s.C + c
                                                 : ((b * s.C + c) * s.src_h + iy) * s.src_w + ix;

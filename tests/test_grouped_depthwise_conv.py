@@ -141,6 +141,20 @@ def test_image_smaller_than_the_dilated_kernel(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 0, 5), (1, 8, 3, 0)])
+def test_empty_input_gives_the_empty_result_and_zero_gradients(device, backend, shape):
+    groups = [G.identity(2), G(3, 3), G(3, (1, 5), padding="tf_same")]
+    x = torch.randn(shape, requires_grad=True)
+    weights = [None, torch.randn(3, 1, 3, 3, requires_grad=True), torch.randn(3, 1, 1, 5, requires_grad=True)]
+    bias = [None, torch.randn(3, requires_grad=True), None]
+    y = uk.grouped_depthwise_conv2d(x, weights, groups, bias, backend=backend)
+    assert tuple(y.shape) == shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert weights[1].grad.abs().sum() == 0 and weights[2].grad.abs().sum() == 0 and bias[1].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_float64_and_no_bias(device, backend):
     if backend != "reference":
         pytest.skip("float64 runs on the reference backend only")

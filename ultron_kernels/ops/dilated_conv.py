@@ -14,9 +14,8 @@ import torch
 
 from ultron_kernels.backends import select_backend
 from ultron_kernels.ops._common import autocast_inputs, check_same_device_and_dtype, check_tensor
-from ultron_kernels.ops.grouped_depthwise_conv import (MAX_DILATION, check_dtype, check_input, fused_reason,
-                                                       checked_stride, pack_weights,
-                                                       run_fused)
+from ultron_kernels.ops.grouped_depthwise_conv import (MAX_DILATION, check_dtype, check_input, checked_stride,
+                                                       fused_reason, pack_weights, run_fused)
 from ultron_kernels.reference.grouped_depthwise_conv import ResolvedGroup, grouped_depthwise_conv2d_reference
 
 OP_NAME = "channelwise_dilated_conv2d"

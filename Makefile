@@ -63,7 +63,7 @@ cmake-build: venv
 
 test: build cmake-build
 	ULTRON_KERNELS_REQUIRE_EXTENSION=$$(command -v nvcc >/dev/null && echo 1 || echo 0) \
-	  $(PY) -m pytest -q tests
+	  $(PY) -m pytest -q --durations=25 tests
 
 demo: build
 	$(PY) -m ultron demo

@@ -34,8 +34,8 @@ GROUPED_MODULES = {
     "quick": [("MixNet-S mixed dw s1", "mixnet_s", "mixed-s1", 128, 224),
               ("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 128, 224),
               ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 128, 224)],
-    "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 2, 64),
-             ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 2, 64)],
+    "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 2, 32),
+             ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 2, 32)],
 }
 
 
@@ -225,7 +225,7 @@ def grouped_conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
     for label, model_name, which, batch, size in GROUPED_MODULES[preset][:shapes]:
         torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False)
+        model = timm.create_model(model_name, pretrained=False).eval()
         module = _first_module(model, which)
         seen = {}
         hook = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0].shape, y=out.shape))

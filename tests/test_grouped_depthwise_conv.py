@@ -122,7 +122,7 @@ def test_parity_fp32(device, backend, channels_last, name, stride):
     groups = GROUP_LISTS[name]
     if name == "explicit":  # its explicit padding gives equal outputs at stride 1 only
         assert stride == 1
-    check_case(backend, groups, (1, 13, 11), stride, torch.float32, channels_last)
+    check_case(backend, groups, (1, 11, 9), stride, torch.float32, channels_last)
 
 
 @pytest.mark.parametrize("device,backend", FUSED_CASES)

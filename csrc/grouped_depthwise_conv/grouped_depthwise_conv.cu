@@ -456,9 +456,14 @@ Plan plan_of(at::IntArrayRef spec, const at::Tensor& x, int64_t stride) {
                         "], got ", v[e]);
     TORCH_CHECK_VALUE(!identity || (stride == 1 && v[5] + v[6] + v[7] + v[8] == 0 && dh == 1 && dw == 1), "groups[", i,
                       "]: an identity group needs stride 1, dilation 1 and no padding");
-    const int64_t out_h = identity ? height : (height + v[5] + v[6] - dh * (kh - 1) - 1) / stride + 1;
-    const int64_t out_w = identity ? width : (width + v[7] + v[8] - dw * (kw - 1) - 1) / stride + 1;
-    // C++ division truncates: a negative numerator above -stride still gives 1, so test it.
+    // floor((size + pads - span) / stride) + 1, floored as Python does (an empty input with
+    // 'same' padding has a numerator of -1 and an empty output).
+    const auto out_size = [&](int64_t size, int64_t pads, int64_t span) {
+      const int64_t numerator = size + pads - span;
+      return (numerator >= 0 ? numerator / stride : -((-numerator + stride - 1) / stride)) + 1;
+    };
+    const int64_t out_h = identity ? height : out_size(height, v[5] + v[6], dh * (kh - 1) + 1);
+    const int64_t out_w = identity ? width : out_size(width, v[7] + v[8], dw * (kw - 1) + 1);
     TORCH_CHECK_VALUE(identity || ((height + v[5] + v[6] - dh * (kh - 1) - 1 >= 0 || height == 0) &&
                                    (width + v[7] + v[8] - dw * (kw - 1) - 1 >= 0 || width == 0)),
                       "groups[", i, "]: the input ", height, "x", width, " is smaller than its dilated kernel");

@@ -254,7 +254,7 @@ def pack_weights(weights: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tens
     that one tap's weights of consecutive channels are contiguous (one vector load for a run
     of channels_last channels), concatenated. A small copy per call; autograd maps the
     gradient back to each weight."""
-    return torch.cat([w.reshape(w.shape[0], -1).t().reshape(-1) for w in weights] or [x.new_empty(0)])
+    return torch.cat([w.flatten(1).t().reshape(-1) for w in weights] or [x.new_empty(0)])
 
 
 def check_input(x) -> None:

@@ -1,8 +1,10 @@
 """`python -m bench`: time our backends and the peers side by side, with the memory floor.
 
-Writes results.json, results.md and PNG plots under bench/results/<device>/ (and $OUT when
-set). Without a GPU it runs the tiny preset on the CPU to exercise the harness and says so:
-those timings are CPU timings and say nothing about the kernels' GPU speed.
+Writes results.json, results.md and PNG plots (with matplotlib, the ``[bench]`` extra) under
+bench/results/<device>/<UTC time>/, a new folder per run (and copies them to --out / $OUT).
+Without a GPU it runs the tiny preset on the CPU to exercise the harness and says so: those
+timings are CPU timings of the reference path, Triton's interpreter and the CUDA simulation,
+and say nothing about the kernels' GPU speed (no speedups or floor fractions are computed).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def agreement(case: Case) -> dict[str, float]:
 
 
 def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
+    gpu = device.type == "cuda"
     rows = []
     errors = agreement(case)
     for direction, floor_bytes in (("fwd", case.floor_bytes_fwd), ("fwd+bwd", case.floor_bytes_fwd_bwd)):
@@ -82,17 +85,21 @@ def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
                         ms = time_ms(rotate(case.inputs, fn), device)
                 else:
                     ms = time_ms(rotate(case.inputs, fn), device)
-                row.update(ms=ms, floor_fraction=floor_ms / ms)
+                row.update(ms=ms, floor_fraction=floor_ms / ms if gpu else None)
             except Exception as exc:  # a peer the installed torch cannot run: say why
                 row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             rows.append(row)
-    add_speedups(rows)
+    add_speedups(rows, device)
     return rows
 
 
-def add_speedups(rows: list[dict]) -> None:
+def add_speedups(rows: list[dict], device: torch.device) -> None:
     """Speedup of each variant over the fastest peer of the same direction (the rows given
-    share one shape and layout)."""
+    share one shape and layout). None on the CPU: interpreter and simulation times are noise."""
+    if device.type != "cuda":
+        for r in rows:
+            r["speedup_vs_best_peer"] = None
+        return
     for direction in {r["direction"] for r in rows}:
         group = [r for r in rows if r["direction"] == direction and r["ms"] is not None]
         peers = [r["ms"] for r in group if r["variant"].startswith("peer")]
@@ -135,7 +142,7 @@ def model_rows(device: torch.device) -> list[dict]:
                                  direction=direction, variant=name, ms=None,
                                  note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     uk.swap_in(model, "reference")
-    add_speedups(rows)
+    add_speedups(rows, device)
     return rows
 
 
@@ -211,7 +218,7 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
                     row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                 per_model.append(row)
         uk.swap_out(model)
-        add_speedups(per_model)
+        add_speedups(per_model, device)
         rows += per_model
     return rows
 
@@ -219,7 +226,10 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark results: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-             f"copy bandwidth {meta['copy_TBps']:.2f} TB/s, {meta['timestamp']}", "",
+             f"copy bandwidth {meta['copy_TBps']:.2f} TB/s, {meta['timestamp']}", ""]
+    if meta.get("caveat"):
+        lines += [f"**{meta['caveat']}**", ""]
+    lines += [
              "| op | shape | dtype | layout | dir | variant | ms | floor ms | floor fraction | vs best peer "
              "| rel. err vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,7 +245,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plots(rows: list[dict], out_dir: str) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install matplotlib, or the [bench] extra); "
+              "results.json and results.md are written")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,16 +292,38 @@ def save(rows: list[dict], meta: dict, out_dir: str, copy_to: str | None, with_p
             shutil.copy(os.path.join(out_dir, name), copy_to)
 
 
+CPU_CAVEAT = ("CPU run: these times are of the reference path, Triton's interpreter and the CUDA "
+              "host simulation on the CPU. They check the harness and say nothing about GPU speed; "
+              "no speedups or floor fractions are computed.")
+
+
+def run_folder(meta: dict) -> str:
+    """bench/results/<device>/<UTC time>/: a new folder per run, so no run overwrites another."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_")[:40]
+    stamp = meta["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    folder = os.path.join(os.path.dirname(__file__), "results", slug, stamp)
+    suffix = 1
+    while os.path.exists(folder + (f"-{suffix}" if suffix > 1 else "")):
+        suffix += 1
+    return folder + (f"-{suffix}" if suffix > 1 else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--op", choices=["conv", "grouped", "attention", "model", "swin", "convnets", "all"],
-                   default="all")
-    p.add_argument("--preset", choices=["quick", "tiny"], default="quick")
+                   default="all", help="what to time: conv (channel-wise dilated conv), grouped (timm's "
+                   "grouped depthwise modules), attention (plain and cosine window attention), model "
+                   "(ULTRON-S, GPU), swin / convnets (whole timm models), all (default)")
+    p.add_argument("--preset", choices=["quick", "tiny"], default="quick",
+                   help="quick: the real model shapes (GPU; default); tiny: small shapes that check the "
+                   "harness in seconds (what a machine without a GPU always runs)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="dtype of every shape of the preset")
     p.add_argument("--also-dtypes", default="fp16,fp32",
                    help="comma-separated dtypes run on the first shape of each op only (GPU)")
-    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--out", default=os.environ.get("OUT"),
+                   help="also copy the results to this folder (default: $OUT when set); every run "
+                   "writes its own bench/results/<device>/<UTC time>/ in any case")
     args = p.parse_args(argv)
     unknown = [n for n in args.also_dtypes.split(",") if n and n not in DTYPES]
     if unknown:
@@ -305,8 +342,10 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 copy_TBps=bandwidth / 1e12, preset=preset, dtype=str(dtype),
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    slug = "".join(ch if ch.isalnum() else "_" for ch in meta["device"]).strip("_")[:40]
-    out_dir = os.path.join(os.path.dirname(__file__), "results", slug)
+    if not gpu:
+        meta["caveat"] = CPU_CAVEAT
+    out_dir = run_folder(meta)
+    meta["folder"] = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows = []
     builders = []
     if args.op in ("conv", "all"):

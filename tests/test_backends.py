@@ -163,3 +163,27 @@ def test_unsupported_gpu_falls_back_to_reference_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         assert select_backend("channelwise_dilated_conv2d", "auto", torch.device("cuda"),
                               lambda name: None) == "reference"
+
+
+def test_a_checkout_that_shadows_the_installed_package_is_named(tmp_path, monkeypatch):
+    """Run from a source checkout, ultron_kernels is imported from there, without the built
+    extensions of the installed copy: the message says so, not "installed without"."""
+    import importlib.metadata
+
+    from ultron_kernels import _cuda
+
+    installed = tmp_path / "site-packages" / "ultron_kernels"
+    installed.mkdir(parents=True)
+    (installed / "_C_missing.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+
+    class Entry:
+        name = "_C_missing.cpython-311-x86_64-linux-gnu.so"
+
+        def locate(self):
+            return installed / self.name
+
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [Entry()])
+    why = _cuda._load("_C_missing", "CUDA host simulation", "")
+    assert "a source checkout without its CUDA host simulation" in why and str(installed) in why, why
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [])
+    assert _cuda._load("_C_missing", "CUDA host simulation", "").startswith("ultron_kernels was installed without")

@@ -286,6 +286,9 @@ BAD_INPUTS = [
     ("int dtype", _call(x=torch.ones(1, 4, 6, 6, dtype=torch.int32),
                         weights=[torch.ones(2, 1, 3, 3, dtype=torch.int32), torch.ones(2, 1, 1, 5, dtype=torch.int32)]),
      TypeError, r"x: dtype must be"),
+    # An integer x with float weights is x's error, not the weights' (the new-user trial).
+    ("int x, float weights", _call(x=torch.ones(1, 4, 6, 6, dtype=torch.int64)), TypeError,
+     r"x: dtype must be .* got torch.int64"),
 ]
 
 

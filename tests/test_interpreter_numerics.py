@@ -1,8 +1,12 @@
 """The Triton kernels run unchanged in the interpreter (no interpreter-only code path); the
-harness (conftest: ultron_kernels.testing.use_gpu_numerics_in_triton_interpreter) makes the
-interpreter's 16-bit dot and fp32->bf16 rounding match the GPU's."""
+library itself (ultron_kernels/triton/interpreter.py, applied when its Triton kernels are
+imported) makes the interpreter's 16-bit dot and fp32->bf16 rounding match the GPU's. The
+test harness applies nothing: a user's script gets the same numbers as the tests."""
 
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ pytestmark = pytest.mark.skipif(not triton_interpreter_on(), reason="Triton's in
 
 
 def _kernels():
+    import ultron_kernels.triton  # noqa: F401  (what applies the fix)
     import triton
     import triton.language as tl
 
@@ -46,3 +51,32 @@ def test_kernels_have_no_interpreter_path():
     for module in (grouped_depthwise_conv, window_attention):
         source = inspect.getsource(module)
         assert "DOT_FP32" not in source and "TRITON_INTERPRET" not in source, module.__name__
+
+
+USER_SCRIPT = """
+import torch
+import ultron_kernels as uk
+from ultron_kernels.testing import parity
+
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 9, 11, 2, 32) for _ in range(3))
+table = torch.randn(13 * 13, 2)
+expected = uk.window_attention(q.double(), k.double(), v.double(), 7, 3, table.double(), backend="reference")
+for dtype in (torch.bfloat16, torch.float16):
+    got = uk.window_attention(q.to(dtype), k.to(dtype), v.to(dtype), 7, 3, table, backend="triton")
+    result = parity(got, expected, dtype)
+    assert result.ok, (dtype, str(result))
+print("ok")
+"""
+
+
+def test_a_user_script_gets_gpu_numerics_without_the_harness():
+    """A plain script, as a user writes one (TRITON_INTERPRET=1 set before import, no test
+    harness): 16-bit Triton attention on CPU tensors matches float64. Without the library's
+    fix the bf16 result is off by a relative error of ~1e9."""
+    from helpers import ROOT
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", USER_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import ultron_kernels as uk
@@ -48,3 +49,39 @@ def test_selfcheck_fails_on_a_wrong_result(tmp_path, monkeypatch):
     bad = {(r["backend"], r["op"]) for r in rows if not r["ok"]}
     assert bad == {("triton", "channelwise_dilated_conv2d"), ("triton", "grouped_depthwise_conv2d")}, bad
     assert all(r["worst"].startswith("out:") for r in rows if not r["ok"])
+
+
+def test_json_alone_prints_the_report_with_shapes_and_modes(capsys):
+    """`--json` with no file writes the JSON to stdout (the table goes to stderr); every row
+    names the shape it checked; on the CPU the fused backends say what they run on."""
+    assert selfcheck.main(["--json"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert "all checks passed" in out.err
+    assert all(row["shape"] == selfcheck.SHAPES[row["op"]] for row in report["checks"])
+    for shape in selfcheck.SHAPES.values():
+        assert shape in out.err
+    if not torch.cuda.is_available():
+        assert "interpreter" in report["backend_modes"]["triton"]
+        assert "simulation" in report["backend_modes"]["cuda"]
+        assert "interpreter" in out.err and "host simulation" in out.err
+
+
+def test_a_bogus_backend_variable_is_reported(monkeypatch, capsys):
+    monkeypatch.setenv("ULTRON_KERNELS_BACKEND", "bogus")
+    assert selfcheck.main([]) == 1
+    text = capsys.readouterr().out
+    assert "ULTRON_KERNELS_BACKEND='bogus' is not a backend" in text and "FAILED" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_cuda_without_a_gpu_gives_the_reason(capsys):
+    """`--device cuda` and `available_backends('cuda')` on a machine without a GPU: the reason,
+    not torch's raw "Found no NVIDIA driver"; and a CPU user is not told to rebuild with nvcc."""
+    reasons = uk.available_backends("cuda")
+    assert all(why.startswith("no CUDA device") for why in reasons.values()), reasons
+    assert selfcheck.main(["--device", "cuda"]) == 1
+    text = capsys.readouterr().out
+    assert "PROBLEM: no CUDA device" in text and "Traceback" not in text
+    status = selfcheck.environment()["cuda_extension"]
+    assert status == "loaded" or status.startswith("not built; not needed here"), status

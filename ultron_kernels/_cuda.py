@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -27,10 +28,33 @@ _BUILD_HINT = ("to build it: `pip install --no-build-isolation .` from a checkou
                "(README, Install)")
 
 
+def _installed_copy_with(module: str) -> Optional[str]:
+    """The folder of an installed ultron_kernels that has ``module`` built, when the package
+    imported here is another folder: a source checkout (the current directory, say) shadows
+    the installed package and its extensions."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        files = importlib.metadata.files("ultron_kernels") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name.startswith(f"{module}.") and entry.name.endswith((".so", ".pyd")):
+            folder = os.path.dirname(os.path.abspath(str(entry.locate())))
+            if folder != here and os.path.exists(str(entry.locate())):
+                return folder
+    return None
+
+
 def _load(module: str, what: str, needs: str) -> str:
     """Imports ultron_kernels.<module> (registering its operators); returns why it could
     not be, or ''."""
     if importlib.util.find_spec(f"ultron_kernels.{module}") is None:
+        installed = _installed_copy_with(module)
+        if installed:
+            here = os.path.dirname(os.path.abspath(__file__))
+            return (f"ultron_kernels was imported from {here}, a source checkout without its {what}, which "
+                    f"shadows the installed copy in {installed} (which has it): run from another directory, "
+                    "or build the checkout in place with `pip install --no-build-isolation -e .`")
         return f"ultron_kernels was installed without its {what} (ultron_kernels.{module}); {_BUILD_HINT}, {needs}"
     try:
         importlib.import_module(f"ultron_kernels.{module}")

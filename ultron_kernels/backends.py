@@ -83,7 +83,19 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
+def no_cuda_device_reason() -> Optional[str]:
+    """Why no CUDA device can be used here, or None when one can (asked without touching the
+    driver: torch's own calls raise "Found no NVIDIA driver" on such a machine)."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
+    return "no CUDA device is visible here (torch.cuda.is_available() is False: no NVIDIA GPU or driver)"
+
+
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+    if device.type == "cuda" and no_cuda_device_reason():
+        return no_cuda_device_reason()
     if backend == "reference" or device.type == "meta":
         # Meta tensors (shape inference, models built on torch.device("meta")) run every
         # backend through its custom op's fake implementation.

@@ -9,8 +9,8 @@ small shapes against the reference in float64, and a table. Exit code 1 on any m
 
 On a machine without a GPU it runs what can run: the reference, Triton through its
 interpreter, and the CUDA kernels through their host simulation. ``--bench`` times one shape
-per op on a GPU. ``--json FILE`` (or ``-`` for stdout) writes everything as JSON: attach it
-to a bug report.
+per op on a GPU. ``--json [FILE]`` writes everything as JSON (to stdout without a FILE):
+attach it to a bug report.
 """
 
 from __future__ import annotations
@@ -37,6 +37,41 @@ def _prepare_cpu_backends() -> None:
     os.environ.setdefault("ULTRON_KERNELS_CUDA_SIM", "1")
 
 
+def _extension_status() -> str:
+    """The CUDA extension's state, in the words that matter on this machine: without a GPU it
+    is not needed (the CUDA backend runs through the host simulation there)."""
+    from ultron_kernels import _cuda
+    from ultron_kernels.backends import no_cuda_device_reason
+
+    if _cuda.HAS_CUDA_EXTENSION:
+        return "loaded"
+    if no_cuda_device_reason():
+        return f"not built; not needed here ({no_cuda_device_reason()})"
+    return _cuda.CUDA_EXTENSION_ERROR
+
+
+def backend_mode(name: str, device: torch.device) -> str:
+    """How an available backend runs on ``device``: on the CPU the fused backends are Triton's
+    interpreter and the CUDA host simulation (exact but slow: no timing means anything)."""
+    if device.type == "cpu" and name == "triton":
+        return "available: Triton's interpreter on the CPU (TRITON_INTERPRET=1)"
+    if device.type == "cpu" and name == "cuda":
+        return "available: the CUDA kernels' host simulation on the CPU (ULTRON_KERNELS_CUDA_SIM=1)"
+    return "available"
+
+
+def backend_variable_problem() -> Optional[str]:
+    """ULTRON_KERNELS_BACKEND set to something that is not a backend: every ``auto`` call
+    would raise. The self-check says so instead of passing."""
+    from ultron_kernels.backends import BACKENDS, ENV_VAR
+
+    value = os.environ.get(ENV_VAR)
+    if value and value not in ("auto",) + BACKENDS:
+        return (f"{ENV_VAR}={value!r} is not a backend (choose from {('auto',) + BACKENDS}): every "
+                "call with backend='auto' raises ValueError until it is fixed or unset")
+    return None
+
+
 def environment() -> dict:
     import ultron_kernels
     from ultron_kernels import _cuda
@@ -48,7 +83,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_extension_archs": _cuda.built_arch_list() or None,
-        "cuda_extension": "loaded" if _cuda.HAS_CUDA_EXTENSION else _cuda.CUDA_EXTENSION_ERROR,
+        "cuda_extension": _extension_status(),
         "cuda_simulation": ("off" if not _cuda.simulation_enabled()
                             else _cuda.simulation_reason() or "on (CUDA kernels run on the CPU)"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
@@ -123,6 +158,9 @@ def _run(op: Callable, inputs, grad, dtype, device):
 
 OPS = {"window_attention": _attention_case, "channelwise_dilated_conv2d": _conv_case,
        "grouped_depthwise_conv2d": _grouped_conv_case}
+SHAPES = {"window_attention": "B2 9x11 (partial windows) heads 2 D32, window 7 shift 3, table bias",
+          "channelwise_dilated_conv2d": "B2 C12 13x11, k3, dilations 1/2/3 per 4 channels, bias",
+          "grouped_depthwise_conv2d": "B1 C16 9x7: identity 3, 3x3 x4, 1x7 x3, 7x1 x3, 4x4 tf_same x3"}
 OUTPUT_NAMES = {"window_attention": ("out", "dq", "dk", "dv", "dbias"),
                 "channelwise_dilated_conv2d": ("out", "dx", "dweight", "dbias"),
                 "grouped_depthwise_conv2d": ("out", "dx", "dw_3x3", "dw_1x7", "dw_7x1", "dw_4x4")}
@@ -137,7 +175,8 @@ def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:
         expected = case(torch.float64, torch.device("cpu"), "reference")
         for backend in backends:
             for dtype_name, dtype in DTYPES.items():
-                row = {"backend": backend, "op": op_name, "dtype": dtype_name, "device": str(device)}
+                row = {"backend": backend, "op": op_name, "dtype": dtype_name, "device": str(device),
+                       "shape": SHAPES[op_name]}
                 start = time.perf_counter()
                 try:
                     got = case(dtype, device, backend)
@@ -200,26 +239,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ultron_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="time one shape per op (needs a GPU)")
-    parser.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout)")
+    parser.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                        help="write the report as JSON to FILE (no FILE, or '-': to stdout)")
     parser.add_argument("--device", default=None, help="device to check (default: cuda if present, else cpu)")
     args = parser.parse_args(argv)
 
     _prepare_cpu_backends()
     from ultron_kernels import available_backends
+    from ultron_kernels.backends import no_cuda_device_reason
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from ultron_kernels.testing import use_gpu_numerics_in_triton_interpreter
-
-        use_gpu_numerics_in_triton_interpreter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
     report = {"environment": environment(), "device": str(device),
               "backends": available_backends(device)}
+    missing_device = no_cuda_device_reason() if device.type == "cuda" else None
+    report["problems"] = [p for p in (backend_variable_problem(), missing_device) if p]
     runnable = [name for name, why in report["backends"].items() if why == "available"]
-    report["checks"] = parity_checks(device, runnable)
+    report["backend_modes"] = {name: backend_mode(name, device) for name in runnable}
+    report["checks"] = parity_checks(device, runnable)  # none runnable without the device
     if args.bench:
-        report["bench"] = quick_bench(runnable) if device.type == "cuda" else \
+        report["bench"] = quick_bench(runnable) if device.type == "cuda" and runnable else \
             "timings need a GPU: this machine has none"
-    ok = all(row["ok"] for row in report["checks"])
+    ok = all(row["ok"] for row in report["checks"]) and not report["problems"]
     report["ok"] = ok
 
     out = sys.stdout if args.json != "-" else sys.stderr
@@ -233,16 +276,27 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{gpu['shared_memory_per_block_optin']} B shared memory per block)", file=out)
     print(f"\nbackends on {device}:", file=out)
     for name, why in report["backends"].items():
-        print(f"  {name}: {why}", file=out)
-    print(f"\nparity against float64 (forward and every gradient):", file=out)
-    print(_table([dict(r, result="ok" if r["ok"] else "MISMATCH") for r in report["checks"]],
-                 ["backend", "op", "dtype", "result", "worst", "seconds"]), file=out)
+        print(f"  {name}: {report['backend_modes'].get(name, why)}", file=out)
+    for problem in report["problems"]:
+        print(f"\nPROBLEM: {problem}", file=out)
+    if report["checks"]:
+        print("\nparity against float64 (forward and every gradient), on these shapes:", file=out)
+        for op_name, shape in SHAPES.items():
+            print(f"  {op_name}: {shape}", file=out)
+        print(_table([dict(r, result="ok" if r["ok"] else "MISMATCH") for r in report["checks"]],
+                     ["backend", "op", "dtype", "result", "worst", "seconds"]), file=out)
     if args.bench:
         print("\nquick benchmark (forward + backward, ms):", file=out)
         print(report["bench"] if isinstance(report["bench"], str) else
               _table(report["bench"], ["op", "shape", "backend", "ms", "error"]), file=out)
-    print("\n" + ("all checks passed" if ok else "MISMATCH: see the rows above; attach "
-                  "`python -m ultron_kernels --json report.json` to a bug report"), file=out)
+    if ok:
+        verdict = "all checks passed"
+    elif report["problems"]:
+        verdict = "FAILED: see PROBLEM above"
+    else:
+        verdict = ("MISMATCH: see the rows above; attach `python -m ultron_kernels --json report.json` "
+                   "to a bug report")
+    print("\n" + verdict, file=out)
     if args.json:
         text = json.dumps(report, indent=1, default=str)
         if args.json == "-":

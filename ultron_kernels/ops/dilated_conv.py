@@ -108,8 +108,8 @@ def channelwise_dilated_conv2d(x: torch.Tensor, weight: torch.Tensor,
     stride = checked_stride(stride)
     rates = normalize_dilation(dilation, channels)
     x, weight, bias = autocast_inputs(x, weight, bias)
-    check_same_device_and_dtype(x=x, weight=weight, bias=bias)
     check_dtype(x)
+    check_same_device_and_dtype(x=x, weight=weight, bias=bias)
 
     groups = dilation_groups(rates, kernel_size)
     chosen = select_backend(OP_NAME, backend, x.device, fused_reason(x, kernel_size))

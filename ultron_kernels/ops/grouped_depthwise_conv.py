@@ -306,9 +306,9 @@ def grouped_depthwise_conv2d(x: torch.Tensor, weights: Sequence[Optional[torch.T
             raise ValueError(f"bias[{i}]: expected shape ({g.channels},), got {tuple(b.shape)}")
     cast = autocast_inputs(x, *weights, *biases)
     x, weights, biases = cast[0], cast[1:1 + len(resolved)], cast[1 + len(resolved):]
+    check_dtype(x)  # first: an integer x is x's fault, not the weights'
     check_same_device_and_dtype(x=x, **{f"weights[{i}]": w for i, w in enumerate(weights)},
                                 **{f"bias[{i}]": b for i, b in enumerate(biases)})
-    check_dtype(x)
 
     chosen = select_backend(OP_NAME, backend, x.device, fused_reason(x))
     if chosen == "reference":

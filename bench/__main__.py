@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from bench.cases import (Case, attention_cases, cosine_attention_cases, conv_cases, fwd_bwd, grouped_conv_cases,
-                         rotate)
+from bench.cases import (ATTN_SHAPES, CONV_SHAPES, GROUPED_MODULES, Case, attention_cases, conv_cases,
+                         cosine_attention_cases, fwd_bwd, grouped_conv_cases, rotate)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,39 +107,55 @@ def add_speedups(rows: list[dict], device: torch.device) -> None:
             r["speedup_vs_best_peer"] = min(peers) / r["ms"] if peers else None
 
 
-def model_rows(device: torch.device) -> list[dict]:
+MODES = ("eager", "compiled")
+
+
+def model_rows(device: torch.device, config: str = "ultron_s", batch: int = 32, size: int = 224,
+               backends: Optional[list[str]] = None, modes: tuple = MODES) -> list[dict]:
+    """The reference ULTRON model: inference (descriptors) and a training step, on the
+    reference backend (the peer) and swapped to each fused backend (``backends``; default:
+    every available one); ``modes``: eagerly, and compiled (on a GPU only). bf16 autocast on a
+    GPU, fp32 on the CPU."""
     import ultron
     import ultron_kernels as uk
     from ultron.data import sample_batch
     from ultron.parity import training_step
 
-    images, labels, classes = sample_batch(32, 224)
+    gpu = device.type == "cuda"
+    autocast = torch.bfloat16 if gpu else None
+    images, labels, classes = sample_batch(batch, size)
     images, labels = images.to(device), labels.to(device)
-    model = ultron.build("ultron_s", num_classes=classes).to(device)
+    model = ultron.build(config, num_classes=classes).to(device)
+    fused = backends or [b for b, why in uk.available_backends(device).items()
+                         if why == "available" and b != "reference"]
+    variants = []
+    if "eager" in modes:
+        variants += [("peer: eager (reference)", "reference", False)] + [(f"ours: {b}", b, False) for b in fused]
+    if "compiled" in modes and gpu:
+        variants += [("peer: torch.compile(reference)", "reference", True)]
+        variants += [(f"ours: {b} + torch.compile", b, True) for b in fused]
+    shape = f"B{batch} {size}x{size}"
+    dtype = "bf16-autocast" if gpu else "fp32"
     rows = []
-    variants = [("peer: eager (reference)", "reference", False),
-                ("peer: torch.compile(reference)", "reference", True)]
-    variants += [(f"ours: {b}", b, False) for b, why in uk.available_backends(device).items()
-                 if why == "available" and b != "reference"]
-    for name, backend, compiled in variants:
+    for name, backend, compile_it in variants:
         uk.swap_in(model, backend)
-        runner = torch.compile(model) if compiled else model
-        describe = torch.compile(model.descriptor) if compiled else model.descriptor
+        runner = torch.compile(model) if compile_it else model
+        describe = torch.compile(model.descriptor) if compile_it else model.descriptor
         for direction in ("inference", "train step"):
             try:
                 if direction == "inference":
                     def fn():
-                        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                             return describe(images)
                 else:
                     def fn():
-                        return training_step(runner, images, labels, torch.bfloat16)
+                        return training_step(runner, images, labels, autocast)
                 ms = time_ms(fn, device)
-                rows.append(dict(op="ultron_s", shape="B32 224x224", dtype="bf16-autocast",
-                                 layout="-", direction=direction, variant=name, ms=ms))
+                rows.append(dict(op=config, shape=shape, dtype=dtype, layout="-", direction=direction,
+                                 variant=name, ms=ms))
             except Exception as exc:
-                rows.append(dict(op="ultron_s", shape="B32 224x224", dtype="bf16-autocast", layout="-",
-                                 direction=direction, variant=name, ms=None,
+                rows.append(dict(op=config, shape=shape, dtype=dtype, layout="-", direction=direction,
+                                 variant=name, ms=None,
                                  note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     uk.swap_in(model, "reference")
     add_speedups(rows, device)
@@ -159,12 +175,13 @@ CONVNET_MODELS = {
 }
 
 
-def timm_model_rows(device: torch.device, models: list, backends: Optional[list[str]] = None) -> list[dict]:
-    """Inference and a training step of timm models: eager and torch.compile (the peers),
-    then swapped in to each available fused backend, alone and compiled (compiled variants on
-    a GPU only: on the CPU they would time Inductor's compile). bf16 autocast on a GPU, fp32
-    on the CPU. Each variant's logits are compared with eager's (rel. err column). ``backends``:
-    the fused backends to swap in (default: every available one)."""
+def timm_model_rows(device: torch.device, models: list, backends: Optional[list[str]] = None,
+                    modes: tuple = MODES) -> list[dict]:
+    """Inference and a training step of timm models: as they are (the peers) and swapped in to
+    each fused backend (``backends``; default: every available one); ``modes``: eagerly, and
+    compiled (on a GPU only: on the CPU they would time Inductor's compile). bf16 autocast on a
+    GPU, fp32 on the CPU. Each variant's logits are compared with the first variant's (eager,
+    or compiled when only compiled runs: rel. err column)."""
     import timm
 
     import ultron_kernels as uk
@@ -182,16 +199,18 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
         # Every variant starts from the same state: a training step updates the batch-norm
         # statistics, which would change the next variant's logits.
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        variants = [("peer: eager", None, False)] + [(f"ours: {b}", b, False) for b in fused]
-        if gpu:
+        variants = []
+        if "eager" in modes:
+            variants += [("peer: eager", None, False)] + [(f"ours: {b}", b, False) for b in fused]
+        if "compiled" in modes and gpu:
             variants += [("peer: torch.compile", None, True)]
             variants += [(f"ours: {b} + torch.compile", b, True) for b in fused]
         eager_logits, per_model = None, []
-        for variant, backend, compiled in variants:
+        for variant, backend, compile_it in variants:
             uk.swap_out(model)
             model.load_state_dict(initial)
             swapped = len(uk.swap_in(model, backend).swapped) if backend else 0
-            runner = torch.compile(model) if compiled else model
+            runner = torch.compile(model) if compile_it else model
 
             def infer():
                 model.eval()
@@ -347,17 +366,17 @@ def main(argv=None) -> int:
     out_dir = run_folder(meta)
     meta["folder"] = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows = []
-    builders = []
+    builders = []  # (builder, its shape table)
     if args.op in ("conv", "all"):
-        builders.append(conv_cases)
+        builders.append((conv_cases, CONV_SHAPES))
     if args.op in ("grouped", "all"):
-        builders.append(grouped_conv_cases)
+        builders.append((grouped_conv_cases, GROUPED_MODULES))
     if args.op in ("attention", "all"):
-        builders += [attention_cases, cosine_attention_cases]
+        builders += [(attention_cases, ATTN_SHAPES), (cosine_attention_cases, ATTN_SHAPES)]
     also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []
-    for case_dtype, shapes in [(dtype, None)] + [(d, 1) for d in also if d != dtype]:
-        for build in builders:
-            for case in build(preset, case_dtype, device, shapes):
+    for case_dtype, count in [(dtype, None)] + [(d, 1) for d in also if d != dtype]:
+        for build, table in builders:
+            for case in build(table[preset][:count], case_dtype, device):
                 rows += run_case(case, device, bandwidth)
                 save(rows, meta, out_dir, args.out, with_plots=False)  # a timeout keeps these
                 print(f"done: {case.op} {case.shape} {case.dtype} {case.layout}", flush=True)

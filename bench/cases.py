@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,9 @@ class Case:
     layout: str
     floor_bytes_fwd: int
     floor_bytes_fwd_bwd: int
-    variants: dict[str, tuple[Callable, Optional[str]]] = field(default_factory=dict)
+    variants: dict[str, Callable] = field(default_factory=dict)
     inputs: list = field(default_factory=list)   # input sets, rotated between calls
+    compiled: set = field(default_factory=set)   # the variants that are torch.compile'd (slow first call)
 
 
 def rotate(sets: list, build: Callable) -> Callable:
@@ -77,12 +78,11 @@ def _input_sets(make: Callable, bytes_per_set: int, device) -> list:
     return [make() for _ in range(count)]
 
 
-def conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
-               shapes: Optional[int] = None) -> list[Case]:
-    """Cases for the preset's first ``shapes`` shapes (all by default), both layouts."""
+def conv_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """Cases for ``shapes`` (entries of CONV_SHAPES), both layouts."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    for b, c, h, w in CONV_SHAPES[preset][:shapes]:
+    for b, c, h, w in shapes:
         for layout in ("nchw", "nhwc"):
             elt = torch.tensor([], dtype=dtype).element_size()
             act = b * c * h * w * elt
@@ -112,6 +112,7 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
             variants = {"peer: split+conv+cat": split_conv_cat}
             if device.type == "cuda":
                 variants["peer: split+conv+cat compiled"] = torch.compile(split_conv_cat)
+                case.compiled.add("peer: split+conv+cat compiled")
             variants.update({f"ours: {name}": ours(name) for name in backends})
             for name, fn in variants.items():
                 case.variants[name] = fn
@@ -119,14 +120,14 @@ def conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
     return cases
 
 
-def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
-                    shapes: Optional[int] = None, cosine: bool = False) -> list[Case]:
-    """Cases for the preset's first ``shapes`` shapes (all by default). ``cosine``: Swin V2's
+def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device,
+                    cosine: bool = False) -> list[Case]:
+    """Cases for ``shapes`` (entries of ATTN_SHAPES). ``cosine``: Swin V2's
     attention (q and k L2-normalised, a per-head logit scale with its gradient) at the same
     shapes, so that its rows compare with the plain ones."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    for b, h, w, heads, d, window in ATTN_SHAPES[preset][:shapes]:
+    for b, h, w, heads, d, window in shapes:
         n = window * window
         elt = torch.tensor([], dtype=dtype).element_size()
         act = b * h * w * heads * d * elt
@@ -168,6 +169,7 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
         variants = {"peer: eager": eager}
         if device.type == "cuda":
             variants["peer: eager compiled"] = torch.compile(eager)
+            case.compiled.add("peer: eager compiled")
             variants["peer: sdpa+bias"] = sdpa
             try:
                 from torch.nn.attention.flex_attention import flex_attention
@@ -182,6 +184,7 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
                     q, k, factor = queries_keys(q, k, scale)
                     return flex_attention(q, k, partition(v), score_mod=score_mod, scale=factor)
                 variants["peer: flex(partitioned)"] = torch.compile(flex_peer)
+                case.compiled.add("peer: flex(partitioned)")
             except ImportError as exc:
                 print(f"skipping FlexAttention peer: {exc}")
         for name in backends:
@@ -192,9 +195,8 @@ def attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
     return cases
 
 
-def cosine_attention_cases(preset: str, dtype: torch.dtype, device: torch.device,
-                           shapes: Optional[int] = None) -> list[Case]:
-    return attention_cases(preset, dtype, device, shapes, cosine=True)
+def cosine_attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
+    return attention_cases(shapes, dtype, device, cosine=True)
 
 
 def _first_module(model: torch.nn.Module, which: str) -> torch.nn.Module:
@@ -213,8 +215,7 @@ def _first_module(model: torch.nn.Module, which: str) -> torch.nn.Module:
     raise LookupError(f"no {which} module")
 
 
-def grouped_conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
-                       shapes: Optional[int] = None) -> list[Case]:
+def grouped_conv_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
     """timm's split + depthwise convs + cat modules as they are (the peers: eager, and compiled
     on a GPU) against the same module swapped in to each available backend, both layouts."""
     import copy
@@ -223,7 +224,7 @@ def grouped_conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
 
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    for label, model_name, which, batch, size in GROUPED_MODULES[preset][:shapes]:
+    for label, model_name, which, batch, size in shapes:
         torch.manual_seed(0)
         model = timm.create_model(model_name, pretrained=False).eval()
         module = _first_module(model, which)
@@ -260,6 +261,7 @@ def grouped_conv_cases(preset: str, dtype: torch.dtype, device: torch.device,
             variants = {"peer: timm split+conv+cat": with_weights(module)}
             if device.type == "cuda":
                 variants["peer: timm split+conv+cat compiled"] = torch.compile(with_weights(module))
+                case.compiled.add("peer: timm split+conv+cat compiled")
             variants.update({f"ours: {name}": with_weights(swapped[name]) for name in backends})
             case.variants.update(variants)
             cases.append(case)

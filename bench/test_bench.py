@@ -7,7 +7,7 @@ by pytest-benchmark with a CUDA synchronisation after each call.
 import pytest
 import torch
 
-from bench.cases import attention_cases, conv_cases, cosine_attention_cases, fwd_bwd, rotate
+from bench.cases import ATTN_SHAPES, CONV_SHAPES, attention_cases, conv_cases, cosine_attention_cases, fwd_bwd, rotate
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -15,8 +15,8 @@ PRESET, DTYPE = ("quick", torch.bfloat16) if GPU else ("tiny", torch.float32)
 
 
 def _params():
-    for case in (conv_cases(PRESET, DTYPE, DEVICE) + attention_cases(PRESET, DTYPE, DEVICE)
-                 + cosine_attention_cases(PRESET, DTYPE, DEVICE)):
+    for case in (conv_cases(CONV_SHAPES[PRESET], DTYPE, DEVICE) + attention_cases(ATTN_SHAPES[PRESET], DTYPE, DEVICE)
+                 + cosine_attention_cases(ATTN_SHAPES[PRESET], DTYPE, DEVICE)):
         for name, forward in case.variants.items():
             for direction in ("fwd", "fwd+bwd"):
                 yield pytest.param(case, forward, direction,

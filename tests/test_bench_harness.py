@@ -12,15 +12,17 @@ import torch
 
 from bench.__main__ import agreement, main
 from helpers import ROOT
-from bench.cases import attention_cases, conv_cases, cosine_attention_cases, grouped_conv_cases
+from bench.cases import (ATTN_SHAPES, CONV_SHAPES, GROUPED_MODULES, attention_cases, conv_cases,
+                         cosine_attention_cases, grouped_conv_cases)
 
 
-@pytest.mark.parametrize("build", [conv_cases, grouped_conv_cases, attention_cases, cosine_attention_cases],
+@pytest.mark.parametrize("build,table", [(conv_cases, CONV_SHAPES), (grouped_conv_cases, GROUPED_MODULES),
+                                         (attention_cases, ATTN_SHAPES), (cosine_attention_cases, ATTN_SHAPES)],
                          ids=["conv", "grouped conv modules", "attention", "cosine attention"])
-def test_every_variant_agrees_with_eager(build):
+def test_every_variant_agrees_with_eager(build, table):
     # Two shapes per op: a variant that read another case's shape (a closure bound late)
     # computes a different result or fails, and this catches it.
-    cases = build("tiny", torch.float32, torch.device("cpu"))
+    cases = build(table["tiny"], torch.float32, torch.device("cpu"))
     assert len({case.shape for case in cases}) == 2
     for case in cases:
         errors = agreement(case)

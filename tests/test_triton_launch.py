@@ -63,3 +63,16 @@ def test_autotuner_prune_keeps_what_fits(limit):
     assert kept == [configs[1]]
     with pytest.raises(launch.ConfigurationDoesNotFit, match="stand_in_kernel.*101376"):
         launch.prune_to_device(kernel)(configs[:1], {"x": 1})
+
+
+def test_capped_autotuning_compiles_only_the_first_fitting_configurations(limit, monkeypatch):
+    """ULTRON_KERNELS_AUTOTUNE_CONFIGS=K (what `make gpu-lease` sets): the autotuner times the
+    first K configurations that fit, in order of preference, and compiles none past them."""
+    kernel = StandInKernel({64: 147456, 32: 69632, 16: 30000, 8: 20000})
+    configs = [types.SimpleNamespace(all_kwargs=lambda b=b: dict(BLOCK=b, num_warps=4)) for b in (64, 32, 16, 8)]
+    monkeypatch.setenv("ULTRON_KERNELS_AUTOTUNE_CONFIGS", "2")
+    assert launch.prune_to_device(kernel)(configs, {"x": 1}) == configs[1:3]
+    assert kernel.compiled == [64, 32, 16]
+    monkeypatch.setenv("ULTRON_KERNELS_AUTOTUNE_CONFIGS", "none")
+    with pytest.raises(ValueError, match="ULTRON_KERNELS_AUTOTUNE_CONFIGS must be a positive integer, got 'none'"):
+        launch.prune_to_device(kernel)(configs, {"x": 1})

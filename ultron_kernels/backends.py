@@ -74,6 +74,21 @@ def autotune_enabled() -> bool:
     return os.environ.get("ULTRON_KERNELS_AUTOTUNE", "1") != "0"
 
 
+AUTOTUNE_CONFIGS_VAR = "ULTRON_KERNELS_AUTOTUNE_CONFIGS"
+
+
+def autotune_config_limit() -> Optional[int]:
+    """ULTRON_KERNELS_AUTOTUNE_CONFIGS=K: the autotuners time only the first K configurations
+    that fit the device, in each list's order of preference (each timed configuration is a
+    compile: `make gpu-lease` sets K so that tuning costs seconds, not minutes). Unset: all."""
+    value = os.environ.get(AUTOTUNE_CONFIGS_VAR)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{AUTOTUNE_CONFIGS_VAR} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 # Only look for triton here: importing it fixes its interpreter mode (see above).
 _TRITON_IMPORT_ERROR = ("" if importlib.util.find_spec("triton") is not None
                         else "triton is not installed")

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
 from ultron_kernels.reference.grouped_depthwise_conv import ResolvedGroup
-from ultron_kernels.triton.launch import Launch, plan, prune_to_device
+from ultron_kernels.triton.launch import Launch, autotune, plan
 
 GROUP_COLUMNS = 9   # first channel, channels, kh, kw, dh, dw, pad top, pad left, weight offset (-1: identity)
 BLOCK_COLUMNS = 3   # group, first channel, end channel
@@ -254,13 +254,13 @@ def _configs(shapes) -> list[triton.Config]:
 
 
 # BLOCK_C is fixed per call (the block table depends on it), so each layout tunes the pixel
-# tile only; the layout's own list keeps the contiguous axis along the warp.
+# tile only; the layout's own list keeps the contiguous axis along the warp. Each list is in
+# order of preference (a capped tuning times its head): the fixed default tile first.
 _AUTOTUNE_KEY = ["H_src", "W_src", "H_dst", "W_dst", "STRIDE", "TRANSPOSED", "BLOCK_C", "FULL_BLOCKS"]
 _gather_autotuned = {
-    layout: triton.autotune(configs=_configs(shapes), key=_AUTOTUNE_KEY, prune_configs_by={
-        "early_config_prune": prune_to_device(_grouped_conv_gather_kernel)})(_grouped_conv_gather_kernel)
-    for layout, shapes in (("nchw", [(8, 32), (16, 32), (32, 32), (4, 64), (8, 64)]),
-                           ("nhwc", [(2, 4), (4, 4), (2, 8), (4, 8), (8, 8)]))
+    layout: autotune(f"grouped conv gather ({layout})", _grouped_conv_gather_kernel, _configs(shapes), _AUTOTUNE_KEY)
+    for layout, shapes in (("nchw", [(16, 32), (8, 64), (8, 32), (32, 32), (4, 64)]),
+                           ("nhwc", [(4, 8), (4, 4), (8, 8), (2, 8), (2, 4)]))
 }
 
 

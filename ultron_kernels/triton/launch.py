@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import triton
 
-from ultron_kernels.backends import triton_interpreter_on
+from ultron_kernels.backends import autotune_config_limit, triton_interpreter_on
 
 
 class ConfigurationDoesNotFit(RuntimeError):
@@ -93,11 +93,13 @@ def plan(name: str, candidates: Sequence[dict], build: Callable[[dict], Launch])
 
 def prune_to_device(kernel) -> Callable:
     """An ``early_config_prune`` for ``triton.autotune`` over ``kernel``: keeps the configs
-    whose compiled shared memory fits the device (the autotuner then times only those)."""
+    whose compiled shared memory fits the device (the autotuner then times only those), at
+    most ``autotune_config_limit()`` of them, in the list's order of preference."""
     def prune(configs, named_args, **kwargs):
         limit = shared_memory_limit()
         if limit is None:
             return configs
+        most = autotune_config_limit()
         # Triton passes the launch's own keywords too (grid, warmup): not compile parameters.
         constexprs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         kept = []
@@ -109,9 +111,29 @@ def prune_to_device(kernel) -> Callable:
                 _chosen[key] = kernel.warmup(*args, grid=(1,), **meta).metadata.shared
             if _chosen[key] <= limit:
                 kept.append(config)
+            if len(kept) == most:
+                break
         if not kept:
             raise ConfigurationDoesNotFit(
                 f"{kernel.fn.__name__}: none of the {len(configs)} autotuning configurations fits "
                 f"this device's {limit} bytes of shared memory per block")
         return kept
     return prune
+
+
+_autotuned: dict = {}
+
+
+def autotune(name: str, kernel, configs: list, key: list[str]):
+    """``triton.autotune`` over ``kernel`` with :func:`prune_to_device`, registered under
+    ``name`` so that :func:`autotuned_kernels` can report what each tuning chose."""
+    tuner = triton.autotune(configs=configs, key=key,
+                            prune_configs_by={"early_config_prune": prune_to_device(kernel)})(kernel)
+    _autotuned[name] = tuner
+    return tuner
+
+
+def autotuned_kernels() -> dict:
+    """Every autotuned kernel of the package by name; each tuner's ``cache`` maps a tuning
+    key to its choice."""
+    return dict(_autotuned)

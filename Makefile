@@ -14,13 +14,16 @@ export CUDA_HOME
 export MAX_JOBS ?= 2
 OUT ?= $(CURDIR)/runs/latest
 
-.PHONY: help venv build cmake-build test demo bench gpu-check clean
+.PHONY: help venv build cmake-build test demo bench gpu-lease gpu-versions clean
 
 help:
 	@echo "make test       build everything (venv, CUDA extension) and run the CPU test suite"
 	@echo "make demo       the main job: ULTRON model, reference vs kernel backends, report"
 	@echo "make bench      benchmark quick preset (needs a GPU for timings)"
-	@echo "make gpu-check  on a GPU machine: build, GPU tests, quick benchmark, logs under \$$OUT"
+	@echo "make gpu-lease  on a GPU machine, one call of at most ~8 min: build, self-check, headline"
+	@echo "                benchmark rows, GPU tests, compute-sanitizer; four files in \$$OUT (README)"
+	@echo "make gpu-lease REHEARSE=1   the same script on this machine's CPU (tiny shapes)"
+	@echo "make gpu-versions   import, build and rehearse with the GPU machine's torch/triton"
 
 # The venv: torch (CUDA 13.0 build, from the local wheel cache on the project's machines),
 # triton comes with it; test and model extras. Never installs over an existing user torch:
@@ -71,10 +74,33 @@ demo: build
 bench: build
 	$(PY) -m bench --preset quick --out "$(OUT)"
 
-# On the GPU machine (python3 there already has torch/triton): build in place, GPU tests,
-# sanitizer on the CUDA kernels, quick benchmark; everything lands under $OUT.
-gpu-check:
-	bash tools/gpu_check.sh
+# On the GPU machine, with its own python3 (its torch and triton, not our pins): the whole
+# lease in one call (tools/gpu_lease.py: steps in order of value, each in its own time box),
+# four files in $(OUT). REHEARSE=1: the same script on this machine's CPU, tiny shapes,
+# Triton's interpreter and the CUDA host simulation; it fails on any step that did not end well.
+gpu-lease: $(if $(REHEARSE),build)
+	$(if $(REHEARSE),$(PY),python3) tools/gpu_lease.py $(if $(REHEARSE),--rehearse) --out "$(OUT)"
+
+# The GPU machine's torch and triton (device tool, KINDS.md), checked here before a window
+# depends on them: a venv of those versions (kept across runs in GPU_VERSIONS_VENV: about a
+# minute and 5 GB to make), then in a copy of the tree (its in-place build must not replace
+# .venv's extension) every module imported, the extension built for sm_90 and the lease
+# rehearsed.
+GPU_TORCH ?= 2.11.0
+GPU_TRITON ?= 3.6.0
+GPU_TORCHVISION ?= 0.26.0
+GPU_VERSIONS_VENV ?= $(HOME)/.cache/ultron_kernels/venv-torch$(GPU_TORCH)-triton$(GPU_TRITON)
+GPU_VERSIONS_DIR = build/gpu-versions
+gpu-versions:
+	test -f $(GPU_VERSIONS_VENV)/.ready || { rm -rf $(GPU_VERSIONS_VENV) && python3 -m venv $(GPU_VERSIONS_VENV) && \
+	  $(GPU_VERSIONS_VENV)/bin/pip install -q --upgrade pip setuptools wheel && \
+	  $(GPU_VERSIONS_VENV)/bin/pip install -q "torch==$(GPU_TORCH)" "triton==$(GPU_TRITON)" \
+	    "torchvision==$(GPU_TORCHVISION)" numpy pytest hypothesis ninja tqdm scikit-image timm && \
+	  touch $(GPU_VERSIONS_VENV)/.ready; }
+	rm -rf $(GPU_VERSIONS_DIR) && mkdir -p $(GPU_VERSIONS_DIR)/tree
+	git ls-files -z | xargs -0 cp --parents -t $(GPU_VERSIONS_DIR)/tree
+	cd $(GPU_VERSIONS_DIR)/tree && $(GPU_VERSIONS_VENV)/bin/python tools/gpu_lease.py --rehearse --build \
+	  --out "$(CURDIR)/$(GPU_VERSIONS_DIR)/out"
 
 clean:
 	rm -rf build *.egg-info ultron_kernels/_C*.so runs

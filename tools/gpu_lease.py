@@ -125,7 +125,8 @@ class Lease:
         if box < MIN_BOX_S:
             return self.record(dict(step=name, status="skipped", seconds=0, box_s=max(box, 0),
                                     note="no time left"))
-        self.say(f"== {name} (box {box:.0f}s): {' '.join(command)}")
+        shown = " ".join(arg if "\n" not in arg else repr(arg.splitlines()[0] + " ...") for arg in command)
+        self.say(f"== {name} (box {box:.0f}s): {shown}")
         started = time.monotonic()
         process = subprocess.Popen(command, cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace",

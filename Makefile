@@ -84,8 +84,8 @@ gpu-lease: $(if $(REHEARSE),build)
 # The GPU machine's torch and triton (device tool, KINDS.md), checked here before a window
 # depends on them: a venv of those versions (kept across runs in GPU_VERSIONS_VENV: about a
 # minute and 5 GB to make), then in a copy of the tree (its in-place build must not replace
-# .venv's extension) every module imported, the extension built for sm_90 and the lease
-# rehearsed.
+# .venv's extension) every module imported, the extension built for sm_90, the lease
+# rehearsed, and every Triton launch compiled for sm_90 by that Triton (tools/compile_triton.py).
 GPU_TORCH ?= 2.11.0
 GPU_TRITON ?= 3.6.0
 GPU_TORCHVISION ?= 0.26.0
@@ -101,6 +101,8 @@ gpu-versions:
 	git ls-files -z | xargs -0 cp --parents -t $(GPU_VERSIONS_DIR)/tree
 	cd $(GPU_VERSIONS_DIR)/tree && $(GPU_VERSIONS_VENV)/bin/python tools/gpu_lease.py --rehearse --build \
 	  --out "$(CURDIR)/$(GPU_VERSIONS_DIR)/out"
+	cd $(GPU_VERSIONS_DIR)/tree && env -u TRITON_INTERPRET $(GPU_VERSIONS_VENV)/bin/python tools/compile_triton.py \
+	  --arch 90 --json "$(CURDIR)/$(GPU_VERSIONS_DIR)/out/triton_sm90.json"
 
 clean:
 	rm -rf build *.egg-info ultron_kernels/_C*.so runs

@@ -1,5 +1,5 @@
 """Triton's interpreter (``TRITON_INTERPRET=1``: the kernels on CPU tensors) made to compute
-as the GPU does. The package applies it itself when its Triton kernels are first imported
+as the GPU does: 16-bit dots and bf16 rounding, and loop bounds loaded from memory. The package applies it itself when its Triton kernels are first imported
 with the interpreter on (``ultron_kernels/triton/__init__.py``): without it, a bf16
 ``window_attention`` on the CPU is wrong by a relative error of ~1e9, silently.
 """
@@ -51,3 +51,21 @@ def use_gpu_numerics() -> None:
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
     builder._ultron_gpu_numerics = True
+    _index_scalars_as_the_gpu_does(interpreter)
+
+
+def _index_scalars_as_the_gpu_does(interpreter) -> None:
+    """A loop bound loaded from memory (``range(kh)``, kh from the group table) is a scalar on
+    the GPU; in the interpreter it is a one-element array, which Triton before 3.7 (3.6 is the
+    GPU machine's) converts with ``int(array)``: NumPy 2 refuses that ("only 0-dimensional
+    arrays can be converted"). Later Triton squeezes the array first; so do we, for the
+    interpreter's run only (its patch scope restores the class afterwards)."""
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor

@@ -78,7 +78,7 @@ class Lease:
         self.budget_s, self.start = budget_s, time.monotonic()
         os.makedirs(out, exist_ok=True)
         self.log = open(os.path.join(out, "lease.log"), "a", buffering=1)
-        self.results = {"lease": {"rehearse": rehearse, "budget_s": budget_s, "host": platform.node(),
+        self.results = {"lease": {"rehearse": rehearse, "budget_s": budget_s,
                                   "kernel": platform.release(), "python": sys.version.split()[0],
                                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                       timespec="seconds")},
@@ -98,9 +98,9 @@ class Lease:
         return min(BOXES[name][1 if self.rehearse else 0], self.left() - SUMMARY_RESERVE_S)
 
     def say(self, text: str) -> None:
-        stamp = f"[{time.monotonic() - self.start:6.1f}s]"
-        self.log.write(f"{stamp} {text}\n")
-        print(f"{stamp} {text}", flush=True)
+        line = f"[{time.monotonic() - self.start:6.1f}s] {scrub(text)}"
+        self.log.write(line + "\n")
+        print(line, flush=True)
 
     def record(self, step: dict) -> dict:
         self.results["steps"].append(step)
@@ -115,7 +115,7 @@ class Lease:
         path = os.path.join(self.out, "results.json")
         steps = [{k: v for k, v in step.items() if k != "output"} for step in self.results["steps"]]
         with open(path + ".part", "w") as f:
-            json.dump(dict(self.results, steps=steps), f, indent=1, default=str)
+            f.write(scrub(json.dumps(dict(self.results, steps=steps), indent=1, default=str)))
         os.replace(path + ".part", path)
 
     # ------------------------------------------------------------ running a step
@@ -145,7 +145,7 @@ class Lease:
                 status = "ok" if process.wait() == 0 else "failed"
             elif line:
                 output.append(line)
-                self.log.write(f"  {line}")
+                self.log.write(f"  {scrub(line)}")
         return self.record(dict(step=name, status=status, rc=process.returncode, seconds=time.monotonic() - started,
                                 box_s=box, tail="".join(output[-30:])[-3000:], output=output))
 
@@ -232,7 +232,7 @@ class Lease:
                 if not line.startswith("LEASE "):
                     tail = (tail + [line])[-40:]
                     if line:
-                        self.log.write(f"  {line}")
+                        self.log.write(f"  {scrub(line)}")
                     continue
                 event = json.loads(line[len("LEASE "):])
                 if event["event"] == "meta":
@@ -312,7 +312,7 @@ class Lease:
     def finish(self) -> str:
         self.results["lease"]["seconds"] = time.monotonic() - self.start
         self.save()
-        text = summary(self.results, read_predictions(NOTES))
+        text = scrub(summary(self.results, read_predictions(NOTES)))
         with open(os.path.join(self.out, "summary.md"), "w") as f:
             f.write(text)
         self.say("summary.md written")
@@ -323,6 +323,14 @@ class Lease:
 # ---------------------------------------------------------------- helpers
 
 _EOF = object()
+
+
+def scrub(text: str) -> str:
+    """``text`` without the machine's own folders (the checkout, the Python installation), which
+    have no place in the committed files."""
+    for folder, name in ((ROOT, "."), (sys.prefix, "<python>"), (sys.base_prefix, "<python>")):
+        text = text.replace(folder + os.sep, name + os.sep).replace(folder, name)
+    return text
 
 
 def _reader(process: subprocess.Popen) -> queue.Queue:
@@ -496,15 +504,16 @@ def summary(results: dict, predictions: dict) -> str:
         out.append(f"| {step['step']} | {step['status']} | {step['seconds']:.0f} | {step['box_s']:.0f} | {note} |")
     firsts = []
     for row_id, row in results["rows"].items():
-        ours = {}
+        ours: dict = {}
         for r in row.get("rows", []):
             if r["variant"].startswith("ours") and r.get("first_call_ms") is not None:
-                ours.setdefault(r["variant"][6:], {})[r["direction"]] = r["first_call_ms"] / 1e3
+                seconds = ours.setdefault(r["variant"][6:], {"fwd": 0.0, "fwd+bwd": 0.0})
+                seconds[r["direction"]] += r["first_call_ms"] / 1e3
         if ours:
             firsts.append(f"{row_id}: " + ", ".join(
-                f"{name} {t.get('fwd', 0):.1f}/{t.get('fwd+bwd', 0):.1f} s" for name, t in ours.items()))
+                f"{name} {t['fwd']:.1f}/{t['fwd+bwd']:.1f} s" for name, t in ours.items()))
     if firsts:
-        out += ["", "First calls of ours (fwd / fwd+bwd, first layout): " + "; ".join(firsts) + "."]
+        out += ["", "First calls of ours (fwd / then fwd+bwd; layouts summed): " + "; ".join(firsts) + "."]
     return "\n".join(out) + "\n"
 
 

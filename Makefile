@@ -101,7 +101,7 @@ gpu-versions:
 	git ls-files -z | xargs -0 cp --parents -t $(GPU_VERSIONS_DIR)/tree
 	cd $(GPU_VERSIONS_DIR)/tree && $(GPU_VERSIONS_VENV)/bin/python tools/gpu_lease.py --rehearse --build \
 	  --out "$(CURDIR)/$(GPU_VERSIONS_DIR)/out"
-	cd $(GPU_VERSIONS_DIR)/tree && env -u TRITON_INTERPRET $(GPU_VERSIONS_VENV)/bin/python tools/compile_triton.py \
+	cd $(GPU_VERSIONS_DIR)/tree && env -u TRITON_INTERPRET PYTHONPATH=. $(GPU_VERSIONS_VENV)/bin/python tools/compile_triton.py \
 	  --arch 90 --json "$(CURDIR)/$(GPU_VERSIONS_DIR)/out/triton_sm90.json"
 
 clean:

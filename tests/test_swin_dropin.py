@@ -187,3 +187,44 @@ def test_swapped_model_trains_under_ddp(tmp_path):
             assert p.grad is not None and torch.equal(p.grad, q.grad), name
     finally:
         dist.destroy_process_group()
+
+
+def _randomised(model):
+    """Every parameter moved off its initial value: timm zero-inits Swin V2's post-norm
+    biases and sets its norms to one, which would hide a wrong attention."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+# Swin V2 at the fused kernels' window limit (16 x 16 = 256 tokens) and over it (24 x 24 =
+# 576, timm's swinv2_*_window12to24_192to384): (timm name, image size, window of stage 1).
+AT_THE_LIMIT = {"window16": ("swinv2_tiny_window16_256", 64, 16),
+                "window24": ("swinv2_base_window12to24_192to384", 96, 24)}
+
+
+@pytest.mark.parametrize("name", sorted(AT_THE_LIMIT))
+@pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
+def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
+    """A swapped model always runs: windows over the fused kernels' 256 tokens are left alone
+    on a fused backend, with the reason, and converted on the reference backend (which has no
+    token limit); either way the model computes what the untouched one does."""
+    model_name, size, window = AT_THE_LIMIT[name]
+
+    def build(size):
+        return _randomised(timm.create_model(model_name, pretrained=False, img_size=size, embed_dim=32,
+                                             depths=(2, 2), num_heads=(1, 2), num_classes=10))
+
+    original, swapped = _original_and_copy(build, size)
+    report = uk.swap_in(swapped, backend)
+    over = window * window > 256 and backend != "reference"
+    assert len(report.swapped) + len(report.skipped) == 4, str(report)
+    reasons = [why for _, _, why in report.skipped]
+    assert sum(f"window ({window}, {window}) has {window * window} tokens" in why for why in reasons) == \
+        (2 if over else 0), str(report)
+    if backend == "cuda":  # its backward holds the window in shared memory: 16 x 16 does not fit
+        assert all("tokens" in why or "bytes of shared memory per block" in why for why in reasons), str(report)
+    else:
+        assert len(report.swapped) == (2 if over else 4), str(report)
+    _compare(swapped, original, size, torch.float64 if backend == "reference" else torch.float32)

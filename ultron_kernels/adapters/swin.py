@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultron_kernels.adapters import Unsupported, set_fused
-from ultron_kernels.ops.window_attention import FUSED_HEAD_DIMS, window_attention
+from ultron_kernels.ops.window_attention import fused_shape_reason, window_attention
 
 
 def convert(module: nn.Module, overrides: dict, home: str, backend: str, *, head_dim: int,
             attention_dropout: float, window, shift, library: str, cosine: bool = False):
     """Turn a Swin module into its fused subclass (``overrides`` in module ``home``) when it
     can run our op exactly; returns (module, report note). Raises Unsupported otherwise."""
-    _check_convertible(head_dim, attention_dropout, backend)
+    _check_convertible(module, head_dim, attention_dropout, window, backend, cosine)
     set_fused(module, overrides, home, backend)
     kind = "cosine attention (qk_norm, per-head logit scale)" if cosine else "attention"
     return module, (f"window {tuple(window)} shift {tuple(shift)}: {kind} in one {backend} "
@@ -26,13 +26,29 @@ def convert(module: nn.Module, overrides: dict, home: str, backend: str, *, head
                     f"{library} pads them")
 
 
-def _check_convertible(head_dim: int, attention_dropout: float, backend: str) -> None:
+def _check_convertible(module: nn.Module, head_dim: int, attention_dropout: float, window, backend: str,
+                       cosine: bool) -> None:
     if attention_dropout > 0:
         raise Unsupported(f"attention dropout {attention_dropout} > 0 (not implemented in the "
                           "fused op): left on its own path")
-    if head_dim not in FUSED_HEAD_DIMS and backend != "reference":
-        raise Unsupported(f"head_dim {head_dim} has no fused kernel (fused: {FUSED_HEAD_DIMS}): "
-                          "left on its own path")
+    why = fused_shape_reason(backend, tuple(window), head_dim, conversion_device(module, backend),
+                             extras=cosine)
+    if why:
+        raise Unsupported(f"{why}: left on its own path")
+
+
+def conversion_device(module: nn.Module, backend: str) -> torch.device:
+    """The device whose limits a conversion checks: the module's if it is on a GPU; for a CPU
+    module swapped to "cuda", the GPU it will most likely move to (the current one), or the
+    simulated device where the CUDA kernels run on the CPU; else meta (no device limit known)."""
+    from ultron_kernels import _cuda
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if device.type == "cuda" or backend != "cuda":
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device if _cuda.simulation_reason() is None else torch.device("meta")
 
 
 def continuous_position_bias(cpb_mlp: nn.Module, coords_table: torch.Tensor, heads: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ from ultron_kernels.reference.window_attention import (relative_position_index,
 OP_NAME = "window_attention"
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_WINDOW_TOKENS = 256
+# The fused kernels hold one window in one tile; larger windows run on the reference backend.
+MAX_FUSED_WINDOW_TOKENS = 256
 BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
 
 Pair = Union[int, Sequence[int]]
@@ -195,9 +196,8 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pa
         raise TypeError(f"q: dtype must be float16, bfloat16, float32 or float64, got {q.dtype}")
     window = _pair("window_size", window_size)
     shift = _pair("shift_size", shift_size)
-    if min(window) < 1 or window[0] * window[1] > MAX_WINDOW_TOKENS:
-        raise ValueError(f"window_size must be >= 1 with wh*ww <= {MAX_WINDOW_TOKENS}, "
-                         f"got {window}")
+    if min(window) < 1:
+        raise ValueError(f"window_size must be >= 1, got {window}")
     if not all(0 <= s < w for s, w in zip(shift, window)):
         raise ValueError(f"shift_size must satisfy 0 <= shift < window ({window}), got {shift}")
     heads, head_dim, tokens = q.shape[3], q.shape[4], window[0] * window[1]
@@ -262,27 +262,39 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0))
 
 
+def fused_shape_reason(backend: str, window: tuple[int, int], head_dim: int, device: torch.device,
+                       needs_grad: bool = True, bias_grad: bool = True, extras: bool = False) -> Optional[str]:
+    """Why ``backend`` cannot run windows of this size and head dim on ``device`` (with a
+    backward when ``needs_grad``), or None. The op asks at each call; the Swin adapters ask
+    when they convert, so that a swapped model never meets a limit at its first forward."""
+    if backend == "reference":
+        return None
+    if head_dim not in FUSED_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"
+    tokens = window[0] * window[1]
+    if tokens > MAX_FUSED_WINDOW_TOKENS:
+        return (f"window {tuple(window)} has {tokens} tokens; the fused kernels hold a window in "
+                f"one tile, at most {MAX_FUSED_WINDOW_TOKENS} tokens (larger windows run on the "
+                "reference backend)")
+    # Under torch.compile the device query is left out (the kernels' own check still
+    # names the limit); importing torch._dynamo here would import triton too early for
+    # TRITON_INTERPRET to take effect.
+    if backend == "cuda" and device.type != "meta" and not torch.compiler.is_compiling():
+        need = max(cuda_shared_memory_bytes(tokens, head_dim, False, False),
+                   cuda_shared_memory_bytes(tokens, head_dim, needs_grad, bias_grad, extras))
+        limit = _cuda.shared_memory_per_block(device)
+        if need > limit:
+            return (f"window {tuple(window)} with head_dim {head_dim} needs {need} bytes of shared "
+                    f"memory per block in the CUDA kernels; the device allows {limit}")
+    return None
+
+
 def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool,
                   extras: bool):
     def reason(backend: str) -> Optional[str]:
-        if backend == "reference":
-            return None
-        if q.dtype not in FUSED_DTYPES:
+        if backend != "reference" and q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
-        if q.shape[-1] not in FUSED_HEAD_DIMS:
-            return f"head_dim {q.shape[-1]} is not one of the fused head dims {FUSED_HEAD_DIMS}"
-        # Under torch.compile the device query is left out (the kernels' own check still
-        # names the limit); importing torch._dynamo here would import triton too early for
-        # TRITON_INTERPRET to take effect.
-        if backend == "cuda" and q.device.type != "meta" and not torch.compiler.is_compiling():
-            tokens = window[0] * window[1]
-            need = max(cuda_shared_memory_bytes(tokens, q.shape[-1], False, False),
-                       cuda_shared_memory_bytes(tokens, q.shape[-1], needs_grad, bias_grad, extras))
-            limit = _cuda.shared_memory_per_block(q.device)
-            if need > limit:
-                return (f"window {window} with head_dim {q.shape[-1]} needs {need} bytes of shared "
-                        f"memory per block in the CUDA kernels; the device allows {limit}")
-        return None
+        return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras)
     return reason
 
 

@@ -154,5 +154,8 @@ def test_the_summary_table_on_a_gpu_and_in_a_rehearsal_has_the_same_columns():
     assert "0.02 (cuda)" in line and "0.1 (split+conv+cat compiled)" in line
     assert "| 2.00 |" in line and "| 5.00 |" in line and "missed (floor)" in line
     assert "| attn-s1 | | | timeout: over |" in gpu
+    results = _results(False)
+    results["rows"]["dilated"]["rows"][1]["rel_err_vs_eager"] = 0.3
+    assert "WRONG RESULT: triton rel. err 0.3 vs eager" in gpu_lease.summary(results, predictions)
     assert "Compile and autotune" in gpu and "3.4 s" in gpu  # (900 - 0.02) + (2500 - 0.03) ms
     assert "REHEARSAL" in cpu and "not measured (CPU)" in cpu and "REHEARSAL" not in gpu

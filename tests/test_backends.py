@@ -134,6 +134,7 @@ def test_kernel_image_rule(arch_list, capability, runs):
 
 
 def _fake_gpu(monkeypatch, capability, built):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     monkeypatch.setattr(_cuda, "HAS_CUDA_EXTENSION", True)

@@ -175,6 +175,18 @@ def available_backends(device: Optional[torch.device | str] = None) -> dict[str,
     return {name: (_device_reason(name, device) or "available") for name in BACKENDS}
 
 
+def auto_backend(device: torch.device) -> str:
+    """The backend ``auto`` runs on ``device`` for a call every fused backend can take: the
+    environment's ULTRON_KERNELS_BACKEND if set, the reference on the CPU, else the first fused
+    backend available on the device (the order of AUTO_ORDER)."""
+    if os.environ.get(ENV_VAR) in BACKENDS:
+        return os.environ[ENV_VAR]
+    if device.type != "cuda":
+        return "reference"
+    fused = [name for name in AUTO_ORDER["window_attention"] if name != "reference"]
+    return next((name for name in fused if _device_reason(name, device) is None), "reference")
+
+
 def select_backend(op: str, requested: str, device: torch.device,
                    op_reason: Callable[[str], Optional[str]]) -> str:
     """Resolve ``requested`` to a concrete backend for one call of ``op``.

@@ -25,9 +25,22 @@ class Unsupported(Exception):
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     name: str                                              # what the report calls the module
+    # Whether a module is a candidate: the kind of local operator this adapter is about (a
+    # module that never could be, such as a pointwise conv, does not match and is not reported).
     matches: Callable[[nn.Module], bool]
     # convert(module, backend) -> (the module to put in its place, a note); raises Unsupported.
     convert: Callable[[nn.Module, str], tuple[nn.Module, str]]
+    # The swap_in keyword that switches this adapter on (None: always on); without it, its
+    # candidates are reported left alone, with that keyword named.
+    opt_in: Optional[str] = None
+
+
+def recognised_only(reason: str) -> Callable[[nn.Module, str], tuple[nn.Module, str]]:
+    """The ``convert`` of a local operator we recognise but do not run yet: always left alone,
+    with ``reason``, so that the report says so instead of passing it by in silence."""
+    def convert(module: nn.Module, backend: str):
+        raise Unsupported(reason)
+    return convert
 
 
 def class_named(module_path: str, class_name: str) -> Callable[[nn.Module], bool]:
@@ -75,6 +88,7 @@ def restore(module: nn.Module) -> Optional[str]:
 
 
 def adapters() -> list[Adapter]:
-    from ultron_kernels.adapters import ours, timm_conv, timm_swin, torchvision_swin
+    from ultron_kernels.adapters import depthwise, ours, timm_conv, timm_swin, torchvision_swin
 
-    return ours.ADAPTERS + timm_swin.ADAPTERS + torchvision_swin.ADAPTERS + timm_conv.ADAPTERS
+    return (ours.ADAPTERS + timm_swin.ADAPTERS + torchvision_swin.ADAPTERS + timm_conv.ADAPTERS
+            + depthwise.ADAPTERS)

@@ -15,15 +15,17 @@ from ultron_kernels.ops.window_attention import fused_shape_reason, window_atten
 
 
 def convert(module: nn.Module, overrides: dict, home: str, backend: str, *, head_dim: int,
-            attention_dropout: float, window, shift, library: str, cosine: bool = False):
+            attention_dropout: float, window, shift, library: str, cosine: bool = False,
+            padded: Optional[bool] = None):
     """Turn a Swin module into its fused subclass (``overrides`` in module ``home``) when it
-    can run our op exactly; returns (module, report note). Raises Unsupported otherwise."""
+    can run our op exactly; returns (module, report note). Raises Unsupported otherwise.
+    ``padded``: whether the block's grid is padded to whole windows (None: known only per call)."""
     _check_convertible(module, head_dim, attention_dropout, window, backend, cosine)
     set_fused(module, overrides, home, backend)
     kind = "cosine attention (qk_norm, per-head logit scale)" if cosine else "attention"
+    padding = f"; its grid padded to whole windows as {library} pads it" if padded else ""
     return module, (f"window {tuple(window)} shift {tuple(shift)}: {kind} in one {backend} "
-                    f"window_attention call; grids not divisible by the window padded as "
-                    f"{library} pads them")
+                    f"window_attention call{padding}")
 
 
 def _check_convertible(module: nn.Module, head_dim: int, attention_dropout: float, window, backend: str,

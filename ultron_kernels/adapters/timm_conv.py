@@ -39,7 +39,8 @@ def _grouped_conv(module, x: torch.Tensor) -> torch.Tensor:
                                     backend=module._ultron_backend)
 
 
-def _forward(self, x):
+def grouped_forward(self, x):
+    """The forward of a converted module: its parts as one grouped depthwise convolution."""
     return _grouped_conv(self, x)
 
 
@@ -71,11 +72,18 @@ def _converter(parts, forward):
     return convert
 
 
+_is_mixed_conv = class_named("timm.layers.mixed_conv2d", "MixedConv2d")
+
+
+def _is_depthwise_mixed_conv(module) -> bool:
+    """MixNet splits its grouped 1x1 convs with MixedConv2d too: those are no candidates."""
+    return _is_mixed_conv(module) and all(c.groups == c.in_channels for c in module.values())
+
+
 ADAPTERS = [
-    Adapter("timm MixedConv2d", class_named("timm.layers.mixed_conv2d", "MixedConv2d"),
-            _converter(_mixed_parts, _forward)),
+    Adapter("timm MixedConv2d", _is_depthwise_mixed_conv, _converter(_mixed_parts, grouped_forward)),
     Adapter("timm InceptionDWConv2d", class_named("timm.models.inception_next", "InceptionDWConv2d"),
-            _converter(_inception_parts, _forward)),
+            _converter(_inception_parts, grouped_forward)),
     Adapter("timm ConvRelPosEnc", class_named("timm.models.coat", "ConvRelPosEnc"),
             _converter(_crpe_parts, _crpe_forward)),
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ultron_kernels.adapters import Adapter, class_named
+from ultron_kernels.adapters import Adapter, class_named, recognised_only
 from ultron_kernels.adapters.swin import (continuous_position_bias, convert, grid_attention,
                                           logit_scale_per_head)
 
@@ -48,7 +48,8 @@ def _converter(parameters, cosine: bool):
         return convert(block, {"_attn": _attn, "_ultron_parameters": staticmethod(parameters)},
                        __name__, backend, head_dim=attn.qkv.out_features // (3 * attn.num_heads),
                        attention_dropout=attn.attn_drop.p, window=block.window_size,
-                       shift=block.shift_size, library="timm", cosine=cosine)
+                       shift=block.shift_size, library="timm", cosine=cosine,
+                       padded=any(r % w for r, w in zip(block.input_resolution, block.window_size)))
     return convert_block
 
 
@@ -58,4 +59,7 @@ ADAPTERS = [
     Adapter("timm SwinTransformerV2Block",
             class_named("timm.models.swin_transformer_v2", "SwinTransformerV2Block"),
             _converter(_v2_parameters, cosine=True)),
+    Adapter("timm WindowMultiHeadAttention (swinv2_cr)",
+            class_named("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"),
+            recognised_only("timm's Swin V2-CR attention is not supported yet: left on timm's path")),
 ]

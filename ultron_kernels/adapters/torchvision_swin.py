@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ultron_kernels.adapters import Adapter, class_named
+from ultron_kernels.adapters import Adapter, class_named, recognised_only
 from ultron_kernels.adapters.swin import (continuous_position_bias, convert, grid_attention,
                                           logit_scale_per_head)
 
@@ -61,4 +61,7 @@ ADAPTERS = [
             _converter(_v1_parameters, cosine=False)),
     Adapter("torchvision ShiftedWindowAttentionV2", class_named(_MODULE, "ShiftedWindowAttentionV2"),
             _converter(_v2_parameters, cosine=True)),
+    Adapter("torchvision ShiftedWindowAttention3d (Video Swin)",
+            class_named("torchvision.models.video.swin_transformer", "ShiftedWindowAttention3d"),
+            recognised_only("3D windows (Video Swin) are not supported yet: left on torchvision's path")),
 ]

@@ -13,7 +13,7 @@ from ultron_kernels.ops.grouped_depthwise_conv import DepthwiseGroup, grouped_de
 
 # timm's TF-'SAME' convolutions (padding computed from the input size in forward), recognised
 # by name so that timm is not imported here.
-_TF_SAME_CONVS = {("timm.layers.conv2d_same", "Conv2dSame"), ("timm.layers.conv2d_same", "Conv2dSameExport")}
+TF_SAME_CONVS = {("timm.layers.conv2d_same", "Conv2dSame"), ("timm.layers.conv2d_same", "Conv2dSameExport")}
 
 
 def depthwise_group_of(conv: nn.Module) -> tuple[DepthwiseGroup, int]:
@@ -30,7 +30,7 @@ def depthwise_group_of(conv: nn.Module) -> tuple[DepthwiseGroup, int]:
         raise ValueError(f"stride {conv.stride} (fused: 1 or 2 on both axes)")
     if max(conv.kernel_size) > 31:
         raise ValueError(f"kernel {conv.kernel_size} (fused: up to 31)")
-    tf_same = (type(conv).__module__, type(conv).__name__) in _TF_SAME_CONVS
+    tf_same = (type(conv).__module__, type(conv).__name__) in TF_SAME_CONVS
     if tf_same:
         padding = "tf_same"
     elif conv.padding == "valid":

@@ -1,0 +1,168 @@
+"""swap_in(model, depthwise=True) on the CNNs people run, built for real (random weights, small
+inputs on the CPU): timm's ConvNeXt (7x7), torchvision's EfficientNet-B0 (3x3 and 5x5, stride
+1 and 2) and timm's tf_mobilenetv3_small_minimal (TF-'SAME' Conv2dSame at stride 2). Every parameter and
+batch-norm statistic is moved off its initial value first (ConvNeXt's layer scale starts at
+1e-6, which would hide a wrong convolution). Output, input gradient and every parameter
+gradient equal the untouched model's; state_dicts load both ways; swap_out restores. And the
+report: depthwise conversion is opt-in, counted in one line without it; what is left alone says
+why; modules that are no candidates (dense and pointwise convs) are not listed."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ultron_kernels as uk
+from helpers import assert_parity, assert_parity_or_as_conditioned, backend_cases
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+# Through Triton's interpreter a whole EfficientNet takes over a minute (every program runs
+# in Python) and CI has 25 minutes: on Triton, ConvNeXt and the MobileNet cover the adapter.
+SLOW_IN_THE_INTERPRETER = {("efficientnet_b0", "triton")}
+MODELS = {  # name -> (builder, input size)
+    "convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), 32),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), 33),
+    "tf_mobilenetv3_small_minimal": (lambda: timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False,
+                                                               num_classes=10), 33),
+}
+
+
+def _build(name):
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model, size
+
+
+def _depthwise_paths(model):
+    return [path for path, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            and m.groups == m.in_channels == m.out_channels > 1 and m.kernel_size != (1, 1)]
+
+
+def _step(model, x, grad):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
+def test_swapped_model_matches_the_original(name, device, backend):
+    if (name, backend) in SLOW_IN_THE_INTERPRETER:
+        pytest.skip("covered elsewhere on this backend (CPU emulation time, see SLOW_IN_THE_INTERPRETER)")
+    original, size = _build(name)
+    swapped, untouched = copy.deepcopy(original), copy.deepcopy(original)
+    keys = {k: v.shape for k, v in swapped.state_dict().items()}
+    report = uk.swap_in(swapped, backend, depthwise=True)
+    assert [path for path, _, _ in report.swapped] == _depthwise_paths(original), str(report)
+    assert not report.skipped, str(report)
+    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    # The fused backends run channels_last, as convnets run on GPUs (NCHW: the op-level tests).
+    layout = torch.contiguous_format if backend == "reference" else torch.channels_last
+    torch.manual_seed(1)
+    x, grad = torch.randn(1, 3, size, size), torch.randn(1, 10)
+    want = _step(original.double(), x.double(), grad.double())
+    got = _step(swapped.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout), grad.to(dtype))
+    assert_parity("output", got[0], want[0], dtype)
+    assert_parity("input grad", got[1], want[1], dtype)
+    assert got[2].keys() == want[2].keys()
+    own = {}
+
+    def untouched_in_dtype(param):
+        # The first block's batch-norm gradients sum every layer's rounding: the untouched
+        # model in the same dtype and layout sets their scale.
+        if not own:
+            own.update(_step(untouched.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout),
+                             grad.to(dtype))[2])
+        return own[param]
+
+    for param in want[2]:
+        assert_parity_or_as_conditioned(f"grad {param}", got[2][param], want[2][param], dtype,
+                                        lambda: untouched_in_dtype(param))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_state_dicts_load_both_ways_and_swap_out_restores(name):
+    original, size = _build(name)
+    swapped = copy.deepcopy(original)
+    uk.swap_in(swapped, "reference", depthwise=True)
+    other, _ = _build(name)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    swapped.load_state_dict(other.state_dict())    # a checkpoint of the library's model
+    original.load_state_dict(swapped.state_dict())  # a checkpoint saved after the swap
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), other(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(original(x), other(x))
+    assert uk.swap_out(swapped) == _depthwise_paths(original)
+    assert not [m for m in swapped.modules() if type(m).__name__.startswith("Ultron")]
+
+
+def test_without_the_option_the_depthwise_convs_are_counted_in_one_line():
+    model, _ = _build("convnext_atto")
+    report = uk.swap_in(model, "reference")
+    assert not report.swapped and len(report.skipped) == len(_depthwise_paths(model)) == 12
+    text = str(report)
+    assert "left alone 12 x depthwise Conv2d" in text and "pass depthwise=True" in text
+    assert len(text.splitlines()) == 2, text
+
+
+class _Convs(nn.Module):
+    """The depthwise-like convs the op does not take, beside the convs that are no candidates."""
+
+    def __init__(self):
+        super().__init__()
+        self.multiplier = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect")
+        self.scale = nn.Conv2d(4, 4, 1, groups=4)
+        self.stride3 = nn.Conv2d(4, 4, 3, stride=3, groups=4)
+        self.dense = nn.Conv2d(4, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fine = nn.Conv2d(4, 4, 5, padding=4, dilation=2, groups=4)
+
+
+def test_what_is_left_alone_says_why_and_non_candidates_are_not_listed():
+    model = _Convs()
+    x = torch.randn(1, 4, 9, 9)
+    expected = model.fine(x)
+    report = uk.swap_in(model, "reference", depthwise=True)
+    assert [path for path, _, _ in report.swapped] == ["fine"], str(report)
+    reasons = {path: why for path, _, why in report.skipped}
+    assert sorted(reasons) == ["multiplier", "reflect", "scale", "stride3"], str(report)
+    assert "depth multiplier 2" in reasons["multiplier"]
+    assert "padding_mode 'reflect'" in reasons["reflect"]
+    assert "1x1 depthwise" in reasons["scale"]
+    assert "stride (3, 3)" in reasons["stride3"]
+    torch.testing.assert_close(model.fine(x), expected)
+
+
+def test_recognised_operators_we_do_not_run_are_named_in_one_line():
+    """Video Swin's 3D attention and timm's Swin V2-CR: recognised, left alone, one line each."""
+    from torchvision.models.video import swin3d_t
+
+    for model, kind in ((swin3d_t(), "ShiftedWindowAttention3d"),
+                        (timm.create_model("swinv2_cr_tiny_ns_224", pretrained=False), "WindowMultiHeadAttention")):
+        report = uk.swap_in(model)
+        lines = str(report).splitlines()
+        assert len(lines) == 2 and kind in lines[1] and "not supported yet" in lines[1], str(report)
+        assert len(report.skipped) == 12 and not report.swapped
+
+
+def test_auto_says_what_it_resolves_to():
+    model, _ = _build("convnext_atto")
+    text = str(uk.swap_in(model))
+    assert text.startswith("swap_in(backend='auto' -> reference on cpu"), text

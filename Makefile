@@ -32,7 +32,7 @@ $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
-	$(PIP) install -q numpy pytest hypothesis pytest-benchmark ninja matplotlib tqdm scikit-image timm
+	$(PIP) install -q numpy pytest hypothesis pytest-benchmark ninja matplotlib tqdm scikit-image timm faiss-cpu
 	touch $@
 
 venv: $(VENV)/.ready

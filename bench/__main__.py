@@ -111,11 +111,12 @@ MODES = ("eager", "compiled")
 
 
 def model_rows(device: torch.device, config: str = "ultron_s", batch: int = 32, size: int = 224,
-               backends: Optional[list[str]] = None, modes: tuple = MODES) -> list[dict]:
+               backends: Optional[list[str]] = None, modes: tuple = MODES,
+               directions: tuple = ("inference", "train step")) -> list[dict]:
     """The reference ULTRON model: inference (descriptors) and a training step, on the
     reference backend (the peer) and swapped to each fused backend (``backends``; default:
     every available one); ``modes``: eagerly, and compiled (on a GPU only). bf16 autocast on a
-    GPU, fp32 on the CPU."""
+    GPU, fp32 on the CPU. Each row also gives images per second."""
     import ultron
     import ultron_kernels as uk
     from ultron.data import sample_batch
@@ -141,18 +142,18 @@ def model_rows(device: torch.device, config: str = "ultron_s", batch: int = 32, 
         uk.swap_in(model, backend)
         runner = torch.compile(model) if compile_it else model
         describe = torch.compile(model.descriptor) if compile_it else model.descriptor
-        for direction in ("inference", "train step"):
+        for direction in directions:
             try:
                 if direction == "inference":
                     def fn():
-                        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                             return describe(images)
                 else:
                     def fn():
                         return training_step(runner, images, labels, autocast)
                 ms = time_ms(fn, device)
                 rows.append(dict(op=config, shape=shape, dtype=dtype, layout="-", direction=direction,
-                                 variant=name, ms=ms))
+                                 variant=name, ms=ms, images_per_s=batch / (ms * 1e-3)))
             except Exception as exc:
                 rows.append(dict(op=config, shape=shape, dtype=dtype, layout="-", direction=direction,
                                  variant=name, ms=None,
@@ -160,6 +161,10 @@ def model_rows(device: torch.device, config: str = "ultron_s", batch: int = 32, 
     uk.swap_in(model, "reference")
     add_speedups(rows, device)
     return rows
+
+
+# Retrieval descriptor extraction (python -m ultron evaluate's inner loop): (config, batch, size).
+EXTRACTION = {"quick": ("ultron_s", 16, 512), "tiny": ("ultron_tiny", 2, 64)}
 
 
 # timm models, whole-model: (timm name, timm keyword arguments, batch, image size). Swin: the
@@ -329,10 +334,12 @@ def run_folder(meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--op", choices=["conv", "grouped", "attention", "model", "swin", "convnets", "all"],
+    p.add_argument("--op", choices=["conv", "grouped", "attention", "model", "extraction", "swin", "convnets",
+                                    "all"],
                    default="all", help="what to time: conv (channel-wise dilated conv), grouped (timm's "
                    "grouped depthwise modules), attention (plain and cosine window attention), model "
-                   "(ULTRON-S, GPU), swin / convnets (whole timm models), all (default)")
+                   "(ULTRON-S, GPU), extraction (ULTRON-S retrieval descriptors at 512x512, images/s), "
+                   "swin / convnets (whole timm models), all (default)")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick",
                    help="quick: the real model shapes (GPU; default); tiny: small shapes that check the "
                    "harness in seconds (what a machine without a GPU always runs)")
@@ -382,6 +389,8 @@ def main(argv=None) -> int:
                 print(f"done: {case.op} {case.shape} {case.dtype} {case.layout}", flush=True)
     if args.op in ("model", "all") and gpu:
         rows += model_rows(device)
+    if args.op in ("extraction", "all"):
+        rows += model_rows(device, *EXTRACTION[preset], directions=("inference",))
     if args.op in ("swin", "all"):
         rows += timm_model_rows(device, SWIN_MODELS[preset])
     if args.op in ("convnets", "all"):

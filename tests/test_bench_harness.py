@@ -75,3 +75,13 @@ def test_convnet_model_rows_run_on_the_cpu():
     assert all(r["ms"] is not None for r in rows), [r for r in rows if r["ms"] is None]
     assert all(r["rel_err_vs_eager"] < 1e-4 for r in rows), rows
     assert all(r["note"].endswith("modules swapped") for r in rows if r["variant"].startswith("ours")), rows
+
+
+def test_extraction_rows_give_images_per_second_on_the_cpu():
+    """`--op extraction` (ULTRON's retrieval descriptors; tiny on the CPU, through the CUDA
+    simulation): every variant runs and reports its images per second."""
+    from bench.__main__ import EXTRACTION, model_rows
+
+    rows = model_rows(torch.device("cpu"), *EXTRACTION["tiny"], backends=["cuda"], directions=("inference",))
+    assert [r["variant"] for r in rows] == ["peer: eager (reference)", "ours: cuda"], rows
+    assert all(r["ms"] is not None and r["images_per_s"] > 0 for r in rows), rows

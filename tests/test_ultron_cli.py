@@ -71,7 +71,10 @@ def test_run_directory_is_never_mixed(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["--batch-size", "4", "--image-size", "32", "--out", out, *COMMON]
     assert train_main(args + ["--steps", "2"]) == 0
-    assert f"checkpoint: {os.path.join(out, 'checkpoint.pt')}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"checkpoint: {os.path.join(out, 'checkpoint.pt')}" in printed
+    # The console states what runs where (the new-user trial found it never did).
+    assert "train: config ultron_tiny, backend " in printed and "device cpu x 1 process(es)" in printed
     assert train_main(args + ["--steps", "1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train_main(args + ["--steps", "1", "--overwrite"]) == 0
@@ -91,6 +94,8 @@ def test_help_of_every_command():
     assert demo.returncode == 0 and "--batch-size" in demo.stdout and "parity:" not in demo.stdout
     train = _python_m_ultron("train", "--help")
     assert train.returncode == 0 and "(default: 100)" in train.stdout
+    evaluate = _python_m_ultron("evaluate", "--help")
+    assert evaluate.returncode == 0 and "--scales" in evaluate.stdout and "gnd_<name>.pkl" in evaluate.stdout
     assert _python_m_ultron().returncode == 2
 
 

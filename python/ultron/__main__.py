@@ -1,4 +1,4 @@
-"""`python -m ultron {demo,train} [options]`: the reference ULTRON model's command line."""
+"""`python -m ultron {demo,train,evaluate} [options]`: the reference ULTRON model's command line."""
 
 import argparse
 import os
@@ -14,16 +14,17 @@ if not torch.cuda.is_available():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ultron import demo, train
+    from ultron import demo, evaluate, train
     from ultron.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         prog="python -m ultron",
         description="ULTRON (ACCV 2024) with the ultron_kernels local operators swapped in.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,train}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,evaluate}")
     for name, module, summary in (
             ("demo", demo, "whole-model parity of the kernel backends vs PyTorch (and GPU timings)"),
-            ("train", train, "train on the sample photos or an ImageFolder (torchrun for DDP)")):
+            ("train", train, "train on the sample photos or an ImageFolder (torchrun for DDP)"),
+            ("evaluate", evaluate, "retrieval mAP on revisited Oxford / Paris (Easy, Medium, Hard)")):
         sub = commands.add_parser(name, help=summary, description=module.__doc__,
                                   formatter_class=HelpFormatter)
         module.add_arguments(sub)

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _setup_distributed():
+def setup_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -139,7 +139,7 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)
     size = args.image_size or ultron.CONFIGS[args.config]["image_size"]
     dataset = (ImageFolderViews(args.data, size, args.seed) if args.data
@@ -163,6 +163,13 @@ def _train(args) -> int:
             raise TrainSetupError(str(exc)) from exc
     else:
         step = 0
+    if rank == 0:
+        from ultron_kernels.backends import auto_backend
+
+        backend = args.backend if args.backend != "auto" else f"auto -> {auto_backend(device)}"
+        print(f"train: config {args.config}, backend {backend}, device {device} x {world} process(es), "
+              f"data {args.data or 'the sample photos'} ({len(dataset)} images, {dataset.num_classes} classes), "
+              f"image size {size}, batch {args.batch_size} per process, steps {step}..{args.steps}")
     train_model = DistributedDataParallel(model) if world > 1 else model
     loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, drop_last=True)

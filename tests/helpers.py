@@ -4,6 +4,7 @@ output poisoning."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -39,6 +40,67 @@ def assert_parity_or_as_conditioned(name: str, actual: torch.Tensor, expected: t
     own = parity(eager(), expected, dtype)
     assert result.finite and result.relative <= 2 * own.relative, (
         f"{name} ({dtype}): {result}; plain PyTorch's relative error: {own.relative:.3g}")
+
+
+def _gradients(model, x, grad, layout):
+    x = x.detach().to(memory_format=layout).requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_swapped_model_matches(swapped, original, x, grad, dtype: torch.dtype,
+                                 layout=torch.contiguous_format) -> None:
+    """A swapped model in ``dtype`` (and memory ``layout``) against its untouched ``original``
+    in float64 on ``x``: the output, the input gradient and every parameter gradient, with
+    ``dtype``'s tolerances; a parameter gradient that the untouched model in ``dtype`` misses too
+    (one that sums many layers' rounding) is held to twice that model's own error."""
+    untouched = copy.deepcopy(original)
+    want = _gradients(original.double(), x.double(), grad.double(), torch.contiguous_format)
+    got = _gradients(swapped.to(dtype, memory_format=layout), x.to(dtype), grad.to(dtype), layout)
+    assert_parity("output", got[0], want[0], dtype)
+    assert_parity("input grad", got[1], want[1], dtype)
+    assert got[2].keys() == want[2].keys()
+    own = {}
+
+    def untouched_in_dtype(name):
+        if not own:
+            own.update(_gradients(untouched.to(dtype, memory_format=layout), x.to(dtype), grad.to(dtype), layout)[2])
+        return own[name]
+
+    for name in want[2]:
+        assert_parity_or_as_conditioned(f"grad {name}", got[2][name], want[2][name], dtype,
+                                        lambda: untouched_in_dtype(name))
+
+
+def swap_convnet_and_compare(original, backend: str, size: int, **swap_options):
+    """swap_in on a copy of a convnet (``original``: eval mode, constants randomised) on
+    ``backend``: state_dict keys and shapes unchanged, and the swapped copy against the
+    original (float64 on the reference backend; float32 channels_last on the fused ones, as
+    convnets run on GPUs: NCHW is the op-level tests'). Returns the report."""
+    import ultron_kernels as uk
+
+    swapped = copy.deepcopy(original)
+    keys = {k: v.shape for k, v in swapped.state_dict().items()}
+    report = uk.swap_in(swapped, backend, **swap_options)
+    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    layout = torch.contiguous_format if backend == "reference" else torch.channels_last
+    torch.manual_seed(1)
+    assert_swapped_model_matches(swapped, original, torch.randn(1, 3, size, size), torch.randn(1, 10), dtype, layout)
+    return report
+
+
+def assert_checkpoints_load_both_ways(original, swapped, other, size: int) -> None:
+    """``swapped`` (a swapped copy of ``original``) loads a checkpoint of the library's model
+    (``other``), and ``original`` loads one saved after the swap: both then compute
+    ``other``'s output (the swapped one up to fp32 summation order)."""
+    swapped.load_state_dict(other.state_dict())
+    original.load_state_dict(swapped.state_dict())
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), other(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(original(x), other(x))
 
 
 def backend_cases(include_reference: bool = True, devices=("cpu", "cuda")):

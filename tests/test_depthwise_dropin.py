@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ultron_kernels as uk
-from helpers import assert_parity, assert_parity_or_as_conditioned, backend_cases
+from helpers import assert_checkpoints_load_both_ways, backend_cases, swap_convnet_and_compare
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -49,48 +49,15 @@ def _depthwise_paths(model):
             and m.groups == m.in_channels == m.out_channels > 1 and m.kernel_size != (1, 1)]
 
 
-def _step(model, x, grad):
-    x = x.detach().requires_grad_()
-    out = model(x)
-    out.backward(grad)
-    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
 def test_swapped_model_matches_the_original(name, device, backend):
     if (name, backend) in SLOW_IN_THE_INTERPRETER:
         pytest.skip("covered elsewhere on this backend (CPU emulation time, see SLOW_IN_THE_INTERPRETER)")
     original, size = _build(name)
-    swapped, untouched = copy.deepcopy(original), copy.deepcopy(original)
-    keys = {k: v.shape for k, v in swapped.state_dict().items()}
-    report = uk.swap_in(swapped, backend, depthwise=True)
+    report = swap_convnet_and_compare(original, backend, size, depthwise=True)
     assert [path for path, _, _ in report.swapped] == _depthwise_paths(original), str(report)
     assert not report.skipped, str(report)
-    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
-    dtype = torch.float64 if backend == "reference" else torch.float32
-    # The fused backends run channels_last, as convnets run on GPUs (NCHW: the op-level tests).
-    layout = torch.contiguous_format if backend == "reference" else torch.channels_last
-    torch.manual_seed(1)
-    x, grad = torch.randn(1, 3, size, size), torch.randn(1, 10)
-    want = _step(original.double(), x.double(), grad.double())
-    got = _step(swapped.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout), grad.to(dtype))
-    assert_parity("output", got[0], want[0], dtype)
-    assert_parity("input grad", got[1], want[1], dtype)
-    assert got[2].keys() == want[2].keys()
-    own = {}
-
-    def untouched_in_dtype(param):
-        # The first block's batch-norm gradients sum every layer's rounding: the untouched
-        # model in the same dtype and layout sets their scale.
-        if not own:
-            own.update(_step(untouched.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout),
-                             grad.to(dtype))[2])
-        return own[param]
-
-    for param in want[2]:
-        assert_parity_or_as_conditioned(f"grad {param}", got[2][param], want[2][param], dtype,
-                                        lambda: untouched_in_dtype(param))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -102,12 +69,7 @@ def test_state_dicts_load_both_ways_and_swap_out_restores(name):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    swapped.load_state_dict(other.state_dict())    # a checkpoint of the library's model
-    original.load_state_dict(swapped.state_dict())  # a checkpoint saved after the swap
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        torch.testing.assert_close(swapped(x), other(x), rtol=1e-5, atol=1e-5)
-        assert torch.equal(original(x), other(x))
+    assert_checkpoints_load_both_ways(original, swapped, other, size)
     assert uk.swap_out(swapped) == _depthwise_paths(original)
     assert not [m for m in swapped.modules() if type(m).__name__.startswith("Ultron")]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
-from helpers import assert_parity, assert_parity_or_as_conditioned, backend_cases
+from helpers import assert_parity, assert_swapped_model_matches, backend_cases
 
 timm = pytest.importorskip("timm")
 torchvision_swin = pytest.importorskip("torchvision.models.swin_transformer")
@@ -47,36 +47,11 @@ def _original_and_copy(build, size):
     return original, copy.deepcopy(original)
 
 
-def _step(model, x, grad):
-    x = x.detach().requires_grad_()
-    out = model(x)
-    out.backward(grad)
-    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
-
-
 def _compare(swapped, original, size, dtype):
-    """The swapped model in ``dtype`` against the original in float64, with ``dtype``'s
-    tolerances, or as conditioned (Swin V2's logit-scale gradient: see
-    helpers.assert_parity_or_as_conditioned)."""
+    """The swapped model in ``dtype`` against the original in float64 (helpers; Swin V2's
+    logit-scale gradient is held as conditioned: see helpers.assert_parity_or_as_conditioned)."""
     torch.manual_seed(1)
-    x = torch.randn(2, 3, size, size)
-    grad = torch.randn(2, 10)
-    library = copy.deepcopy(original)
-    want = _step(original.double(), x.double(), grad.double())
-    got = _step(swapped.to(dtype), x.to(dtype), grad.to(dtype))
-    assert_parity("output", got[0], want[0], dtype)
-    assert_parity("input grad", got[1], want[1], dtype)
-    assert got[2].keys() == want[2].keys()
-    own = {}
-
-    def untouched_in_dtype(name):
-        if not own:
-            own.update(_step(library.to(dtype), x.to(dtype), grad.to(dtype))[2])
-        return own[name]
-
-    for name in want[2]:
-        assert_parity_or_as_conditioned(f"grad {name}", got[2][name], want[2][name], dtype,
-                                        lambda: untouched_in_dtype(name))
+    assert_swapped_model_matches(swapped, original, torch.randn(2, 3, size, size), torch.randn(2, 10), dtype)
 
 
 @pytest.mark.parametrize("library", sorted(MODELS))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
-from helpers import assert_parity, backend_cases
+from helpers import assert_checkpoints_load_both_ways, backend_cases, swap_convnet_and_compare
 
 timm = pytest.importorskip("timm")
 
@@ -44,38 +44,15 @@ def _convertible(model, kind):
         kind != "MixedConv2d" or all(c.groups == c.in_channels == c.out_channels for c in m.values()))]
 
 
-def _step(model, x, grad):
-    x = x.detach().requires_grad_()
-    out = model(x)
-    out.backward(grad)
-    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
 def test_swapped_model_matches_the_original(name, device, backend):
     if (name, backend) in SLOW_IN_THE_INTERPRETER:
         pytest.skip("covered elsewhere on this backend (CPU emulation time, see SLOW_IN_THE_INTERPRETER)")
     original, size = _build(name)
-    swapped = copy.deepcopy(original)
-    keys = {k: v.shape for k, v in swapped.state_dict().items()}
-    report = uk.swap_in(swapped, backend)
+    report = swap_convnet_and_compare(original, backend, size)
     assert [path for path, _, _ in report.swapped] == _convertible(original, MODELS[name][3]), str(report)
     assert all("pass depthwise=True" in why for _, _, why in report.skipped), str(report)
-    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
-    dtype = torch.float64 if backend == "reference" else torch.float32
-    # The fused backends run the models channels_last, as convnets are run on GPUs (NCHW is
-    # covered by the op-level tests).
-    layout = torch.contiguous_format if backend == "reference" else torch.channels_last
-    torch.manual_seed(1)
-    x, grad = torch.randn(1, 3, size, size), torch.randn(1, 10)
-    want = _step(original.double(), x.double(), grad.double())
-    got = _step(swapped.to(dtype, memory_format=layout), x.to(dtype, memory_format=layout), grad.to(dtype))
-    assert_parity("output", got[0], want[0], dtype)
-    assert_parity("input grad", got[1], want[1], dtype)
-    assert got[2].keys() == want[2].keys()
-    for param in want[2]:
-        assert_parity(f"grad {param}", got[2][param], want[2][param], dtype)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -87,13 +64,7 @@ def test_state_dicts_load_both_ways_and_swap_out_restores(name):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    swapped.load_state_dict(other.state_dict())    # a checkpoint of timm's model
-    original.load_state_dict(swapped.state_dict())  # a checkpoint saved after the swap
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        # Equal up to fp32 summation order (CoaT's conv runs channels_last once swapped).
-        torch.testing.assert_close(swapped(x), other(x), rtol=1e-5, atol=1e-6)
-        assert torch.equal(original(x), other(x))
+    assert_checkpoints_load_both_ways(original, swapped, other, size)  # CoaT's conv: channels_last
     restored = uk.swap_out(swapped)
     assert restored == _convertible(original, MODELS[name][3])
     assert not [m for m in swapped.modules() if type(m).__name__.startswith("Ultron")]

@@ -92,6 +92,7 @@ class _Convs(nn.Module):
         self.reflect = nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect")
         self.scale = nn.Conv2d(4, 4, 1, groups=4)
         self.stride3 = nn.Conv2d(4, 4, 3, stride=3, groups=4)
+        self.huge = nn.Conv2d(4, 4, 33, padding=16, groups=4)
         self.dense = nn.Conv2d(4, 4, 3, padding=1)
         self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
         self.fine = nn.Conv2d(4, 4, 5, padding=4, dilation=2, groups=4)
@@ -104,7 +105,8 @@ def test_what_is_left_alone_says_why_and_non_candidates_are_not_listed():
     report = uk.swap_in(model, "reference", depthwise=True)
     assert [path for path, _, _ in report.swapped] == ["fine"], str(report)
     reasons = {path: why for path, _, why in report.skipped}
-    assert sorted(reasons) == ["multiplier", "reflect", "scale", "stride3"], str(report)
+    assert sorted(reasons) == ["huge", "multiplier", "reflect", "scale", "stride3"], str(report)
+    assert "kernel (33, 33) (fused: up to 31)" in reasons["huge"]
     assert "depth multiplier 2" in reasons["multiplier"]
     assert "padding_mode 'reflect'" in reasons["reflect"]
     assert "1x1 depthwise" in reasons["scale"]

@@ -73,6 +73,23 @@ def assert_swapped_model_matches(swapped, original, x, grad, dtype: torch.dtype,
                                         lambda: untouched_in_dtype(name))
 
 
+def randomise_constants(model):
+    """Every constant-initialised parameter and batch-norm statistic moved off its constant:
+    libraries zero-init or one-init some (Swin V2's post-norms, ConvNeXt's 1e-6 layer scale,
+    batch-norm weights, biases and running statistics), which would hide a wrong operator.
+    Randomly initialised weights keep their scale (noise on them would make deep models
+    ill-conditioned). Returns model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def swap_convnet_and_compare(original, backend: str, size: int, **swap_options):
     """swap_in on a copy of a convnet (``original``: eval mode, constants randomised) on
     ``backend``: state_dict keys and shapes unchanged, and the swapped copy against the

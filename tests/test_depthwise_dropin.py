@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ultron_kernels as uk
-from helpers import assert_checkpoints_load_both_ways, backend_cases, swap_convnet_and_compare
+from helpers import assert_checkpoints_load_both_ways, backend_cases, randomise_constants, swap_convnet_and_compare
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -33,15 +33,7 @@ MODELS = {  # name -> (builder, input size)
 def _build(name):
     build, size = MODELS[name]
     torch.manual_seed(0)
-    model = build().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model, size
+    return randomise_constants(build().eval()), size
 
 
 def _depthwise_paths(model):

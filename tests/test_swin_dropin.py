@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
-from helpers import assert_parity, assert_swapped_model_matches, backend_cases
+from helpers import assert_parity, assert_swapped_model_matches, backend_cases, randomise_constants
 
 timm = pytest.importorskip("timm")
 torchvision_swin = pytest.importorskip("torchvision.models.swin_transformer")
@@ -164,15 +164,6 @@ def test_swapped_model_trains_under_ddp(tmp_path):
         dist.destroy_process_group()
 
 
-def _randomised(model):
-    """Every parameter moved off its initial value: timm zero-inits Swin V2's post-norm
-    biases and sets its norms to one, which would hide a wrong attention."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 # Swin V2 at the fused kernels' window limit (16 x 16 = 256 tokens) and over it (24 x 24 =
 # 576, timm's swinv2_*_window12to24_192to384): (timm name, image size, window of stage 1).
 AT_THE_LIMIT = {"window16": ("swinv2_tiny_window16_256", 64, 16),
@@ -188,7 +179,7 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
     model_name, size, window = AT_THE_LIMIT[name]
 
     def build(size):
-        return _randomised(timm.create_model(model_name, pretrained=False, img_size=size, embed_dim=32,
+        return randomise_constants(timm.create_model(model_name, pretrained=False, img_size=size, embed_dim=32,
                                              depths=(2, 2), num_heads=(1, 2), num_classes=10))
 
     original, swapped = _original_and_copy(build, size)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
-from helpers import assert_checkpoints_load_both_ways, backend_cases, swap_convnet_and_compare
+from helpers import assert_checkpoints_load_both_ways, backend_cases, randomise_constants, swap_convnet_and_compare
 
 timm = pytest.importorskip("timm")
 
@@ -34,7 +34,7 @@ SLOW_IN_THE_INTERPRETER = {("mixnet_s", "triton"), ("mixnet_s", "cuda"), ("tf_mi
 def _build(name):
     model_name, kwargs, size, _ = MODELS[name]
     torch.manual_seed(0)
-    return timm.create_model(model_name, pretrained=False, num_classes=10, **kwargs).eval(), size
+    return randomise_constants(timm.create_model(model_name, pretrained=False, num_classes=10, **kwargs).eval()), size
 
 
 def _convertible(model, kind):

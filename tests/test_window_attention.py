@@ -3,6 +3,7 @@ included), determinism, registration, bad input, the module, equality with timm'
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, strategies as st
 
 import ultron_kernels as uk
 from ultron_kernels.nn import WindowAttention
-from ultron_kernels.ops.window_attention import _fused_forward
+from ultron_kernels.ops.window_attention import _fused_forward, fused_shape_reason
 from ultron_kernels.reference.window_attention import window_attention_reference
 from helpers import assert_parity, backend_cases, poisoned_outputs
 
@@ -96,6 +97,36 @@ def test_head_dims(device, backend, head_dim):
 def test_parity_half(device, backend, dtype, shape, window, shift, bias_kind, head_dim):
     b, h, w, heads = shape
     check_case(device, backend, (b, h, w), heads, head_dim, window, shift, bias_kind, dtype)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("shape,window,shift,bias_kind,dtype", [
+    ((1, 30, 20, 1), (13, 17), (6, 8), "table", torch.float32),   # 221 tokens: 4 blocks, last partial; padded
+    ((1, 15, 19, 2), (13, 17), (0, 8), "dense", torch.bfloat16),
+    ((1, 24, 40, 2), (24, 24), (12, 12), "table", torch.float32),  # Swin V2 at 384: 576 tokens
+    ((1, 24, 24, 1), (24, 24), (0, 0), "dense", torch.bfloat16),
+], ids=lambda v: str(v).replace(" ", ""))
+def test_windows_of_several_blocks(device, backend, shape, window, shift, bias_kind, dtype):
+    """Windows over one tile: the online softmax over key blocks, the dq kernel's two passes
+    (delta, then dq), the bias-gradient partials of a run, the last block partial, padding
+    and shifts. A backend that cannot run the window names its limit instead."""
+    b, h, w, heads = shape
+    reason = fused_shape_reason(backend, window, 16, torch.device(device))
+    if reason is not None:
+        with pytest.raises(uk.BackendUnavailableError, match=re.escape(reason)):
+            check_case(device, backend, (b, h, w), heads, 16, window, shift, bias_kind, dtype)
+        return
+    check_case(device, backend, (b, h, w), heads, 16, window, shift, bias_kind, dtype)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "cuda"])
+def test_whole_image_window(device, backend):
+    """Global attention as one window over the whole grid, with a relative position table:
+    SAM's 64 x 64 (4096 tokens, the Triton kernels' limit) on a GPU; a padded 30 x 40 grid
+    in a 32 x 40 window (1280 tokens, 20 blocks) in the interpreter, where 4096 tokens take
+    three minutes."""
+    grid, window = ((64, 64), (64, 64)) if device == "cuda" else ((30, 40), (32, 40))
+    check_case(device, backend, (1, *grid), 1, 16, window, (0, 0), "table", torch.float32)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(include_reference=False, devices=("cuda",)))
@@ -228,8 +259,8 @@ def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
     (lambda a: a.update(q=torch.randn(1, 8, 8, 32)), ValueError, "q: expected a 5-D"),
     (lambda a: a.update(k=torch.randn(1, 8, 8, 2, 8)), ValueError, "k has shape"),
     (lambda a: a.update(v=a["v"].half()), TypeError, "v has dtype"),
-    (lambda a: a.update(window_size=17, rel_pos_bias=None, backend="triton"), uk.BackendUnavailableError,
-     r"window \(17, 17\) has 289 tokens; the fused kernels hold a window in one tile, at most 256"),
+    (lambda a: a.update(window_size=65, rel_pos_bias=None, backend="triton"), uk.BackendUnavailableError,
+     r"window \(65, 65\) has 4225 tokens; the triton kernels run windows of at most 4096"),
     (lambda a: a.update(window_size=0), ValueError, "window_size must be >= 1"),
     (lambda a: a.update(window_size=(4, 4, 4)), TypeError, "window_size must be an int or a pair"),
     (lambda a: a.update(shift_size=4), ValueError, "shift_size must satisfy"),

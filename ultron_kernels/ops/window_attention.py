@@ -7,7 +7,6 @@ PyTorch and differentiates itself.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -23,8 +22,11 @@ from ultron_kernels.reference.window_attention import (relative_position_index,
 OP_NAME = "window_attention"
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fused kernels hold one window in one tile; larger windows run on the reference backend.
-MAX_FUSED_WINDOW_TOKENS = 256
+# Tokens per window each fused backend runs. The CUDA kernels hold one window in one block's
+# shared memory. The Triton kernels stream windows of more than one tile in blocks (up to
+# SAM's 64x64 whole-image attention); past that, the bias-gradient partials and a dense
+# bias are gigabytes per head. Larger windows run on the reference backend.
+MAX_FUSED_WINDOW_TOKENS = {"triton": 4096, "cuda": 256}
 BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
 
 Pair = Union[int, Sequence[int]]
@@ -39,29 +41,29 @@ def _pair(name: str, value: Pair) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
-@functools.lru_cache(maxsize=32)
-def _table_gather_index(window_h: int, window_w: int, device: torch.device) -> torch.Tensor:
-    """(T, max_count) flat (i*N + j) positions of each table entry, padded with N*N (a zero
-    slot), so that the table gradient is a gather plus a fixed-order sum: no atomics."""
-    index = relative_position_index(window_h, window_w).reshape(-1)
-    n_entries = (2 * window_h - 1) * (2 * window_w - 1)
-    positions = [[] for _ in range(n_entries)]
-    for flat, entry in enumerate(index.tolist()):
-        positions[entry].append(flat)
-    width = max(len(p) for p in positions)
-    pad = index.numel()
-    return torch.tensor([p + [pad] * (width - len(p)) for p in positions], device=device)
+def _diagonal_sums(t: torch.Tensor) -> torch.Tensor:
+    """(..., n, n) -> (..., 2n-1): entry d sums t[..., i, j] over i - j = d - (n-1). Skewing
+    the flipped matrix through a padded reshape puts each diagonal in one column, so the sum
+    is a plain reduction over rows: fixed order, no scatter, no atomics."""
+    n = t.shape[-1]
+    lead = t.shape[:-2]
+    flipped = torch.nn.functional.pad(t.flip(-1), (0, n)).reshape(*lead, 2 * n * n)
+    return flipped[..., :n * (2 * n - 1)].reshape(*lead, n, 2 * n - 1).sum(-2)
 
 
 def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
                    window: tuple[int, int]) -> torch.Tensor:
-    """Dense (heads, N, N) float32 gradient -> gradient shaped like ``bias``."""
+    """Dense (heads, N, N) float32 gradient -> gradient shaped like ``bias``. A table entry
+    (dr, dc) gathers the pairs with row offset dr and column offset dc: diagonal sums over
+    the column pairs, then over the row pairs."""
     if kind == BIAS_DENSE:
         return dense_grad.to(bias.dtype)
     heads = dense_grad.shape[0]
-    flat = torch.cat([dense_grad.reshape(heads, -1), dense_grad.new_zeros(heads, 1)], 1)
-    table = flat[:, _table_gather_index(*window, dense_grad.device)].sum(-1)
-    return table.t().contiguous().to(bias.dtype)
+    wh, ww = window
+    pairs = dense_grad.reshape(heads, wh, ww, wh, ww).permute(0, 1, 3, 2, 4)  # (h, ri, rj, ci, cj)
+    by_col = _diagonal_sums(pairs)                                            # (h, ri, rj, dc)
+    table = _diagonal_sums(by_col.permute(0, 3, 1, 2))                        # (h, dc, dr)
+    return table.permute(2, 1, 0).reshape(-1, heads).contiguous().to(bias.dtype)
 
 
 # ---------------------------------------------------------------- custom ops (fused backends)
@@ -105,20 +107,21 @@ def _(q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pa
 
 @torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, bias: Optional[torch.Tensor],
+                    out: Optional[torch.Tensor], lse: torch.Tensor, bias: Optional[torch.Tensor],
                     bias_kind: int, window: list[int], shift: list[int],
                     scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
                     k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
                     roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty."""
+    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty. ``out``
+    is the forward's output for the CUDA kernels, None for Triton's (which need none)."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_backward
         grads = window_attention_backward(
-            grad_out, q, k, v, out, lse, bias, bias_kind, tuple(window), tuple(shift),
+            grad_out, q, k, v, lse, bias, bias_kind, tuple(window), tuple(shift),
             _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
             scale_grad, pad_grad)
     else:
@@ -154,7 +157,10 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
      backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, out, lse)
+    # Only the CUDA backward reads the output (for its softmax term): Triton's does not keep
+    # it alive.
+    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, out if backend == "cuda" else None,
+                          lse)
     needs = ctx.needs_input_grad
     ctx.grads = (bias is not None and needs[3], scale is not None and needs[7],
                  k_pad is not None and (needs[10] or needs[11]))
@@ -272,9 +278,9 @@ def fused_shape_reason(backend: str, window: tuple[int, int], head_dim: int, dev
     if head_dim not in FUSED_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"
     tokens = window[0] * window[1]
-    if tokens > MAX_FUSED_WINDOW_TOKENS:
-        return (f"window {tuple(window)} has {tokens} tokens; the fused kernels hold a window in "
-                f"one tile, at most {MAX_FUSED_WINDOW_TOKENS} tokens (larger windows run on the "
+    if tokens > MAX_FUSED_WINDOW_TOKENS[backend]:
+        return (f"window {tuple(window)} has {tokens} tokens; the {backend} kernels run windows of "
+                f"at most {MAX_FUSED_WINDOW_TOKENS[backend]} tokens (larger windows run on the "
                 "reference backend)")
     # Under torch.compile the device query is left out (the kernels' own check still
     # names the limit); importing torch._dynamo here would import triton too early for
@@ -308,7 +314,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
     Args:
         q, k, v: (B, H, W, heads, D), same shape and dtype, last dim contiguous (views into a
             packed (B, H, W, 3, heads, D) tensor work without copies).
-        window_size: int or (wh, ww), wh*ww <= 256. The grid is padded bottom/right to whole
+        window_size: int or (wh, ww); the fused backends run up to
+            ``MAX_FUSED_WINDOW_TOKENS`` tokens per window (Triton 4096, CUDA 256). The grid is padded bottom/right to whole
             windows; padded positions are not keys (see ``pad_kv``) and their outputs are
             dropped.
         shift_size: int or (sh, sw), 0 <= shift < window: Swin's shifted windows (roll by

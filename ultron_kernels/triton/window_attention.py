@@ -208,29 +208,125 @@ def _window_attn_fwd_kernel(
 
 
 @triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale,
+                sqb, sqh, sqw, sqn, sdob, sdoh, sdow, sdon, slb, slh, slw, sln,
+                D: tl.constexpr, QK_NORM: tl.constexpr):
+    """A query block's q and dO rows, logsumexp (0 for a fully masked row: its every p is 0
+    anyway), inverse norm (the scale without QK_NORM) and 'norm not clamped' flag."""
+    q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+    do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
+    lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+                  mask=real_q, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    inv_q = scale
+    live_q = real_q
+    if QK_NORM:
+        inv_q, live_q = _inverse_norm(q)
+    return q, do, lse, inv_q, live_q
+
+
+@triton.jit
+def _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q, region_q, region_k, key_ok,
+                   QK_NORM: tl.constexpr, PRECISION: tl.constexpr):
+    """(c, p, dp) of a query block against a key block: the q.k products (cosines with
+    QK_NORM), the softmax probabilities recomputed from the saved logsumexp, and dO.V^T."""
+    c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k, key_ok, QK_NORM, PRECISION)
+    p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return c, p, dp
+
+
+@triton.jit
+def _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM: tl.constexpr):
+    """dq from sum_j ds_ij k_j (times ik_j with QK_NORM) and dc_q = sum_j ds_ij c_ij. With
+    QK_NORM, s = scale * c + bias with c = (q.k) * iq * ik (iq, ik: inverse norms), so
+    dq_i = scale * iq_i * sum_j ds_ij ik_j k_j - scale * iq_i^2 * dc_q_i * q_i, the second
+    term only where |q_i| >= eps (F.normalize clamps the norm). dk is the same with the
+    roles swapped."""
+    if QK_NORM:
+        return (dq * (scale * inv_q)[:, None]
+                - (tl.where(live_q, inv_q * inv_q, 0.0) * scale * dc_q)[:, None] * q.to(tl.float32))
+    else:
+        return dq * scale
+
+
+@triton.jit
+def _window_attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr,
+        dq_ptr, delta_ptr,
+        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
+        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
+        slb, slh, slw, sln, sdob, sdoh, sdow, sdon, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
+        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
+        BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+    # Windows of several blocks. Program (run, q_block): dq of one query block of a run of
+    # windows, one head, in two passes over the key blocks: the first sums the softmax term
+    # delta_i = sum_j p_ij dp_ij in fp32 (no saved output is read: its 16-bit rounding would
+    # enter a cancelling sum), the second accumulates dq. delta is stored for the dk/dv kernel.
+    _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
+    scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
+    for window in range(first, last):
+        batch, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
+            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+        q, do, lse, inv_q, live_q = _query_rows(
+            q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale, sqb, sqh, sqw, sqn,
+            sdob, sdoh, sdow, sdon, slb, slh, slw, sln, D, QK_NORM)
+        delta = tl.zeros((BLOCK,), dtype=tl.float32)
+        dq = tl.zeros((BLOCK, D), dtype=tl.float32)
+        dc_q = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_j ds_ij c_ij per query
+        for sweep in tl.static_range(2):                 # 0: delta, 1: dq
+            for k_block in range(NUM_BLOCKS):
+                _, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
+                    window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+                k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k,
+                                inside_k, skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+                inv_k = scale
+                if QK_NORM:
+                    inv_k, live_k = _inverse_norm(k)
+                bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
+                                  WH, WW, BIAS_KIND, BLOCK)
+                c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
+                                          region_q, region_k, inside_k if HAS_PAD else real_k,
+                                          QK_NORM, PRECISION)
+                if sweep == 0:
+                    delta += tl.sum(p * dp, 1)
+                else:
+                    ds = p * (dp - delta[:, None])
+                    if QK_NORM:
+                        dc_q += tl.sum(ds * c, 1)
+                        dq += tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
+                    else:
+                        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM)
+        dq_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yq.to(tl.int64) * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
+        tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+        tl.store(delta_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+                 delta, mask=real_q)
+
+
+@triton.jit
 def _window_attn_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr, do_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr, delta_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr,
         H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
-        sob, soh, sow, son, slb, slh, slw, sln, sdob, sdoh, sdow, sdon,
-        sdq_part, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
+        slb, slh, slw, sln, sdob, sdoh, sdow, sdon, sdkb, sdkh, sdkw, sdkn, sbias0, sbias1, sbias2,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
         BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
         PAD_GRAD: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         PRECISION: tl.constexpr):
-    # dq_ptr is the final dq when NUM_BLOCKS == 1, else a float32 (NUM_BLOCKS, ...) buffer of
-    # per-key-block contributions (stride sdq_part) that the launcher sums in order. The scale
-    # gradient is written per (window, key block, head), the pad-vector gradients per
-    # (program, head): partials that the launcher sums in order too.
-    #
-    # With QK_NORM, s = scale * c + bias with c = (q.k) * iq * ik (iq, ik: inverse norms).
-    # Through the norms: dq_i = scale * iq_i * sum_j ds_ij ik_j k_j
-    #                           - scale * iq_i^2 * (sum_j ds_ij c_ij) * q_i,
-    # the second term only where |q_i| >= eps (F.normalize clamps the norm); dk likewise.
-    # Both are linear in ds, so per-key-block dq partials still add up.
+    # Program (run, k_block): dk and dv of one key block of a run of windows, one head.
+    # A window of one block is whole in the tile: delta_i = sum_j p_ij dp_ij is summed here
+    # in fp32 and dq written here too. A window of several blocks reads delta and leaves dq
+    # to _window_attn_bwd_dq_kernel, which ran first. dq, dk and dv are contiguous (strides
+    # sdk*). The scale gradient is written per (window, key block, head), the pad-vector
+    # gradients per (program, head): partials the launcher sums in a fixed order. The bias
+    # gradient is summed per run of windows (one tile with one block per window, else the
+    # program's own columns of the run's (N, N) slice).
     run, k_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     n_tok = WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
@@ -253,59 +349,48 @@ def _window_attn_bwd_kernel(
         for q_block in range(NUM_BLOCKS):
             batch_q, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
                 window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
-            q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
-            do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
-            o = _load_rows(o_ptr, batch, yq, xq, head, real_q, sob, soh, sow, son, D)
-            lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
-                          mask=real_q, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)  # a fully masked row: every p is 0
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            inv_q = scale
-            live_q = real_q
-            if QK_NORM:
-                inv_q, live_q = _inverse_norm(q)
+            q, do, lse, inv_q, live_q = _query_rows(
+                q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale, sqb, sqh, sqw, sqn,
+                sdob, sdoh, sdow, sdon, slb, slh, slw, sln, D, QK_NORM)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
-            c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
-                           inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
-            p = tl.where(real_q[:, None] & (s > float("-inf")), tl.exp(s - lse[:, None]), 0.0)
+            c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
+                                      region_q, region_k, inside_k if HAS_PAD else real_k,
+                                      QK_NORM, PRECISION)
+            if NUM_BLOCKS == 1:
+                delta = tl.sum(p * dp, 1)
+            else:
+                delta = tl.load(delta_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+                                mask=real_q, other=0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            ds_c = ds * c
             if SCALE_GRAD or QK_NORM:
-                dc_k += tl.sum(ds_c, 0)
+                dc_k += tl.sum(ds * c, 0)
             if QK_NORM:
                 dk += tl.dot(tl.trans(ds * inv_q[:, None]).to(q.dtype), q, input_precision=PRECISION)
-                dq = (tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
-                      * (scale * inv_q)[:, None]
-                      - (tl.where(live_q, inv_q * inv_q, 0.0) * scale * tl.sum(ds_c, 1))[:, None]
-                      * q.to(tl.float32))
             else:
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            dq_offs = (k_block.to(tl.int64) * sdq_part + batch.to(tl.int64) * sdqb + head * sdqn
-                       + (yq.to(tl.int64) * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
-            tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
-            if BIAS_GRAD:
-                if NUM_BLOCKS == 1:
-                    ds_run += ds
+            if NUM_BLOCKS == 1:
+                if QK_NORM:
+                    dq = tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
                 else:
-                    both = (tq < n_tok)[:, None] & (tk < n_tok)[None, :]
-                    offs = ((run * tl.num_programs(1) + head).to(tl.int64) * n_tok * n_tok
-                            + tq[:, None] * n_tok + tk[None, :])
-                    old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
-                    tl.store(dbias_ptr + offs, old + ds, mask=both)
+                    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                dq = _finish_gradient(dq, tl.sum(ds * c, 1), q, inv_q, live_q, scale, QK_NORM)
+                dq_offs = (batch.to(tl.int64) * sdkb + head * sdkn + (yq.to(tl.int64) * sdkh + xq * sdkw))[:, None] + tl.arange(0, D)[None, :]
+                tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+                if BIAS_GRAD:
+                    ds_run += ds
+            elif BIAS_GRAD:
+                both = (tq < n_tok)[:, None] & (tk < n_tok)[None, :]
+                offs = ((run * tl.num_programs(1) + head).to(tl.int64) * n_tok * n_tok
+                        + tq[:, None] * n_tok + tk[None, :])
+                old = tl.load(dbias_ptr + offs, mask=both, other=0.0)
+                tl.store(dbias_ptr + offs, old + ds, mask=both)
         if SCALE_GRAD:  # one partial per window and key block, summed by the launcher
             tl.store(dscale_ptr + (window * NUM_BLOCKS + k_block).to(tl.int64) * tl.num_programs(1) + head,
                      tl.sum(dc_k, 0))
-        if QK_NORM:
-            dk = (dk * (scale * inv_k)[:, None]
-                  - (tl.where(live_k, inv_k * inv_k, 0.0) * scale * dc_k)[:, None] * k.to(tl.float32))
-        else:
-            dk = dk * scale
-        # dk and dv are contiguous like dq (one slice of it when dq holds partials).
-        k_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yk.to(tl.int64) * sdqh + xk * sdqw))[:, None] + tl.arange(0, D)[None, :]
+        dk = _finish_gradient(dk, dc_k, k, inv_k, live_k, scale, QK_NORM)
+        k_offs = (batch.to(tl.int64) * sdkb + head * sdkn + (yk.to(tl.int64) * sdkh + xk * sdkw))[:, None] + tl.arange(0, D)[None, :]
         tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
         tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
         if PAD_GRAD:  # padding keys all hold the head's pad vectors: their gradients add up
@@ -471,29 +556,36 @@ def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
     return max(1, min(n_windows, (n_windows * parallel) // target))
 
 
-def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, shift,
+# The bias-gradient partials of windows over one block are (runs, heads, N, N) float32: the
+# number of runs is capped so that they stay within this many bytes (one run at least, the
+# size of a dense bias's own gradient).
+BIAS_PARTIALS_BYTES = 256 * 2 ** 20
+
+
+def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                     variant: Variant, bias_grad: bool, scale_grad: bool = False,
                     pad_grad: bool = False):
-    """(launch, buffers): the backward's configuration chosen for the device, not yet run.
-    buffers: dq (per-key-block float32 partials when the window spans several blocks), dk,
-    dv, and the per-program partials of the bias (one per run of windows), scale and pad
-    gradients (None where not asked for)."""
+    """(launches, buffers): the backward's kernels for the device, in the order they must
+    run, not yet run: one kernel for windows of one block; for larger windows the dq kernel
+    (which also stores delta) then the dk/dv kernel. buffers: dq, dk, dv, and the partials of
+    the bias (one per run of windows), scale and pad gradients (None where not asked for)."""
     batch, height, width, heads, head_dim = q.shape
     geo = _geometry(q, window, shift)
     tokens = window[0] * window[1]
     shape = (batch, height, width, heads, head_dim)
-    dk = torch.empty(shape, device=q.device, dtype=q.dtype)
-    dv = torch.empty(shape, device=q.device, dtype=q.dtype)
+    dq, dk, dv = (torch.empty(shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    delta = torch.empty_like(lse)
     buffers = {}
 
     def build(candidate: dict) -> Launch:
         meta = dict(_meta(q, window, shift, bias_kind, variant, candidate), BIAS_GRAD=bias_grad,
                     SCALE_GRAD=scale_grad, PAD_GRAD=pad_grad)
         blocks = meta["NUM_BLOCKS"]
-        dq = (torch.empty(shape, device=q.device, dtype=q.dtype) if blocks == 1 else
-              torch.empty((blocks,) + shape, device=q.device, dtype=torch.float32))
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=4)
+        if bias_grad and blocks > 1:
+            most_runs = max(1, BIAS_PARTIALS_BYTES // (4 * heads * tokens * tokens))
+            per_program = max(per_program, -(-geo["n_windows"] // most_runs))
         runs = triton.cdiv(geo["n_windows"], per_program) if geo["n_windows"] else 0
         partial = dict(device=q.device, dtype=torch.float32)
         # Zeroed below for the chosen candidate only (its kernel accumulates into it).
@@ -501,30 +593,38 @@ def backward_launch(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, s
         # Per window: a long run's sum would otherwise gather its rounding in one float.
         dscale = torch.empty((geo["n_windows"] * blocks, heads), **partial) if scale_grad else None
         dpad = torch.empty((runs * blocks, heads, 2, head_dim), **partial) if pad_grad else None
-        buffers[candidate["BLOCK"]] = dq, dk, dv, dbias, dscale, dpad
-        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse, grad_out,
-                dq, dk, dv, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
-                geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program, variant.scale_value,
-                *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
-                *_strides4(grad_out), dq.stride(0) if blocks > 1 else 0,
-                *_strides4(dq[0] if blocks > 1 else dq), *_bias_strides(bias))
+        common = (geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
+                  geo["n_windows"], per_program, variant.scale_value,
+                  *_strides4(q), *_strides4(k), *_strides4(v), *lse.stride(),
+                  *_strides4(grad_out), *_strides4(dq), *_bias_strides(bias))
+        buffers[candidate["BLOCK"]] = dbias, dscale, dpad, common
+        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
+                delta, dq, dk, dv, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
+                *common)
         return Launch(_window_attn_bwd_kernel, (runs * blocks, heads), args, meta)
 
     launch = plan("window attention backward", launch_candidates(head_dim, tokens, backward=True),
                   build)
-    chosen = buffers[launch.meta["BLOCK"]]
-    if chosen[3] is not None:
-        chosen[3].zero_()
-    return launch, chosen
+    launches = [launch]
+    if launch.meta["NUM_BLOCKS"] > 1:
+        meta = {name: value for name, value in launch.meta.items()
+                if name not in ("BIAS_GRAD", "SCALE_GRAD", "PAD_GRAD")}
+        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
+                dq, delta, *buffers[launch.meta["BLOCK"]][3])
+        launches.insert(0, Launch(_window_attn_bwd_dq_kernel, launch.grid, args, meta))
+    dbias, dscale, dpad, _ = buffers[launch.meta["BLOCK"]]
+    if dbias is not None:
+        dbias.zero_()
+    return launches, (dq, dk, dv, dbias, dscale, dpad)
 
 
-def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int, window, shift,
+def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                               scale: Union[float, torch.Tensor], qk_norm: bool, k_pad, v_pad,
                               roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool):
     """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad): dbias the (heads, N, N) float32
     dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32; each None
-    when not asked for. Partials are summed in a fixed order: deterministic."""
+    when not asked for. No saved output is needed. Partials are summed in a fixed order:
+    deterministic."""
     heads, head_dim = q.shape[3], q.shape[4]
     if q.numel() == 0:
         tokens = window[0] * window[1]
@@ -534,12 +634,11 @@ def window_attention_backward(grad_out, q, k, v, out, lse, bias, bias_kind: int,
                 zeros((heads,)) if scale_grad else None,
                 *((zeros((heads, head_dim)),) * 2 if pad_grad else (None, None)))
     variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
-    launch, (dq, dk, dv, dbias, dscale, dpad) = backward_launch(
-        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, variant, bias_grad,
+    launches, (dq, dk, dv, dbias, dscale, dpad) = backward_launch(
+        grad_out, q, k, v, lse, bias, bias_kind, window, shift, variant, bias_grad,
         scale_grad, pad_grad)
-    launch.run()
-    if dq.dim() == 6:  # per-key-block partials
-        dq = dq.sum(0).to(q.dtype)
+    for launch in launches:
+        launch.run()
     dpad = (dpad[:, :, 0].sum(0), dpad[:, :, 1].sum(0)) if dpad is not None else (None, None)
     return (dq, dk, dv, dbias.sum(0) if dbias is not None else None,
             dscale.sum(0) if dscale is not None else None, *dpad)

@@ -161,7 +161,7 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
             return q * scale.view(-1, 1, 1).to(q.dtype), k, 1.0
 
         def sdpa(q, k, v, table, scale=None, window=window, heads=heads):
-            bias = dense_bias(table, window, window, heads).to(q.dtype)[None]
+            bias = dense_bias(table, (window, window), heads).to(q.dtype)[None]
             q, k, factor = queries_keys(q, k, scale)
             out = F.scaled_dot_product_attention(q, k, partition(v), attn_mask=bias, scale=factor)
             return out  # kept partitioned: the reverse copy would only add to the peer's time
@@ -177,7 +177,7 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
                 def flex_peer(q, k, v, table, scale=None, window=window, heads=heads):
                     # Compiled as a whole (score_mod included), as FlexAttention is meant to
                     # be used: one graph, no recompilation per call.
-                    bias = dense_bias(table, window, window, heads)
+                    bias = dense_bias(table, (window, window), heads)
 
                     def score_mod(score, bi, hi, qi, ki):
                         return score + bias[hi, qi, ki]

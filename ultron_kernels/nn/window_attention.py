@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ultron_kernels.ops.window_attention import Pair, _pair, window_attention
+from ultron_kernels.ops.window_attention import Pair, _axes, window_attention
 
 
 class WindowAttention(nn.Module):
@@ -23,8 +23,8 @@ class WindowAttention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.backend = dim, num_heads, backend
-        self.window_size = _pair("window_size", window_size)
-        self.shift_size = _pair("shift_size", shift_size)
+        self.window_size = _axes("window_size", window_size, 2)
+        self.shift_size = _axes("shift_size", shift_size, 2)
         factory = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)

@@ -7,6 +7,7 @@ PyTorch and differentiates itself.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -16,8 +17,7 @@ from ultron_kernels import _cuda
 from ultron_kernels.backends import select_backend
 from ultron_kernels.ops._common import (autocast_inputs, check_int32_sizes, check_same_device_and_dtype,
                                         check_tensor)
-from ultron_kernels.reference.window_attention import (relative_position_index,
-                                                       window_attention_reference)
+from ultron_kernels.reference.window_attention import window_attention_reference
 
 OP_NAME = "window_attention"
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
@@ -32,13 +32,16 @@ BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
 Pair = Union[int, Sequence[int]]
 
 
-def _pair(name: str, value: Pair) -> tuple[int, int]:
+def _axes(name: str, value: Pair, count: int) -> tuple[int, ...]:
+    """An int (the same on every axis) or ``count`` ints."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value), int(value)
-    if (isinstance(value, Sequence) and len(value) == 2 and all(
+        return (int(value),) * count
+    if (isinstance(value, Sequence) and len(value) == count and all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return tuple(int(v) for v in value)
+    shape = "a pair of ints (wh, ww) for (B, H, W, heads, D) tensors" if count == 2 else (
+        "3 ints (wt, wh, ww) for (B, T, H, W, heads, D) tensors")
+    raise TypeError(f"{name} must be an int or {shape}, got {value!r}")
 
 
 def _diagonal_sums(t: torch.Tensor) -> torch.Tensor:
@@ -52,18 +55,18 @@ def _diagonal_sums(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
-                   window: tuple[int, int]) -> torch.Tensor:
+                   window: Sequence[int]) -> torch.Tensor:
     """Dense (heads, N, N) float32 gradient -> gradient shaped like ``bias``. A table entry
-    (dr, dc) gathers the pairs with row offset dr and column offset dc: diagonal sums over
-    the column pairs, then over the row pairs."""
+    gathers the query/key pairs with its offset on every axis: diagonal sums over each axis's
+    (query, key) coordinate pair in turn, last axis first."""
     if kind == BIAS_DENSE:
         return dense_grad.to(bias.dtype)
-    heads = dense_grad.shape[0]
-    wh, ww = window
-    pairs = dense_grad.reshape(heads, wh, ww, wh, ww).permute(0, 1, 3, 2, 4)  # (h, ri, rj, ci, cj)
-    by_col = _diagonal_sums(pairs)                                            # (h, ri, rj, dc)
-    table = _diagonal_sums(by_col.permute(0, 3, 1, 2))                        # (h, dc, dr)
-    return table.permute(2, 1, 0).reshape(-1, heads).contiguous().to(bias.dtype)
+    heads, n = dense_grad.shape[0], len(window)
+    pairs = dense_grad.reshape(heads, *window, *window)
+    pairs = pairs.permute(0, *(d for axis in range(n) for d in (1 + axis, 1 + n + axis)))
+    for _ in range(n):  # (h, offsets so far..., q/k coordinate pairs left...)
+        pairs = _diagonal_sums(pairs).movedim(-1, 1)
+    return pairs.movedim(0, -1).reshape(-1, heads).contiguous().to(bias.dtype)
 
 
 # ---------------------------------------------------------------- custom ops (fused backends)
@@ -96,13 +99,13 @@ def _scale_tensor(q: torch.Tensor, scale: Optional[torch.Tensor], scale_value: f
     """The CUDA kernels read a (heads,) float32 scale in every case."""
     if scale is not None:
         return scale
-    return torch.full((q.shape[3],), scale_value, dtype=torch.float32, device=q.device)
+    return torch.full((q.shape[-2],), scale_value, dtype=torch.float32, device=q.device)
 
 
 @_fused_forward.register_fake
 def _(q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
       backend):
-    return (q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=torch.float32))
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
 
 
 @torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
@@ -188,8 +191,13 @@ SHIFT_ORDERS = ("pad_then_roll", "roll_then_pad")
 
 
 def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pad_kv, shift_order):
+    check_tensor("q", q)
+    if q.dim() not in (5, 6):
+        raise ValueError(f"q: expected a 5-D (B, H, W, heads, D) or 6-D (B, T, H, W, heads, D) "
+                         f"tensor, got shape {tuple(q.shape)}")
+    axes = q.dim() - 3
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, dims=5)
+        check_tensor(name, t)
         check_int32_sizes(name, t)
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: the last (head_dim) dimension must be contiguous, "
@@ -200,17 +208,17 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pa
     check_same_device_and_dtype(q=q, k=k, v=v)
     if not q.is_floating_point() or q.dtype not in FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"q: dtype must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    window = _pair("window_size", window_size)
-    shift = _pair("shift_size", shift_size)
+    window = _axes("window_size", window_size, axes)
+    shift = _axes("shift_size", shift_size, axes)
     if min(window) < 1:
         raise ValueError(f"window_size must be >= 1, got {window}")
     if not all(0 <= s < w for s, w in zip(shift, window)):
         raise ValueError(f"shift_size must satisfy 0 <= shift < window ({window}), got {shift}")
-    heads, head_dim, tokens = q.shape[3], q.shape[4], window[0] * window[1]
+    heads, head_dim, tokens = q.shape[-2], q.shape[-1], math.prod(window)
     kind = BIAS_NONE
     if rel_pos_bias is not None:
         check_tensor("rel_pos_bias", rel_pos_bias)
-        table_shape = ((2 * window[0] - 1) * (2 * window[1] - 1), heads)
+        table_shape = (math.prod(2 * w - 1 for w in window), heads)
         dense_shape = (heads, tokens, tokens)
         if tuple(rel_pos_bias.shape) == table_shape:
             kind = BIAS_TABLE
@@ -268,16 +276,19 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0))
 
 
-def fused_shape_reason(backend: str, window: tuple[int, int], head_dim: int, device: torch.device,
+def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, device: torch.device,
                        needs_grad: bool = True, bias_grad: bool = True, extras: bool = False) -> Optional[str]:
-    """Why ``backend`` cannot run windows of this size and head dim on ``device`` (with a
-    backward when ``needs_grad``), or None. The op asks at each call; the Swin adapters ask
-    when they convert, so that a swapped model never meets a limit at its first forward."""
+    """Why ``backend`` cannot run windows of this size (2D or 3D) and head dim on ``device``
+    (with a backward when ``needs_grad``), or None. The op asks at each call; the Swin
+    adapters ask when they convert, so that a swapped model never meets a limit at its first
+    forward."""
     if backend == "reference":
         return None
     if head_dim not in FUSED_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"
-    tokens = window[0] * window[1]
+    if backend == "cuda" and len(window) == 3:
+        return f"3D window {tuple(window)}: the CUDA kernels take 2D windows (3D runs on triton)"
+    tokens = math.prod(window)
     if tokens > MAX_FUSED_WINDOW_TOKENS[backend]:
         return (f"window {tuple(window)} has {tokens} tokens; the {backend} kernels run windows of "
                 f"at most {MAX_FUSED_WINDOW_TOKENS[backend]} tokens (larger windows run on the "
@@ -295,7 +306,7 @@ def fused_shape_reason(backend: str, window: tuple[int, int], head_dim: int, dev
     return None
 
 
-def _fused_reason(q: torch.Tensor, window: tuple[int, int], needs_grad: bool, bias_grad: bool,
+def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias_grad: bool,
                   extras: bool):
     def reason(backend: str) -> Optional[str]:
         if backend != "reference" and q.dtype not in FUSED_DTYPES:
@@ -309,19 +320,22 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
                      scale: Union[float, torch.Tensor, None] = None, *, qk_norm: bool = False,
                      pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                      shift_order: str = "pad_then_roll", backend: str = "auto") -> torch.Tensor:
-    """Self-attention inside (wh, ww) windows of a (B, H, W) grid, Swin-style.
+    """Self-attention inside windows of a (B, H, W) grid (Swin) or a (B, T, H, W) video
+    (Video Swin), with shifted windows.
 
     Args:
-        q, k, v: (B, H, W, heads, D), same shape and dtype, last dim contiguous (views into a
-            packed (B, H, W, 3, heads, D) tensor work without copies).
-        window_size: int or (wh, ww); the fused backends run up to
-            ``MAX_FUSED_WINDOW_TOKENS`` tokens per window (Triton 4096, CUDA 256). The grid is padded bottom/right to whole
-            windows; padded positions are not keys (see ``pad_kv``) and their outputs are
-            dropped.
-        shift_size: int or (sh, sw), 0 <= shift < window: Swin's shifted windows (roll by
-            (-sh, -sw), attend within regions, roll back).
-        rel_pos_bias: None, a ((2wh-1)*(2ww-1), heads) table indexed Swin-style, or a dense
-            (heads, wh*ww, wh*ww) tensor. Gradients flow to it.
+        q, k, v: (B, H, W, heads, D), or (B, T, H, W, heads, D) for 3D windows; same shape
+            and dtype, last dim contiguous (views into a packed (..., 3, heads, D) tensor work
+            without copies).
+        window_size: int or (wh, ww); int or (wt, wh, ww) for 3D. The fused backends run up
+            to ``MAX_FUSED_WINDOW_TOKENS`` tokens per window (Triton 4096, CUDA 256; 3D on
+            Triton). Each axis is padded at its end to whole windows; padded positions are
+            not keys (see ``pad_kv``) and their outputs are dropped.
+        shift_size: int or one value per axis, 0 <= shift < window: Swin's shifted windows
+            (roll by minus the shift, attend within regions, roll back).
+        rel_pos_bias: None, a relative position table (((2wh-1)*(2ww-1), heads) indexed
+            Swin-style; ((2wt-1)*(2wh-1)*(2ww-1), heads) indexed as torchvision's Video Swin),
+            or a dense (heads, N, N) tensor, N the tokens per window. Gradients flow to it.
         scale: a float (default D**-0.5) or a (heads,) tensor, e.g. Swin V2's
             ``exp(clamp(logit_scale, max=log(100)))``. Gradients flow to a tensor.
         qk_norm: L2-normalise q and k along D first (eps 1e-12, as ``F.normalize``): cosine
@@ -334,7 +348,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         backend: "auto", "reference", "triton" or "cuda".
 
     Returns:
-        (B, H, W, heads, D), contiguous.
+        q's shape, contiguous.
     """
     window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale,
                                            qk_norm, pad_kv, shift_order)

@@ -1,6 +1,7 @@
-"""Pure-PyTorch window attention (Swin W-MSA / SW-MSA): the CPU path and the oracle's twin.
+"""Pure-PyTorch window attention (Swin W-MSA / SW-MSA, 2D or Video Swin's 3D): the CPU path
+and the oracle's twin.
 
-Pad bottom/right to whole windows, roll by (-sh, -sw) (or roll first, then pad: timm's
+Pad the end of each axis to whole windows, roll by minus the shift (or roll first, then pad: timm's
 order), partition, attend with the relative position bias and the shifted-window region mask,
 reverse. Padded positions are excluded as keys, or take given per-head key/value vectors
 (what a zero-padded input becomes through a qkv projection with bias); their outputs are
@@ -9,6 +10,7 @@ dropped.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -18,16 +20,18 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 
 
-def relative_position_index(window_h: int, window_w: int, device=None) -> torch.Tensor:
-    """(N, N) index into a ((2wh-1)*(2ww-1), heads) bias table, as in Swin and timm. Not
+def relative_position_index(*window: int, device=None) -> torch.Tensor:
+    """(N, N) index into a relative position table for a (wh, ww) or (wt, wh, ww) window:
+    ((2wh-1)*(2ww-1), heads) as in Swin and timm, ((2wt-1)*(2wh-1)*(2ww-1), heads) as in
+    torchvision's Video Swin (frame offset slowest); a 2D window is the wt = 1 case. Not
     cached: it costs N^2 integer ops, and torch.compile traces this path (a cache wrapper
     would be a Dynamo warning)."""
-    rows, cols = torch.meshgrid(torch.arange(window_h, device=device), torch.arange(window_w, device=device),
-                                indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    d_row = rows[:, None] - rows[None, :] + window_h - 1
-    d_col = cols[:, None] - cols[None, :] + window_w - 1
-    return d_row * (2 * window_w - 1) + d_col
+    coords = torch.meshgrid(*(torch.arange(w, device=device) for w in window), indexing="ij")
+    index = torch.zeros((), dtype=torch.long, device=device)
+    for coord, w in zip(coords, window):
+        coord = coord.flatten()
+        index = index * (2 * w - 1) + (coord[:, None] - coord[None, :] + w - 1)
+    return index
 
 
 def region_labels(padded: int, window: int, shift: int) -> torch.Tensor:
@@ -38,77 +42,89 @@ def region_labels(padded: int, window: int, shift: int) -> torch.Tensor:
     return (coord >= padded - window).long() + (coord >= padded - shift).long()
 
 
-def dense_bias(rel_pos_bias: Optional[torch.Tensor], window_h: int, window_w: int,
-               heads: int) -> Optional[torch.Tensor]:
-    """(heads, N, N) bias from a table ((2wh-1)*(2ww-1), heads) or a dense tensor."""
+def dense_bias(rel_pos_bias: Optional[torch.Tensor], window, heads: int) -> Optional[torch.Tensor]:
+    """(heads, N, N) bias from a relative position table (2D or 3D ``window``) or a dense
+    tensor."""
     if rel_pos_bias is None or rel_pos_bias.dim() == 3:
         return rel_pos_bias
-    n = window_h * window_w
-    index = relative_position_index(window_h, window_w, rel_pos_bias.device)
+    n = math.prod(window)
+    index = relative_position_index(*window, device=rel_pos_bias.device)
     return rel_pos_bias[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
 
 
-def _partition(t: torch.Tensor, window_h: int, window_w: int) -> torch.Tensor:
-    """(B, Hp, Wp, heads, D) -> (B, nWh, nWw, heads, N, D)."""
-    b, hp, wp, heads, d = t.shape
-    t = t.reshape(b, hp // window_h, window_h, wp // window_w, window_w, heads, d)
-    return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(
-        b, hp // window_h, wp // window_w, heads, window_h * window_w, d)
+def _partition(t: torch.Tensor, window) -> torch.Tensor:
+    """(B, Tp, Hp, Wp, heads, D) -> (B, nWt, nWh, nWw, heads, N, D)."""
+    b, tp, hp, wp, heads, d = t.shape
+    wt, wh, ww = window
+    t = t.reshape(b, tp // wt, wt, hp // wh, wh, wp // ww, ww, heads, d)
+    return t.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(
+        b, tp // wt, hp // wh, wp // ww, heads, wt * wh * ww, d)
 
 
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               window: tuple[int, int], shift: tuple[int, int],
-                               rel_pos_bias: Optional[torch.Tensor],
+                               window, shift, rel_pos_bias: Optional[torch.Tensor],
                                scale: Union[float, torch.Tensor], qk_norm: bool = False,
                                pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                                roll_first: bool = False, return_lse: bool = False):
-    """q, k, v: (B, H, W, heads, D); returns (B, H, W, heads, D), contiguous, and with
-    ``return_lse`` also the logsumexp of each query's scores (B, H, W, heads) in the compute
-    dtype (-inf for a row whose every key is masked), as the fused forward saves it.
+    """q, k, v: (B, H, W, heads, D) with a (wh, ww) window and shift, or (B, T, H, W, heads,
+    D) with (wt, wh, ww) ones; returns q's shape, contiguous, and with ``return_lse`` also the
+    logsumexp of each query's scores (q's shape without D) in the compute dtype (-inf for a
+    row whose every key is masked), as the fused forward saves it. A 2D grid is computed as
+    the T = 1 volume.
 
     scale: a float or a (heads,) tensor. qk_norm: q and k L2-normalised along D (cosine
     attention). pad_kv: (k_pad, v_pad), each (heads, D): padded positions are keys with these
     values instead of being excluded. roll_first: roll the unpadded grid, then pad (timm's
     order) instead of padding, then rolling."""
-    batch, height, width, heads = q.shape[:4]
-    (wh, ww), (sh, sw) = window, shift
-    hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
-    pad = (0, 0, 0, 0, 0, wp - width, 0, hp - height)
-    image = torch.zeros(hp, wp, dtype=torch.bool, device=q.device)
-    image[:height, :width] = True
+    if len(window) == 2:
+        result = window_attention_reference(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), (1, *window), (0, *shift),
+            rel_pos_bias, scale, qk_norm, pad_kv, roll_first, return_lse)
+        return tuple(t.squeeze(1) for t in result) if return_lse else result.squeeze(1)
+    batch, frames, height, width, heads = q.shape[:5]
+    wt, wh, ww = window
+    sizes = (frames, height, width)
+    padded = tuple(-(-size // w) * w for size, w in zip(sizes, window))
+    tp, hp, wp = padded
+    pad = (0, 0, 0, 0, 0, wp - width, 0, hp - height, 0, tp - frames)
+    back = tuple(-s for s in shift)
+    dims = (1, 2, 3)
+    image = torch.zeros(padded, dtype=torch.bool, device=q.device)
+    image[:frames, :height, :width] = True
 
     def arrange(t: torch.Tensor) -> torch.Tensor:  # the image -> the rolled, padded grid
         if roll_first:
-            return F.pad(torch.roll(t, (-sh, -sw), (1, 2)), pad)
-        return torch.roll(F.pad(t, pad), (-sh, -sw), (1, 2))
+            return F.pad(torch.roll(t, back, dims), pad)
+        return torch.roll(F.pad(t, pad), back, dims)
 
     def restore(t: torch.Tensor) -> torch.Tensor:
-        """(B, nWh, nWw, heads, N, X) windows -> (B, H, W, heads, X) on the image."""
-        t = t.reshape(batch, hp // wh, wp // ww, heads, wh, ww, t.shape[-1])
-        t = t.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, hp, wp, heads, t.shape[-1])
+        """(B, nWt, nWh, nWw, heads, N, X) windows -> (B, T, H, W, heads, X) on the image."""
+        t = t.reshape(batch, tp // wt, hp // wh, wp // ww, heads, wt, wh, ww, t.shape[-1])
+        t = t.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(batch, tp, hp, wp, heads, t.shape[-1])
         if roll_first:
-            return torch.roll(t[:, :height, :width], (sh, sw), (1, 2))
-        return torch.roll(t, (sh, sw), (1, 2))[:, :height, :width]
+            return torch.roll(t[:, :frames, :height, :width], tuple(shift), dims)
+        return torch.roll(t, tuple(shift), dims)[:, :frames, :height, :width]
 
     # Scores, softmax and P.V in fp32 for 16-bit inputs, as the kernels accumulate: large
     # but finite fp16 inputs must not overflow to inf here either.
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out_dtype = v.dtype
     q, k, v = (arrange(t.to(compute)) for t in (q, k, v))
-    valid = image if roll_first else torch.roll(image, (-sh, -sw), (0, 1))
+    valid = image if roll_first else torch.roll(image, back, (0, 1, 2))
     keys = valid
     if pad_kv is not None:
-        in_image = valid[None, :, :, None, None]
+        in_image = valid[None, :, :, :, None, None]
         k = torch.where(in_image, k, pad_kv[0].to(compute))
         v = torch.where(in_image, v, pad_kv[1].to(compute))
         keys = torch.ones_like(valid)
     if qk_norm:
         q, k = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS)
-    labels = (region_labels(hp, wh, sh)[:, None] * 3 + region_labels(wp, ww, sw)[None, :])
-    labels = labels.to(q.device)
+    labels = (region_labels(tp, wt, shift[0])[:, None, None] * 9
+              + region_labels(hp, wh, shift[1])[None, :, None] * 3
+              + region_labels(wp, ww, shift[2])[None, None, :]).to(q.device)
 
-    def windows_of(grid: torch.Tensor) -> torch.Tensor:  # (Hp, Wp) -> (nWh, nWw, N)
-        return _partition(grid[None, :, :, None, None], wh, ww)[0, :, :, 0, :, 0]
+    def windows_of(grid: torch.Tensor) -> torch.Tensor:  # (Tp, Hp, Wp) -> (nWt, nWh, nWw, N)
+        return _partition(grid[None, :, :, :, None, None], window)[0, :, :, :, 0, :, 0]
 
     valid_w, keys_w, labels_w = windows_of(valid), windows_of(keys), windows_of(labels)
     allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & keys_w[..., None, :]
@@ -117,17 +133,17 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     if isinstance(scale, torch.Tensor):
         scale = scale.to(compute).view(heads, 1, 1)
-    scores = _partition(q, wh, ww) @ _partition(k, wh, ww).transpose(-1, -2) * scale
-    bias = dense_bias(rel_pos_bias, wh, ww, heads)
+    scores = _partition(q, window) @ _partition(k, window).transpose(-1, -2) * scale
+    bias = dense_bias(rel_pos_bias, window, heads)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
-    scores = scores.masked_fill(~allowed[None, :, :, None], float("-inf"))
+    scores = scores.masked_fill(~allowed[None, :, :, :, None], float("-inf"))
     # A query whose every key is masked (a -inf bias) gets output 0 and zero gradients, as on
     # the fused backends; its scores are made finite first so no NaN enters the softmax or
     # its backward.
     dead = (scores == float("-inf")).all(-1, keepdim=True)
     attn = scores.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
-    out = restore(attn @ _partition(v, wh, ww)).to(out_dtype).contiguous()
+    out = restore(attn @ _partition(v, window)).to(out_dtype).contiguous()
     if not return_lse:
         return out
     return out, restore(scores.logsumexp(-1, keepdim=True))[..., 0].contiguous()

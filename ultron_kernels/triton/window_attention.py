@@ -1,21 +1,27 @@
 """Triton kernels for window attention (FlashAttention-style, runs of whole windows per program).
 
-A program takes one block of queries of a run of windows for one head; the keys of each
-window are streamed in blocks with an online softmax (one block for windows up to 64
-tokens, which covers 7x7 and 8x8; the bias tile is then gathered once per run). Padding,
-the cyclic shift, the shifted-window region mask and the relative-position-bias gather are
-index arithmetic inside the kernel: no padded, rolled or partitioned copies, and q/k/v may
-be strided views of a packed qkv tensor.
+Windows are 2D (Swin) or 3D (Video Swin: frames x rows x columns); a 2D call is the T = 1
+volume of the same index math. A program takes one block of queries of a run of windows for
+one head; the keys of each window are streamed in blocks with an online softmax (one block
+for windows up to 64 tokens, which covers 7x7 and 8x8: the bias tile is then gathered once
+per run; up to 4096 tokens in 64-token blocks). Padding, the cyclic shift, the
+shifted-window region mask and the relative-position-bias gather are index arithmetic inside
+the kernel: no padded, rolled or partitioned copies, and q/k/v may be strided views of a
+packed qkv tensor.
 
-Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores;
-each program owns one key block of a run of windows, so dk/dv need no atomics, dq is written
-once per key block (summed in a fixed order when a window has several), and the bias
-gradient is accumulated per run of windows then reduced in a fixed order: deterministic.
+Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores
+and needs no saved output: the softmax term delta_i = sum_j P_ij dP_ij is summed in fp32.
+Each program of the dk/dv kernel owns one key block of a run of windows, so dk/dv need no
+atomics; a window of one block is whole in its tile, which gives delta and dq there too; a
+larger window first runs a dq kernel (one query block per program, two passes over the key
+blocks: delta, then dq). The bias gradient is accumulated per run of windows then reduced
+in a fixed order: deterministic.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -26,50 +32,62 @@ from ultron_kernels.backends import autotune_enabled, triton_interpreter_on
 from ultron_kernels.triton.launch import Launch, autotune, plan
 
 @triton.jit
-def _token_coords(window, block, H, W, Hp, Wp, n_win_h, n_win_w,
-                  WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                  BLOCK: tl.constexpr, ROLL_FIRST: tl.constexpr):
-    """For tokens ``block*BLOCK + arange(BLOCK)`` of ``window``: batch, in-window token id,
-    row/col inside the window, image row/col, 'image token' and 'inside the window' flags
-    (a token inside the window but not in the image is padding) and shift region."""
-    per_image = n_win_h * n_win_w
+def _token_coords(window, block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w,
+                  WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
+                  SH: tl.constexpr, SW: tl.constexpr, BLOCK: tl.constexpr, ROLL_FIRST: tl.constexpr):
+    """For tokens ``block*BLOCK + arange(BLOCK)`` of ``window`` (windows numbered batch, then
+    time, row, column): batch, in-window token id, image frame/row/col, 'image token' and
+    'inside the window' flags (a token inside the window but not in the image is padding) and
+    shift region. A 2D grid is the T = 1 case (WT = 1, ST = 0)."""
+    per_frame = n_win_h * n_win_w
+    per_image = n_win_t * per_frame
     batch = window // per_image
-    wy = (window % per_image) // n_win_w
+    wz = (window % per_image) // per_frame
+    wy = (window % per_frame) // n_win_w
     wx = window % n_win_w
     token = block * BLOCK + tl.arange(0, BLOCK)
-    r = token // WW
-    c = token % WW
-    y_rolled = wy * WH + r
-    x_rolled = wx * WW + c
-    inside = token < WH * WW
-    if ROLL_FIRST:                    # timm: the image was rolled by (-SH, -SW), then padded
+    z_rolled = wz * WT + token // (WH * WW)
+    y_rolled = wy * WH + (token // WW) % WH
+    x_rolled = wx * WW + token % WW
+    inside = token < WT * WH * WW
+    if ROLL_FIRST:                    # timm: the image was rolled by (-ST, -SH, -SW), then padded
+        z = (z_rolled + ST) % T
         y = (y_rolled + SH) % H
         x = (x_rolled + SW) % W
-        real = inside & (y_rolled < H) & (x_rolled < W)
+        real = inside & (z_rolled < T) & (y_rolled < H) & (x_rolled < W)
     else:                             # the padded grid was rolled
+        z = (z_rolled + ST) % Tp
         y = (y_rolled + SH) % Hp
         x = (x_rolled + SW) % Wp
-        real = inside & (y < H) & (x < W)
+        real = inside & (z < T) & (y < H) & (x < W)
     region = tl.zeros_like(token)
+    if ST > 0:
+        region += 9 * ((z_rolled >= Tp - WT).to(tl.int32) + (z_rolled >= Tp - ST).to(tl.int32))
     if SH > 0:
         region += 3 * ((y_rolled >= Hp - WH).to(tl.int32) + (y_rolled >= Hp - SH).to(tl.int32))
     if SW > 0:
         region += (x_rolled >= Wp - WW).to(tl.int32) + (x_rolled >= Wp - SW).to(tl.int32)
-    return batch, token, r, c, y, x, real, inside, region
+    return batch, token, z, y, x, real, inside, region
 
 
 @triton.jit
-def _load_rows(ptr, batch, y, x, head, real, sb, sh, sw, sn, D: tl.constexpr):
-    offs = (batch.to(tl.int64) * sb + head * sn + (y.to(tl.int64) * sh + x * sw))[:, None] + tl.arange(0, D)[None, :]
+def _row_offsets(batch, z, y, x, head, sb, st, sh, sw, sn):
+    """int64 offsets of the tokens' rows (one head) in a (B, T, H, W, heads, ...) tensor."""
+    return batch.to(tl.int64) * sb + head * sn + (z.to(tl.int64) * st + y.to(tl.int64) * sh + x * sw)
+
+
+@triton.jit
+def _load_rows(ptr, batch, z, y, x, head, real, sb, st, sh, sw, sn, D: tl.constexpr):
+    offs = _row_offsets(batch, z, y, x, head, sb, st, sh, sw, sn)[:, None] + tl.arange(0, D)[None, :]
     return tl.load(ptr + offs, mask=real[:, None], other=0.0)
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, y, x, head, real, inside,
-             skb, skh, skw, skn, svb, svh, svw, svn, D: tl.constexpr, HAS_PAD: tl.constexpr):
+def _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, z, y, x, head, real, inside,
+             skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D: tl.constexpr, HAS_PAD: tl.constexpr):
     """Key and value rows; padding rows are zero, or the head's pad vectors with HAS_PAD."""
-    k = _load_rows(k_ptr, batch, y, x, head, real, skb, skh, skw, skn, D)
-    v = _load_rows(v_ptr, batch, y, x, head, real, svb, svh, svw, svn, D)
+    k = _load_rows(k_ptr, batch, z, y, x, head, real, skb, skt, skh, skw, skn, D)
+    v = _load_rows(v_ptr, batch, z, y, x, head, real, svb, svt, svh, svw, svn, D)
     if HAS_PAD:
         pad = (inside & ~real)[:, None]
         d = head * D + tl.arange(0, D)
@@ -99,18 +117,20 @@ def _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE: tl.constexpr):
 
 @triton.jit
 def _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-               WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr):
+               WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr,
+               BLOCK: tl.constexpr):
     """Relative position bias (fp32) of query block ``q_block`` against key block ``k_block``.
-    It does not depend on the window, so programs that loop over windows gather it once."""
+    It does not depend on the window, so programs that loop over windows gather it once.
+    A table is indexed by the frame, row and column offsets (torchvision's 3D order; Swin's
+    2D one when WT = 1)."""
     tq = q_block * BLOCK + tl.arange(0, BLOCK)
     tk = k_block * BLOCK + tl.arange(0, BLOCK)
-    both = (tq < WH * WW)[:, None] & (tk < WH * WW)[None, :]
+    both = (tq < WT * WH * WW)[:, None] & (tk < WT * WH * WW)[None, :]
     if BIAS_KIND == 1:
-        rq = tq // WW
-        cq = tq % WW
-        rk = tk // WW
-        ck = tk % WW
-        rel = (rq[:, None] - rk[None, :] + WH - 1) * (2 * WW - 1) + (cq[:, None] - ck[None, :] + WW - 1)
+        dz = (tq // (WH * WW))[:, None] - (tk // (WH * WW))[None, :] + WT - 1
+        dy = ((tq // WW) % WH)[:, None] - ((tk // WW) % WH)[None, :] + WH - 1
+        dx = (tq % WW)[:, None] - (tk % WW)[None, :] + WW - 1
+        rel = (dz * (2 * WH - 1) + dy) * (2 * WW - 1) + dx
         return tl.load(bias_ptr + rel * sbias0 + head * sbias1, mask=both, other=0.0).to(tl.float32)
     elif BIAS_KIND == 2:
         return tl.load(bias_ptr + head * sbias0 + tq[:, None] * sbias1 + tk[None, :] * sbias2,
@@ -131,15 +151,15 @@ def _program_run(n_windows, windows_per_program, NUM_BLOCKS: tl.constexpr):
 
 @triton.jit
 def _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-               WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK: tl.constexpr,
-               NUM_BLOCKS: tl.constexpr):
+               WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BIAS_KIND: tl.constexpr,
+               BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr):
     """The bias tile of (q_block, k_block): with one block per window, the run's tile
     gathered before the window loop; else gathered here."""
     if NUM_BLOCKS == 1:
         return run_bias
     else:
         return _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                          WH, WW, BIAS_KIND, BLOCK)
+                          WT, WH, WW, BIAS_KIND, BLOCK)
 
 
 @triton.jit
@@ -158,21 +178,22 @@ def _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k, key_ok,
 @triton.jit
 def _window_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
-        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
-        sob, soh, sow, son, slb, slh, slw, sln, sbias0, sbias1, sbias2,
-        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
+        sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
+        sob, sot, soh, sow, son, slb, slt, slh, slw, sln, sbias0, sbias1, sbias2,
+        WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
+        SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     # Program (run, q_block): query block q_block of a run of windows, one head.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
-    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
+    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WT, WH, WW, BIAS_KIND, BLOCK)
     scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     for window in range(first, last):
-        batch, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
-            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
-        q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
+        batch, tq, zq, yq, xq, real_q, inside_q, region_q = _token_coords(
+            window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
+        q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D)
         inv_q = scale
         if QK_NORM:
             inv_q, live_q = _inverse_norm(q)
@@ -180,15 +201,15 @@ def _window_attn_fwd_kernel(
         l_i = tl.zeros((BLOCK,), dtype=tl.float32)
         acc = tl.zeros((BLOCK, D), dtype=tl.float32)
         for k_block in range(NUM_BLOCKS):
-            batch_k, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
-                window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
-            k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k, inside_k,
-                            skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+            batch_k, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
+                window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
+            k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k, inside_k,
+                            skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
             inv_k = scale
             if QK_NORM:
                 inv_k, live_k = _inverse_norm(k)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                              WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
+                              WT, WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
                            inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -200,22 +221,22 @@ def _window_attn_fwd_kernel(
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_offs = (batch.to(tl.int64) * sob + head * son + (yq.to(tl.int64) * soh + xq * sow))[:, None] + tl.arange(0, D)[None, :]
+        o_offs = _row_offsets(batch, zq, yq, xq, head, sob, sot, soh, sow, son)[:, None] + tl.arange(0, D)[None, :]
         tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
         # A row whose every key is masked: output 0 (l_safe), lse -inf, as on every backend.
         lse = tl.where(l_i > 0.0, m_i + tl.log(l_safe), float("-inf"))
-        tl.store(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw, lse, mask=real_q)
+        tl.store(lse_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln), lse, mask=real_q)
 
 
 @triton.jit
-def _query_rows(q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale,
-                sqb, sqh, sqw, sqn, sdob, sdoh, sdow, sdon, slb, slh, slw, sln,
+def _query_rows(q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale,
+                sqb, sqt, sqh, sqw, sqn, sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln,
                 D: tl.constexpr, QK_NORM: tl.constexpr):
     """A query block's q and dO rows, logsumexp (0 for a fully masked row: its every p is 0
     anyway), inverse norm (the scale without QK_NORM) and 'norm not clamped' flag."""
-    q = _load_rows(q_ptr, batch, yq, xq, head, real_q, sqb, sqh, sqw, sqn, D)
-    do = _load_rows(do_ptr, batch, yq, xq, head, real_q, sdob, sdoh, sdow, sdon, D)
-    lse = tl.load(lse_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+    q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D)
+    do = _load_rows(do_ptr, batch, zq, yq, xq, head, real_q, sdob, sdot, sdoh, sdow, sdon, D)
+    lse = tl.load(lse_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln),
                   mask=real_q, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     inv_q = scale
@@ -254,10 +275,11 @@ def _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM: tl.constexpr):
 def _window_attn_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr,
         dq_ptr, delta_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
-        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
-        slb, slh, slw, sln, sdob, sdoh, sdow, sdon, sdqb, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
-        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
+        sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
+        slb, slt, slh, slw, sln, sdob, sdot, sdoh, sdow, sdon, sdqb, sdqt, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
+        WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
+        SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
@@ -268,25 +290,25 @@ def _window_attn_bwd_dq_kernel(
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     for window in range(first, last):
-        batch, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
-            window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+        batch, tq, zq, yq, xq, real_q, inside_q, region_q = _token_coords(
+            window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
         q, do, lse, inv_q, live_q = _query_rows(
-            q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale, sqb, sqh, sqw, sqn,
-            sdob, sdoh, sdow, sdon, slb, slh, slw, sln, D, QK_NORM)
+            q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
+            sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
         delta = tl.zeros((BLOCK,), dtype=tl.float32)
         dq = tl.zeros((BLOCK, D), dtype=tl.float32)
         dc_q = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_j ds_ij c_ij per query
         for sweep in tl.static_range(2):                 # 0: delta, 1: dq
             for k_block in range(NUM_BLOCKS):
-                _, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
-                    window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
-                k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k,
-                                inside_k, skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+                _, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
+                    window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
+                k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k,
+                                inside_k, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
                 inv_k = scale
                 if QK_NORM:
                     inv_k, live_k = _inverse_norm(k)
                 bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                                  WH, WW, BIAS_KIND, BLOCK)
+                                  WT, WH, WW, BIAS_KIND, BLOCK)
                 c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
                                           region_q, region_k, inside_k if HAS_PAD else real_k,
                                           QK_NORM, PRECISION)
@@ -300,9 +322,9 @@ def _window_attn_bwd_dq_kernel(
                     else:
                         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM)
-        dq_offs = (batch.to(tl.int64) * sdqb + head * sdqn + (yq.to(tl.int64) * sdqh + xq * sdqw))[:, None] + tl.arange(0, D)[None, :]
+        dq_offs = _row_offsets(batch, zq, yq, xq, head, sdqb, sdqt, sdqh, sdqw, sdqn)[:, None] + tl.arange(0, D)[None, :]
         tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
-        tl.store(delta_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+        tl.store(delta_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln),
                  delta, mask=real_q)
 
 
@@ -310,10 +332,11 @@ def _window_attn_bwd_dq_kernel(
 def _window_attn_bwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr, delta_ptr,
         dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr,
-        H, W, Hp, Wp, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
-        sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn,
-        slb, slh, slw, sln, sdob, sdoh, sdow, sdon, sdkb, sdkh, sdkw, sdkn, sbias0, sbias1, sbias2,
-        WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
+        sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
+        slb, slt, slh, slw, sln, sdob, sdot, sdoh, sdow, sdon, sdkb, sdkt, sdkh, sdkw, sdkn, sbias0, sbias1, sbias2,
+        WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
+        SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
         BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
@@ -328,17 +351,17 @@ def _window_attn_bwd_kernel(
     # gradient is summed per run of windows (one tile with one block per window, else the
     # program's own columns of the run's (N, N) slice).
     run, k_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
-    n_tok = WH * WW
+    n_tok = WT * WH * WW
     ds_run = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)   # bias grad of this run (1 block)
-    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WH, WW, BIAS_KIND, BLOCK)
+    run_bias = _bias_tile(bias_ptr, head, 0, 0, sbias0, sbias1, sbias2, WT, WH, WW, BIAS_KIND, BLOCK)
     scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     dk_pad = tl.zeros((D,), dtype=tl.float32)
     dv_pad = tl.zeros((D,), dtype=tl.float32)
     for window in range(first, last):
-        batch, tk, rk, ck, yk, xk, real_k, inside_k, region_k = _token_coords(
-            window, k_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
-        k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, yk, xk, head, real_k, inside_k,
-                        skb, skh, skw, skn, svb, svh, svw, svn, D, HAS_PAD)
+        batch, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
+            window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
+        k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k, inside_k,
+                        skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
         inv_k = scale
         live_k = real_k
         if QK_NORM:
@@ -347,20 +370,20 @@ def _window_attn_bwd_kernel(
         dv = tl.zeros((BLOCK, D), dtype=tl.float32)
         dc_k = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_i ds_ij c_ij per key
         for q_block in range(NUM_BLOCKS):
-            batch_q, tq, rq, cq, yq, xq, real_q, inside_q, region_q = _token_coords(
-                window, q_block, H, W, Hp, Wp, n_win_h, n_win_w, WH, WW, SH, SW, BLOCK, ROLL_FIRST)
+            batch_q, tq, zq, yq, xq, real_q, inside_q, region_q = _token_coords(
+                window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
             q, do, lse, inv_q, live_q = _query_rows(
-                q_ptr, do_ptr, lse_ptr, batch, yq, xq, head, real_q, scale, sqb, sqh, sqw, sqn,
-                sdob, sdoh, sdow, sdon, slb, slh, slw, sln, D, QK_NORM)
+                q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
+                sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
-                              WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
+                              WT, WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
             c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
                                       region_q, region_k, inside_k if HAS_PAD else real_k,
                                       QK_NORM, PRECISION)
             if NUM_BLOCKS == 1:
                 delta = tl.sum(p * dp, 1)
             else:
-                delta = tl.load(delta_ptr + batch.to(tl.int64) * slb + head * sln + yq.to(tl.int64) * slh + xq * slw,
+                delta = tl.load(delta_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln),
                                 mask=real_q, other=0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -376,7 +399,7 @@ def _window_attn_bwd_kernel(
                 else:
                     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 dq = _finish_gradient(dq, tl.sum(ds * c, 1), q, inv_q, live_q, scale, QK_NORM)
-                dq_offs = (batch.to(tl.int64) * sdkb + head * sdkn + (yq.to(tl.int64) * sdkh + xq * sdkw))[:, None] + tl.arange(0, D)[None, :]
+                dq_offs = _row_offsets(batch, zq, yq, xq, head, sdkb, sdkt, sdkh, sdkw, sdkn)[:, None] + tl.arange(0, D)[None, :]
                 tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
                 if BIAS_GRAD:
                     ds_run += ds
@@ -390,7 +413,7 @@ def _window_attn_bwd_kernel(
             tl.store(dscale_ptr + (window * NUM_BLOCKS + k_block).to(tl.int64) * tl.num_programs(1) + head,
                      tl.sum(dc_k, 0))
         dk = _finish_gradient(dk, dc_k, k, inv_k, live_k, scale, QK_NORM)
-        k_offs = (batch.to(tl.int64) * sdkb + head * sdkn + (yk.to(tl.int64) * sdkh + xk * sdkw))[:, None] + tl.arange(0, D)[None, :]
+        k_offs = _row_offsets(batch, zk, yk, xk, head, sdkb, sdkt, sdkh, sdkw, sdkn)[:, None] + tl.arange(0, D)[None, :]
         tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
         tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
         if PAD_GRAD:  # padding keys all hold the head's pad vectors: their gradients add up
@@ -419,7 +442,7 @@ def _window_attn_bwd_kernel(
 _FWD_WARPS_STAGES = [(4, 2), (8, 2), (4, 3), (2, 2), (8, 3), (4, 1), (2, 3), (8, 1), (2, 1)]
 _window_attn_fwd_autotuned = autotune(
     "window attention forward", _window_attn_fwd_kernel, [triton.Config({}, num_warps=w, num_stages=st) for w, st in _FWD_WARPS_STAGES],
-    key=["H", "W", "WH", "WW", "SH", "SW", "D", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
+    key=["T", "H", "W", "WT", "WH", "WW", "ST", "SH", "SW", "D", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
          "ROLL_FIRST", "PRECISION"])
 
 
@@ -448,24 +471,34 @@ def _block(tokens: int) -> int:
     return max(16, min(64, triton.next_power_of_2(tokens)))
 
 
+def _volumes(window, shift, *tensors):
+    """The 3D window and shift, and each (B, H, W, ...) tensor of a 2D call as the T = 1
+    volume (B, 1, H, W, ...), a view; a 3D call's as they are."""
+    if len(window) == 3:
+        return (tuple(window), tuple(shift), *tensors)
+    return ((1, *window), (0, *shift), *(t.unsqueeze(1) for t in tensors))
+
+
 def _geometry(q: torch.Tensor, window, shift):
-    batch, height, width = q.shape[:3]
-    (wh, ww), (sh, sw) = window, shift
-    n_win_h, n_win_w = -(-height // wh), -(-width // ww)
-    return dict(H=height, W=width, Hp=n_win_h * wh, Wp=n_win_w * ww,
-                n_win_h=n_win_h, n_win_w=n_win_w, n_windows=batch * n_win_h * n_win_w)
+    """q: the (B, T, H, W, heads, D) volume; window and shift: 3D."""
+    batch, frames, height, width = q.shape[:4]
+    n_win = [-(-size // w) for size, w in zip((frames, height, width), window)]
+    return dict(T=frames, H=height, W=width, Tp=n_win[0] * window[0], Hp=n_win[1] * window[1],
+                Wp=n_win[2] * window[2], n_win_t=n_win[0], n_win_h=n_win[1], n_win_w=n_win[2],
+                n_windows=batch * n_win[0] * n_win[1] * n_win[2])
 
 
 def _meta(q: torch.Tensor, window, shift, bias_kind: int, variant: "Variant",
           candidate: dict) -> dict:
-    """Compile-time parameters of one launch: the op's flags and the candidate's tile."""
+    """Compile-time parameters of one launch: the op's flags and the candidate's tile (q the
+    6-D volume, window and shift 3D)."""
     interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
-    return dict(WH=window[0], WW=window[1], SH=shift[0], SW=shift[1], D=q.shape[-1],
-                BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
+    return dict(WT=window[0], WH=window[1], WW=window[2], ST=shift[0], SH=shift[1], SW=shift[2],
+                D=q.shape[-1], BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
                 QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
                 ROLL_FIRST=variant.roll_first,
-                NUM_BLOCKS=triton.cdiv(window[0] * window[1], candidate["BLOCK"]),
+                NUM_BLOCKS=triton.cdiv(math.prod(window), candidate["BLOCK"]),
                 PRECISION="tf32" if tf32 else "ieee", **candidate)
 
 
@@ -500,11 +533,24 @@ def _bias_strides(bias) -> tuple[int, int, int]:
     return (*strides, 0) if bias.dim() == 2 else strides
 
 
+def _geometry_args(geo: dict, per_program: int, scale_value: float) -> tuple:
+    return (geo["T"], geo["H"], geo["W"], geo["Tp"], geo["Hp"], geo["Wp"], geo["n_win_t"],
+            geo["n_win_h"], geo["n_win_w"], geo["n_windows"], per_program, scale_value)
+
+
+def _strides5(t: torch.Tensor) -> tuple[int, ...]:
+    """Batch, frame, row, column and head strides of a 6-D volume tensor."""
+    return t.stride()[:5]
+
+
 def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Variant):
-    """(launch, out, lse): the forward's configuration chosen for the device, not yet run."""
-    batch, height, width, heads, head_dim = q.shape
-    out = torch.empty((batch, height, width, heads, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, height, width, heads), device=q.device, dtype=torch.float32)
+    """(launch, out, lse): the forward's configuration chosen for the device, not yet run.
+    q, k, v: (B, H, W, heads, D) with a 2D window and shift, or (B, T, H, W, heads, D) with
+    3D ones; out is shaped like q, lse like q without D."""
+    heads, head_dim = q.shape[-2:]
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+    window, shift, q, k, v, out_v, lse_v = _volumes(window, shift, q, k, v, out, lse)
     geo = _geometry(q, window, shift)
 
     def build(candidate: dict) -> Launch:
@@ -513,14 +559,13 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=8)
         grid = (triton.cdiv(geo["n_windows"], per_program) * blocks, heads)
-        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out, lse,
-                geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                geo["n_windows"], per_program, variant.scale_value,
-                *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *lse.stride(),
+        args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out_v, lse_v,
+                *_geometry_args(geo, per_program, variant.scale_value),
+                *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out_v), *lse_v.stride(),
                 *_bias_strides(bias))
         return Launch(_window_attn_fwd_kernel, grid, args, meta)
 
-    candidates = launch_candidates(head_dim, window[0] * window[1], backward=False)
+    candidates = launch_candidates(head_dim, math.prod(window), backward=False)
     launch = plan("window attention forward", candidates, build)
     if (launch.meta["BLOCK"] == candidates[0]["BLOCK"] and autotune_enabled()
             and not triton_interpreter_on()):
@@ -533,17 +578,14 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
 def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift,
                              scale: Union[float, torch.Tensor],
                              qk_norm: bool, k_pad, v_pad, roll_first: bool):
-    """Returns (out (B, H, W, heads, D) contiguous, lse (B, H, W, heads) float32)."""
+    """Returns (out shaped like q, contiguous; lse shaped like q without D, float32)."""
     if q.numel() == 0:
-        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:4], dtype=torch.float32)
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                q.new_empty(q.shape[:-1], dtype=torch.float32))
     variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
     launch, out, lse = forward_launch(q, k, v, bias, bias_kind, window, shift, variant)
     launch.run()
     return out, lse
-
-
-def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride()[:4]
 
 
 def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
@@ -567,14 +609,16 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                     pad_grad: bool = False):
     """(launches, buffers): the backward's kernels for the device, in the order they must
     run, not yet run: one kernel for windows of one block; for larger windows the dq kernel
-    (which also stores delta) then the dk/dv kernel. buffers: dq, dk, dv, and the partials of
-    the bias (one per run of windows), scale and pad gradients (None where not asked for)."""
-    batch, height, width, heads, head_dim = q.shape
-    geo = _geometry(q, window, shift)
-    tokens = window[0] * window[1]
-    shape = (batch, height, width, heads, head_dim)
-    dq, dk, dv = (torch.empty(shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    (which also stores delta) then the dk/dv kernel. buffers: dq, dk, dv (shaped like q), and
+    the partials of the bias (one per run of windows), scale and pad gradients (None where
+    not asked for)."""
+    heads, head_dim = q.shape[-2:]
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
+    window, shift, q, k, v, lse, grad_out, delta_v, dq_v, dk_v, dv_v = _volumes(
+        window, shift, q, k, v, lse, grad_out, delta, dq, dk, dv)
+    geo = _geometry(q, window, shift)
+    tokens = math.prod(window)
     buffers = {}
 
     def build(candidate: dict) -> Launch:
@@ -593,13 +637,12 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
         # Per window: a long run's sum would otherwise gather its rounding in one float.
         dscale = torch.empty((geo["n_windows"] * blocks, heads), **partial) if scale_grad else None
         dpad = torch.empty((runs * blocks, heads, 2, head_dim), **partial) if pad_grad else None
-        common = (geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_win_h"], geo["n_win_w"],
-                  geo["n_windows"], per_program, variant.scale_value,
-                  *_strides4(q), *_strides4(k), *_strides4(v), *lse.stride(),
-                  *_strides4(grad_out), *_strides4(dq), *_bias_strides(bias))
+        common = (*_geometry_args(geo, per_program, variant.scale_value),
+                  *_strides5(q), *_strides5(k), *_strides5(v), *lse.stride(),
+                  *_strides5(grad_out), *_strides5(dq_v), *_bias_strides(bias))
         buffers[candidate["BLOCK"]] = dbias, dscale, dpad, common
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
-                delta, dq, dk, dv, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
+                delta_v, dq_v, dk_v, dv_v, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
                 *common)
         return Launch(_window_attn_bwd_kernel, (runs * blocks, heads), args, meta)
 
@@ -610,7 +653,7 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
         meta = {name: value for name, value in launch.meta.items()
                 if name not in ("BIAS_GRAD", "SCALE_GRAD", "PAD_GRAD")}
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
-                dq, delta, *buffers[launch.meta["BLOCK"]][3])
+                dq_v, delta_v, *buffers[launch.meta["BLOCK"]][3])
         launches.insert(0, Launch(_window_attn_bwd_dq_kernel, launch.grid, args, meta))
     dbias, dscale, dpad, _ = buffers[launch.meta["BLOCK"]]
     if dbias is not None:
@@ -625,9 +668,9 @@ def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, wind
     dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32; each None
     when not asked for. No saved output is needed. Partials are summed in a fixed order:
     deterministic."""
-    heads, head_dim = q.shape[3], q.shape[4]
+    heads, head_dim = q.shape[-2:]
     if q.numel() == 0:
-        tokens = window[0] * window[1]
+        tokens = math.prod(window)
         zeros = functools.partial(q.new_zeros, dtype=torch.float32)
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 zeros((heads, tokens, tokens)) if bias_grad else None,

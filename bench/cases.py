@@ -23,7 +23,10 @@ CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups
 }
 ATTN_SHAPES = {  # (B, H, W, heads, D, window), table bias
     "quick": [(32, 56, 56, 4, 32, 7), (32, 28, 28, 8, 32, 7), (16, 28, 28, 10, 32, 7),
-              (64, 14, 14, 16, 32, 7), (32, 28, 28, 4, 64, 7), (32, 56, 56, 4, 32, 8)],
+              (64, 14, 14, 16, 32, 7), (32, 28, 28, 4, 64, 7), (32, 56, 56, 4, 32, 8),
+              # windows of several blocks: Swin V2-B at 384 (window 24, stage 1) and one
+              # whole-image window at SAM-B's global-attention shape
+              (32, 96, 96, 4, 32, 24), (4, 64, 64, 12, 64, 64)],
     "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8)],
 }
 DILATIONS = (1, 3, 6)

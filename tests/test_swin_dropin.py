@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
+from ultron_kernels.ops.window_attention import MAX_FUSED_WINDOW_TOKENS
 from helpers import assert_parity, assert_swapped_model_matches, backend_cases, randomise_constants
 
 timm = pytest.importorskip("timm")
@@ -164,8 +165,9 @@ def test_swapped_model_trains_under_ddp(tmp_path):
         dist.destroy_process_group()
 
 
-# Swin V2 at the fused kernels' window limit (16 x 16 = 256 tokens) and over it (24 x 24 =
-# 576, timm's swinv2_*_window12to24_192to384): (timm name, image size, window of stage 1).
+# Swin V2 at the CUDA kernels' window limit (16 x 16 = 256 tokens) and over it (24 x 24 =
+# 576, timm's swinv2_*_window12to24_192to384; Triton runs up to 4096): (timm name, image
+# size, window of stage 1).
 AT_THE_LIMIT = {"window16": ("swinv2_tiny_window16_256", 64, 16),
                 "window24": ("swinv2_base_window12to24_192to384", 96, 24)}
 
@@ -173,9 +175,9 @@ AT_THE_LIMIT = {"window16": ("swinv2_tiny_window16_256", 64, 16),
 @pytest.mark.parametrize("name", sorted(AT_THE_LIMIT))
 @pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
 def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
-    """A swapped model always runs: windows over the fused kernels' 256 tokens are left alone
-    on a fused backend, with the reason, and converted on the reference backend (which has no
-    token limit); either way the model computes what the untouched one does."""
+    """A swapped model always runs: windows over a fused backend's token limit are left alone
+    there, with the reason, and converted on the others (the reference has no limit); either
+    way the model computes what the untouched one does."""
     model_name, size, window = AT_THE_LIMIT[name]
 
     def build(size):
@@ -184,7 +186,7 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
 
     original, swapped = _original_and_copy(build, size)
     report = uk.swap_in(swapped, backend)
-    over = window * window > 256 and backend != "reference"
+    over = backend != "reference" and window * window > MAX_FUSED_WINDOW_TOKENS[backend]
     assert len(report.swapped) + len(report.skipped) == 4, str(report)
     reasons = [why for _, _, why in report.skipped]
     assert sum(f"window ({window}, {window}) has {window * window} tokens" in why for why in reasons) == \
@@ -194,3 +196,62 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
     else:
         assert len(report.swapped) == (2 if over else 4), str(report)
     _compare(swapped, original, size, torch.float64 if backend == "reference" else torch.float32)
+
+
+video_swin = pytest.importorskip("torchvision.models.video.swin_transformer")
+
+
+def small_video_swin():
+    """torchvision's SwinTransformer3d, two stages of two blocks, 4 x 4 x 4 windows."""
+    return video_swin.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=32, depths=[2, 2], num_heads=[1, 2],
+                                        window_size=[4, 4, 4], num_classes=10, stochastic_depth_prob=0.0)
+
+
+# (B, C, T, H, W) clips: divisible by the windows; not (every axis padded, shifted); and
+# smaller than the window on every axis of stage 2 (torchvision then shrinks the window and
+# takes the corner of the full window's bias: a dense bias here).
+CLIPS = {"divisible": (1, 3, 8, 32, 32), "padded": (1, 3, 6, 36, 44), "shrunk": (2, 3, 4, 16, 16)}
+
+
+@pytest.mark.parametrize("clip", sorted(CLIPS))
+@pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
+def test_video_swin_matches_torchvision(clip, device, backend):
+    """3D windows: the region mask over frames, rows and columns, the 3D bias table and
+    torchvision's pad-then-roll on every axis. The CUDA kernels take 2D windows: there the
+    blocks are left alone with the reason, and the model still computes torchvision's."""
+    torch.manual_seed(0)
+    original = randomise_constants(small_video_swin().eval())
+    swapped = copy.deepcopy(original)
+    keys = {k: v.shape for k, v in swapped.state_dict().items()}
+    report = uk.swap_in(swapped, backend)
+    assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
+    if backend == "cuda":
+        assert not report.swapped and len(report.skipped) == 4, str(report)
+        assert all("3D window (4, 4, 4)" in why for _, _, why in report.skipped), str(report)
+    else:
+        assert len(report.swapped) == 4 and not report.skipped, str(report)
+        assert all(kind.endswith("ShiftedWindowAttention3d (Video Swin)") for _, kind, _ in report.swapped)
+    torch.manual_seed(1)
+    assert_swapped_model_matches(swapped, original, torch.randn(CLIPS[clip]), torch.randn(CLIPS[clip][0], 10),
+                                 torch.float64 if backend == "reference" else torch.float32)
+
+
+def test_swin3d_t_matches_torchvision_and_loads_state_dicts_both_ways():
+    """The real swin3d_t (windows 8 x 7 x 7, shifts 4 x 3 x 3; random weights) on a clip
+    divisible by its windows and on one that is not, in float64; checkpoints load both ways."""
+    torch.manual_seed(0)
+    original = randomise_constants(video_swin.swin3d_t(num_classes=10).eval())
+    swapped = copy.deepcopy(original)
+    report = uk.swap_in(swapped, "reference")
+    assert len(report.swapped) == 12 and not report.skipped, str(report)
+    for clip in ((1, 3, 8, 64, 64), (1, 3, 6, 60, 52)):
+        torch.manual_seed(1)
+        assert_swapped_model_matches(swapped, original, torch.randn(clip), torch.randn(1, 10), torch.float64)
+    torch.manual_seed(2)
+    other = video_swin.swin3d_t(num_classes=10).eval().double()
+    swapped.load_state_dict(other.state_dict())
+    original.load_state_dict(swapped.state_dict())
+    x = torch.randn(1, 3, 4, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_parity("output after loading", swapped(x), other(x), torch.float64)
+        assert torch.equal(original(x), other(x))

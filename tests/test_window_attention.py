@@ -3,6 +3,7 @@ included), determinism, registration, bad input, the module, equality with timm'
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -21,18 +22,17 @@ FUSED_CASES = backend_cases(include_reference=False)
 
 
 def make_inputs(shape, heads, head_dim, window, bias_kind, dtype, device, packed=True):
-    b, h, w = shape
-    if packed:  # q, k, v as strided views of one (B, H, W, 3, heads, D) tensor
-        qkv = torch.randn(b, h, w, 3, heads, head_dim, device=device, dtype=dtype)
-        q, k, v = qkv.unbind(3)
+    """shape: (B, H, W) with a 2D window or (B, T, H, W) with a 3D one."""
+    if packed:  # q, k, v as strided views of one (..., 3, heads, D) tensor
+        qkv = torch.randn(*shape, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.unbind(-3)
     else:
-        q, k, v = (torch.randn(b, h, w, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-    wh, ww = window
+        q, k, v = (torch.randn(*shape, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
     bias = None
     if bias_kind == "table":
-        bias = torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=device, dtype=torch.float32)
+        bias = torch.randn(math.prod(2 * w - 1 for w in window), heads, device=device, dtype=torch.float32)
     elif bias_kind == "dense":
-        bias = torch.randn(heads, wh * ww, wh * ww, device=device, dtype=torch.float32)
+        bias = torch.randn(heads, math.prod(window), math.prod(window), device=device, dtype=torch.float32)
     return q, k, v, bias
 
 
@@ -43,7 +43,7 @@ def check_case(device, backend, shape, heads, head_dim, window, shift, bias_kind
     if bias is not None:
         leaves.append(bias.requires_grad_())
     q_in, k_in, v_in = (leaves[:3] if not packed else
-                        torch.stack(leaves[:3], 3).unbind(3))  # keep the packed strides
+                        torch.stack(leaves[:3], -3).unbind(-3))  # keep the packed strides
     with poisoned_outputs():
         out = uk.window_attention(q_in, k_in, v_in, window, shift, bias, backend=backend)
     assert out.dtype == dtype and out.is_contiguous()
@@ -103,29 +103,48 @@ def test_parity_half(device, backend, dtype, shape, window, shift, bias_kind, he
 @pytest.mark.parametrize("shape,window,shift,bias_kind,dtype", [
     ((1, 30, 20, 1), (13, 17), (6, 8), "table", torch.float32),   # 221 tokens: 4 blocks, last partial; padded
     ((1, 15, 19, 2), (13, 17), (0, 8), "dense", torch.bfloat16),
-    ((1, 24, 40, 2), (24, 24), (12, 12), "table", torch.float32),  # Swin V2 at 384: 576 tokens
+    ((1, 24, 40, 1), (24, 24), (12, 12), "table", torch.float32),  # Swin V2 at 384: 576 tokens
     ((1, 24, 24, 1), (24, 24), (0, 0), "dense", torch.bfloat16),
 ], ids=lambda v: str(v).replace(" ", ""))
 def test_windows_of_several_blocks(device, backend, shape, window, shift, bias_kind, dtype):
     """Windows over one tile: the online softmax over key blocks, the dq kernel's two passes
     (delta, then dq), the bias-gradient partials of a run, the last block partial, padding
     and shifts. A backend that cannot run the window names its limit instead."""
-    b, h, w, heads = shape
+    check_case_or_named_limit(device, backend, shape, window, shift, bias_kind, dtype)
+
+
+def check_case_or_named_limit(device, backend, shape, window, shift, bias_kind, dtype):
+    """check_case with head_dim 16 (shape: the grid, then heads); a backend that cannot run
+    the window must raise with the reason fused_shape_reason gives."""
+    *grid, heads = shape
     reason = fused_shape_reason(backend, window, 16, torch.device(device))
     if reason is not None:
         with pytest.raises(uk.BackendUnavailableError, match=re.escape(reason)):
-            check_case(device, backend, (b, h, w), heads, 16, window, shift, bias_kind, dtype)
+            check_case(device, backend, tuple(grid), heads, 16, window, shift, bias_kind, dtype)
         return
-    check_case(device, backend, (b, h, w), heads, 16, window, shift, bias_kind, dtype)
+    check_case(device, backend, tuple(grid), heads, 16, window, shift, bias_kind, dtype)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("shape,window,shift,bias_kind,dtype", [
+    ((1, 5, 9, 11, 2), (3, 4, 4), (1, 2, 2), "table", torch.float32),  # padded and shifted on every axis
+    ((2, 4, 8, 8, 1), (2, 4, 4), (0, 2, 2), "dense", torch.bfloat16),  # no shift in time
+    ((1, 6, 9, 8, 1), (4, 7, 7), (2, 3, 3), "table", torch.float32),   # Video Swin's shrunk (4, 7, 7): 4 blocks
+    ((1, 3, 5, 6, 2), (3, 5, 6), (0, 0, 0), None, torch.float16),      # one window, no bias
+], ids=lambda v: str(v).replace(" ", ""))
+def test_3d_windows(device, backend, shape, window, shift, bias_kind, dtype):
+    """(B, T, H, W, heads, D) with (wt, wh, ww) windows: frames, rows and columns in the
+    index math, the 27-region shift mask, torchvision's 3D table."""
+    check_case_or_named_limit(device, backend, shape, window, shift, bias_kind, dtype)
 
 
 @pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "cuda"])
 def test_whole_image_window(device, backend):
     """Global attention as one window over the whole grid, with a relative position table:
-    SAM's 64 x 64 (4096 tokens, the Triton kernels' limit) on a GPU; a padded 30 x 40 grid
-    in a 32 x 40 window (1280 tokens, 20 blocks) in the interpreter, where 4096 tokens take
+    SAM's 64 x 64 (4096 tokens, the Triton kernels' limit) on a GPU; a padded 30 x 20 grid
+    in a 32 x 20 window (640 tokens, 10 blocks) in the interpreter, where 4096 tokens take
     three minutes."""
-    grid, window = ((64, 64), (64, 64)) if device == "cuda" else ((30, 40), (32, 40))
+    grid, window = ((64, 64), (64, 64)) if device == "cuda" else ((30, 20), (32, 20))
     check_case(device, backend, (1, *grid), 1, 16, window, (0, 0), "table", torch.float32)
 
 
@@ -262,7 +281,19 @@ def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
     (lambda a: a.update(window_size=65, rel_pos_bias=None, backend="triton"), uk.BackendUnavailableError,
      r"window \(65, 65\) has 4225 tokens; the triton kernels run windows of at most 4096"),
     (lambda a: a.update(window_size=0), ValueError, "window_size must be >= 1"),
-    (lambda a: a.update(window_size=(4, 4, 4)), TypeError, "window_size must be an int or a pair"),
+    (lambda a: a.update(window_size=(4, 4, 4)), TypeError,
+     r"window_size must be an int or a pair of ints \(wh, ww\) for \(B, H, W, heads, D\) tensors, got \(4, 4, 4\)"),
+    (lambda a: a.update(q=a["q"][:, None], k=a["k"][:, None], v=a["v"][:, None], window_size=(4, 4)), TypeError,
+     r"window_size must be an int or 3 ints \(wt, wh, ww\) for \(B, T, H, W, heads, D\) tensors"),
+    (lambda a: a.update(q=a["q"][:, None], k=a["k"][:, None], v=a["v"][:, None], window_size=(1, 4, 4),
+                        shift_size=(0, 2)), TypeError, "shift_size must be an int or 3 ints"),
+    (lambda a: a.update(q=a["q"][:, None], k=torch.randn(1, 2, 8, 8, 2, 16), v=a["v"][:, None],
+                        window_size=(1, 4, 4)), ValueError, r"k has shape \(1, 2, 8, 8, 2, 16\)"),
+    (lambda a: a.update(q=a["q"][:, None], k=a["k"][:, None], v=a["v"][:, None], window_size=(2, 4, 4),
+                        shift_size=(2, 0, 0)), ValueError, r"shift_size must satisfy 0 <= shift < window"),
+    (lambda a: a.update(q=a["q"][:, None], k=a["k"][:, None], v=a["v"][:, None], window_size=(2, 4, 4)),
+     ValueError, r"rel_pos_bias: expected a table of shape \(147, 2\)"),
+    (lambda a: a.update(q=torch.randn(1, 1, 1, 8, 8, 2, 16)), ValueError, "q: expected a 5-D"),
     (lambda a: a.update(shift_size=4), ValueError, "shift_size must satisfy"),
     (lambda a: a.update(shift_size=-1), ValueError, "shift_size must satisfy"),
     (lambda a: a.update(rel_pos_bias=torch.randn(48, 2)), ValueError, "rel_pos_bias: expected a table"),

@@ -143,7 +143,7 @@ def test_variant_parity_float32(device, backend, shape, window, shift, qk_norm, 
 
 @pytest.mark.parametrize("device,backend", FUSED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape,window,shift,qk_norm,pad,roll_first", [VARIANTS[0], VARIANTS[1], VARIANTS[6]],
+@pytest.mark.parametrize("shape,window,shift,qk_norm,pad,roll_first", [VARIANTS[0], VARIANTS[1], VARIANTS[5]],
                          ids=lambda v: str(v).replace(" ", ""))
 def test_variant_parity_half(device, backend, dtype, shape, window, shift, qk_norm, pad, roll_first):
     check_variant(device, backend, shape, window, shift, dtype, qk_norm, pad, roll_first)
@@ -157,7 +157,7 @@ def test_half_gradients_without_saved_output(device, backend, window, grid):
     scale gradient's cancelling sum (3x and 10x eager bf16's error in 2 of 40 draws of Swin
     V2's options). On fresh bf16 draws, against the exact float64 gradients (no model of the
     kernel's roundings), every gradient is within the tolerances or twice eager's error."""
-    for draw in range(8):
+    for draw in range(8 if window == (4, 4) else 4):
         leaves = make_leaves((1, *grid, 2, 16), window, torch.bfloat16, device)
         out = call(uk.window_attention, leaves, window, (2, 1), True, True, backend=backend)
         grad_out = torch.randn_like(out)

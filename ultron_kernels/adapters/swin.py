@@ -69,20 +69,20 @@ def grid_attention(x: torch.Tensor, weight: torch.Tensor, qkv_bias: Optional[tor
                    heads: int, window, shift, table: Optional[torch.Tensor],
                    scale: Union[float, torch.Tensor], backend: str, *, qk_norm: bool = False,
                    shift_order: str = "pad_then_roll") -> torch.Tensor:
-    """(B, H, W, C) -> (B, H, W, heads * head_dim): the qkv projection on the grid, then
-    shifted-window attention in one op (the roll, partition and reverse are index arithmetic
-    inside it; q, k and v are views of the projection).
+    """(B, H, W, C) or (B, T, H, W, C) -> the same with heads * head_dim channels: the qkv
+    projection on the grid, then shifted-window attention in one op (the roll, partition and
+    reverse are index arithmetic inside it; q, k and v are views of the projection).
 
     The libraries pad the grid with zeros before the projection, so their padded keys and
     values are the projection's bias (zero without one) and are not masked: pad_kv repeats
     that on grids not divisible by the window."""
-    batch, height, width, _ = x.shape
-    q, k, v = F.linear(x, weight, qkv_bias).view(batch, height, width, 3, heads, -1).unbind(3)
+    grid = x.shape[:-1]
+    q, k, v = F.linear(x, weight, qkv_bias).view(*grid, 3, heads, -1).unbind(-3)
     pad_kv = None
-    if height % window[0] or width % window[1]:
+    if any(size % w for size, w in zip(grid[1:], window)):
         bias = qkv_bias if qkv_bias is not None else weight.new_zeros(weight.shape[0])
         _, k_pad, v_pad = bias.view(3, heads, -1).unbind(0)
         pad_kv = (k_pad, v_pad)
     out = window_attention(q, k, v, tuple(window), tuple(shift), table, scale, qk_norm=qk_norm,
                            pad_kv=pad_kv, shift_order=shift_order, backend=backend)
-    return out.reshape(batch, height, width, -1)
+    return out.reshape(*grid, -1)

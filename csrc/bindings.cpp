@@ -44,10 +44,10 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
   m.def("grouped_dwconv2d_bwd(Tensor grad_out, Tensor x, Tensor weight, int[] groups, int stride) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
-        "int[] window, int[] shift, Tensor scale, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
+        "int[] window, int[] shift, Tensor? scale, float scale_value, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
         "bool roll_first) -> (Tensor, Tensor)");
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor? bias, int bias_kind, int[] window, int[] shift, Tensor scale, "
+        "Tensor lse, Tensor? bias, int bias_kind, int[] window, int[] shift, Tensor? scale, float scale_value, "
         "bool qk_norm, Tensor? k_pad, Tensor? v_pad, bool roll_first, bool bias_grad, "
         "bool scale_grad, bool pad_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 #ifdef ULTRON_KERNELS_CUDA_ARCHS

@@ -105,18 +105,17 @@ def attention_case(shape, heads, head_dim, window, shift, dtype, bias_kind="tabl
     elif bias_kind == "dense":
         bias = torch.randn(heads, wh * ww, wh * ww)
     scale = head_dim ** -0.5
-    scales = torch.full((heads,), scale)
     grad_out = torch.randn(b, h, w, heads, head_dim, dtype=dtype)
 
     def run():
         with poisoned_outputs():
             if raw:
                 kind = {"table": 1, "dense": 2, None: 0}[bias_kind]
-                out, lse = sim_ops().window_attention_fwd(q, k, v, bias, kind, list(window), list(shift), scales,
-                                                          False, None, None, False)
+                out, lse = sim_ops().window_attention_fwd(q, k, v, bias, kind, list(window), list(shift), None,
+                                                          scale, False, None, None, False)
                 dq, dk, dv, *_ = sim_ops().window_attention_bwd(grad_out, q, k, v, out, lse, bias, kind,
-                                                               list(window), list(shift), scales, False, None,
-                                                               None, False, False, False, False)
+                                                               list(window), list(shift), None, scale, False,
+                                                               None, None, False, False, False, False)
                 return out, (dq, dk, dv)
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             out = uk.window_attention(*leaves, window, shift, bias, backend="cuda")
@@ -251,7 +250,7 @@ def _attn_fwd(**change):
                 scale=torch.full((2,), 0.25), k_pad=None, v_pad=None)
     args.update(change)
     return sim_ops().window_attention_fwd(args["q"], args["k"], args["v"], args["bias"], args["bias_kind"],
-                                          args["window"], args["shift"], args["scale"], False, args["k_pad"],
+                                          args["window"], args["shift"], args["scale"], 0.0, False, args["k_pad"],
                                           args["v_pad"], False)
 
 

@@ -217,20 +217,15 @@ CLIPS = {"divisible": (1, 3, 8, 32, 32), "padded": (1, 3, 6, 36, 44), "shrunk": 
 @pytest.mark.parametrize("device,backend", backend_cases(devices=("cpu",)))
 def test_video_swin_matches_torchvision(clip, device, backend):
     """3D windows: the region mask over frames, rows and columns, the 3D bias table and
-    torchvision's pad-then-roll on every axis. The CUDA kernels take 2D windows: there the
-    blocks are left alone with the reason, and the model still computes torchvision's."""
+    torchvision's pad-then-roll on every axis, on every backend."""
     torch.manual_seed(0)
     original = randomise_constants(small_video_swin().eval())
     swapped = copy.deepcopy(original)
     keys = {k: v.shape for k, v in swapped.state_dict().items()}
     report = uk.swap_in(swapped, backend)
     assert {k: v.shape for k, v in swapped.state_dict().items()} == keys
-    if backend == "cuda":
-        assert not report.swapped and len(report.skipped) == 4, str(report)
-        assert all("3D window (4, 4, 4)" in why for _, _, why in report.skipped), str(report)
-    else:
-        assert len(report.swapped) == 4 and not report.skipped, str(report)
-        assert all(kind.endswith("ShiftedWindowAttention3d (Video Swin)") for _, kind, _ in report.swapped)
+    assert len(report.swapped) == 4 and not report.skipped, str(report)
+    assert all(kind.endswith("ShiftedWindowAttention3d (Video Swin)") for _, kind, _ in report.swapped)
     torch.manual_seed(1)
     assert_swapped_model_matches(swapped, original, torch.randn(CLIPS[clip]), torch.randn(CLIPS[clip][0], 10),
                                  torch.float64 if backend == "reference" else torch.float32)

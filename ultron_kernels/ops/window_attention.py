@@ -86,20 +86,12 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
         return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift),
                                         _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad,
                                         roll_first)
-    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift,
-                                                         _scale_tensor(q, scale, scale_value),
-                                                         qk_norm, k_pad, v_pad, roll_first)
+    return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale,
+                                                         scale_value, qk_norm, k_pad, v_pad, roll_first)
 
 
 def _triton_scale(scale: Optional[torch.Tensor], scale_value: float):
     return scale_value if scale is None else scale
-
-
-def _scale_tensor(q: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float) -> torch.Tensor:
-    """The CUDA kernels read a (heads,) float32 scale in every case."""
-    if scale is not None:
-        return scale
-    return torch.full((q.shape[-2],), scale_value, dtype=torch.float32, device=q.device)
 
 
 @_fused_forward.register_fake
@@ -129,9 +121,8 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             scale_grad, pad_grad)
     else:
         grads = _cuda.cuda_ops(q.device).window_attention_bwd(
-            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift,
-            _scale_tensor(q, scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
-            scale_grad, pad_grad)
+            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+            k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
     dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
 
     def none():  # a gradient not asked for; outputs may not alias each other
@@ -218,7 +209,7 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pa
     kind = BIAS_NONE
     if rel_pos_bias is not None:
         check_tensor("rel_pos_bias", rel_pos_bias)
-        table_shape = (math.prod(2 * w - 1 for w in window), heads)
+        table_shape = (math.prod([2 * w - 1 for w in window]), heads)
         dense_shape = (heads, tokens, tokens)
         if tuple(rel_pos_bias.shape) == table_shape:
             kind = BIAS_TABLE
@@ -286,8 +277,6 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
         return None
     if head_dim not in FUSED_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"
-    if backend == "cuda" and len(window) == 3:
-        return f"3D window {tuple(window)}: the CUDA kernels take 2D windows (3D runs on triton)"
     tokens = math.prod(window)
     if tokens > MAX_FUSED_WINDOW_TOKENS[backend]:
         return (f"window {tuple(window)} has {tokens} tokens; the {backend} kernels run windows of "

@@ -1,0 +1,251 @@
+// Window attention on CUDA cores (SIMT), forward and backward: float32 and the windows the
+// tensor-core kernels do not take. One block per run of windows and one head; the window's
+// K and V (backward: Q, K, V, dO, P, dS) as float rows in shared memory, plain FMA. Its
+// shared-memory loads per FMA make it several times slower than the tensor-core path: the
+// fallback, not the fast path.
+#pragma once
+
+#include "device_helpers.cuh"
+
+#include <cfloat>
+
+namespace ultron {
+namespace {
+
+constexpr int kFwdThreads = 128;
+constexpr int kBwdThreads = 256;
+
+// A window's rows -> shared memory (float); padding rows take pad_row (the head's pad
+// vector) when given, else zeros.
+template <typename T>
+__device__ void load_rows(float* dst, const T* src, const Strides& s, const Geometry& g,
+                          int64_t window, int head, const T* pad_row = nullptr) {
+  const int ld = g.head_dim + 1;  // +1 float per row: column reads hit distinct banks
+  for (int e = threadIdx.x; e < g.tokens * g.head_dim; e += blockDim.x) {
+    const int t = e / g.head_dim, d = e % g.head_dim;
+    const Token tok = token_of(g, window, t);
+    dst[t * ld + d] = tok.real ? static_cast<float>(src[offset(s, tok, head) + d])
+                               : (pad_row != nullptr ? static_cast<float>(pad_row[d]) : 0.f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, Options<T> opt) {
+  ULTRON_DYNAMIC_SMEM(float, smem);
+  const int n = g.tokens, dim = g.head_dim, ld = dim + 1;
+  float* ks = smem;
+  float* vs = ks + n * ld;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  float* probs = vs + n * ld + warp * (n + dim);
+  float* qrow = probs + n;
+  const int64_t window = blockIdx.x;
+  const int head = blockIdx.y;
+  const float scale = head_scale(opt, head);
+  load_rows(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
+  load_rows(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
+  __syncthreads();
+  if (g.qk_norm) {  // the key rows, normalised in place
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      float sum = 0.f;
+      for (int d = 0; d < dim; ++d) sum += ks[t * ld + d] * ks[t * ld + d];
+      const float r = 1.f / fmaxf(sqrtf(sum), kNormEps);
+      for (int d = 0; d < dim; ++d) ks[t * ld + d] *= r;
+    }
+    __syncthreads();
+  }
+  for (int i = warp; i < n; i += warps) {
+    const Token ti = token_of(g, window, i);
+    if (!ti.real) continue;  // warp-uniform: padded queries have no output
+    float sum = 0.f;
+    for (int d = lane; d < dim; d += 32) {
+      qrow[d] = static_cast<float>(q[offset(sq, ti, head) + d]);
+      sum += qrow[d] * qrow[d];
+    }
+    if (g.qk_norm) {
+      const float r = 1.f / fmaxf(sqrtf(warp_sum(sum)), kNormEps);
+      for (int d = lane; d < dim; d += 32) qrow[d] *= r;
+    }
+    __syncwarp();
+    float row_max = -FLT_MAX;
+    for (int j = lane; j < n; j += 32) {
+      const Token tj = token_of(g, window, j);
+      float s = -INFINITY;
+      if (is_key(g, tj) && tj.region == ti.region) {
+        float dot = 0.f;
+        for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
+        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti.pos, tj.pos);
+      }
+      probs[j] = s;
+      row_max = fmaxf(row_max, s);
+    }
+    row_max = warp_max(row_max);  // -FLT_MAX when every key is masked
+    float row_sum = 0.f;
+    for (int j = lane; j < n; j += 32) {
+      const float p = __expf(probs[j] - row_max);  // exp(-inf) = 0 for masked keys
+      probs[j] = p;
+      row_sum += p;
+    }
+    row_sum = warp_sum(row_sum);
+    __syncwarp();
+    // A row whose every key is masked (a -inf bias) has output 0 and lse -inf, on every
+    // backend; its gradients are 0.
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    for (int d = lane; d < dim; d += 32) {
+      float acc = 0.f;
+      for (int j = 0; j < n; ++j) acc += probs[j] * vs[j * ld + d];
+      out[offset(so, ti, head) + d] = static_cast<T>(acc * inv);
+    }
+    if (lane == 0) lse[offset(sl, ti, head)] = row_max + logf(row_sum);
+    __syncwarp();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
+    const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
+    T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
+    Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, Options<T> opt,
+    ExtraGrads extra, int64_t windows, int windows_per_block) {
+  ULTRON_DYNAMIC_SMEM(float, smem);
+  const int n = g.tokens, dim = g.head_dim, ld = dim + 1, lp = n + 1;
+  const bool extras = g.qk_norm || extra.dscale != nullptr;
+  float* qs = smem;
+  float* ks = qs + n * ld;
+  float* vs = ks + n * ld;
+  float* dos = vs + n * ld;
+  float* ps = dos + n * ld;
+  float* dss = ps + n * lp;
+  float* dcs = dss + n * lp;          // dS_ij C_ij, n x lp, only with extras
+  float* row_lse = dcs + (extras ? n * lp : 0);
+  float* row_delta = row_lse + n;
+  const RowExtras rx(row_delta + n, n);  // 6n floats, only with extras
+  float* dbias = row_delta + n + (extras ? 6 * n : 0);  // n*n, only when dbias_partial != nullptr
+  const int head = blockIdx.y;
+  const float scale = head_scale(opt, head);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (dbias_partial != nullptr)
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
+  float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
+  const int64_t last = min(first + windows_per_block, windows);
+  for (int64_t window = first; window < last; ++window) {
+    load_rows(qs, q, sq, g, window, head);
+    load_rows(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
+    load_rows(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
+    load_rows(dos, grad_out, sdo, g, window, head);
+    for (int i = warp; i < n; i += warps) {  // delta_i = dO_i . O_i
+      const Token ti = token_of(g, window, i);
+      float acc = 0.f;
+      if (ti.real)
+        for (int d = lane; d < dim; d += 32)
+          acc += static_cast<float>(grad_out[offset(sdo, ti, head) + d]) *
+                 static_cast<float>(out[offset(so, ti, head) + d]);
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        row_delta[i] = acc;
+        row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+      }
+    }
+    __syncthreads();
+    if (g.qk_norm) {  // float rows: normalised in place
+      row_inverse_norms(qs, ld, n, dim, rx.inv_q, rx.live_q, float_of);
+      row_inverse_norms(ks, ld, n, dim, rx.inv_k, rx.live_k, float_of);
+      scale_rows(qs, ld, n, dim, rx.inv_q, float_of, float_of);
+      scale_rows(ks, ld, n, dim, rx.inv_k, float_of, float_of);
+      __syncthreads();
+    }
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+      const int i = e / n, j = e % n;
+      const Token ti = token_of(g, window, i), tj = token_of(g, window, j);
+      float p = 0.f, ds = 0.f, c = 0.f;
+      if (ti.real && is_key(g, tj) && ti.region == tj.region) {
+        float dp = 0.f;
+        for (int d = 0; d < dim; ++d) {
+          c += qs[i * ld + d] * ks[j * ld + d];
+          dp += dos[i * ld + d] * vs[j * ld + d];
+        }
+        const float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, ti.pos, tj.pos);
+        if (s > -INFINITY) {  // a -inf bias masks the pair (lse may be -inf too)
+          p = __expf(s - row_lse[i]);
+          ds = p * (dp - row_delta[i]);
+        }
+      }
+      ps[i * lp + j] = p;
+      dss[i * lp + j] = ds;
+      if (extras) dcs[i * lp + j] = ds * c;
+      if (dbias_partial != nullptr) dbias[e] += ds;  // each (i, j) has one owner thread
+    }
+    __syncthreads();
+    if (extras) {  // row and column sums of dS * C, each by one thread in a fixed order
+      for (int t = threadIdx.x; t < n; t += blockDim.x) {
+        float row = 0.f, col = 0.f;
+        for (int u = 0; u < n; ++u) {
+          row += dcs[t * lp + u];
+          col += dcs[u * lp + t];
+        }
+        rx.dc_q[t] = row;
+        rx.dc_k[t] = col;
+      }
+      __syncthreads();
+      if (extra.dscale != nullptr && threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int t = 0; t < n; ++t) sum += rx.dc_q[t];
+        extra.dscale[window * gridDim.y + head] = sum;
+      }
+    }
+    // The gradients of query row t and key row t at column d.
+    auto query_grad = [&](int t, int d) {
+      float gq = 0.f;
+      for (int j = 0; j < n; ++j) gq += dss[t * lp + j] * ks[j * ld + d];
+      return scale * (g.qk_norm ? through_norm(gq, qs[t * ld + d], rx.inv_q[t], rx.live_q[t], rx.dc_q[t]) : gq);
+    };
+    auto key_grads = [&](int t, int d, float& gk, float& gv) {
+      gk = 0.f;
+      gv = 0.f;
+      for (int i = 0; i < n; ++i) {
+        gk += dss[i * lp + t] * qs[i * ld + d];
+        gv += ps[i * lp + t] * dos[i * ld + d];
+      }
+      gk = scale * (g.qk_norm ? through_norm(gk, ks[t * ld + d], rx.inv_k[t], rx.live_k[t], rx.dc_k[t]) : gk);
+    };
+    for (int e = threadIdx.x; e < n * dim; e += blockDim.x) {
+      const int t = e / dim, d = e % dim;
+      const Token tt = token_of(g, window, t);
+      if (!tt.real) continue;
+      float gk, gv;
+      key_grads(t, d, gk, gv);
+      const int64_t o = offset(sgrad, tt, head) + d;
+      dq[o] = static_cast<T>(query_grad(t, d));
+      dk[o] = static_cast<T>(gk);
+      dv[o] = static_cast<T>(gv);
+    }
+    if (extra.dpad != nullptr && threadIdx.x < dim) {  // padding keys all hold the pad vectors
+      for (int t = 0; t < n; ++t) {
+        const Token tt = token_of(g, window, t);
+        if (tt.real || !tt.inside) continue;
+        float gk, gv;
+        key_grads(t, threadIdx.x, gk, gv);
+        dk_pad_run += gk;
+        dv_pad_run += gv;
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t partial = static_cast<int64_t>(blockIdx.x) * gridDim.y + head;
+  if (dbias_partial != nullptr) {
+    float* dst = dbias_partial + partial * n * n;
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) dst[e] = dbias[e];
+  }
+  if (extra.dpad != nullptr && threadIdx.x < dim) {
+    extra.dpad[partial * 2 * dim + threadIdx.x] = dk_pad_run;
+    extra.dpad[partial * 2 * dim + dim + threadIdx.x] = dv_pad_run;
+  }
+}
+
+}  // namespace
+}  // namespace ultron

@@ -21,13 +21,15 @@ CONV_SHAPES = {  # (B, C, H, W), kernel 3, dilations 1/3/6 over 3 equal groups
     "quick": [(32, 96, 56, 56), (32, 192, 28, 28), (16, 64, 128, 128), (16, 128, 64, 64)],
     "tiny": [(2, 12, 16, 16), (1, 6, 9, 11)],
 }
-ATTN_SHAPES = {  # (B, H, W, heads, D, window), table bias
+ATTN_SHAPES = {  # (B, H, W, heads, D, window) or (B, T, H, W, heads, D, (wt, wh, ww)), table bias
     "quick": [(32, 56, 56, 4, 32, 7), (32, 28, 28, 8, 32, 7), (16, 28, 28, 10, 32, 7),
               (64, 14, 14, 16, 32, 7), (32, 28, 28, 4, 64, 7), (32, 56, 56, 4, 32, 8),
               # windows of several blocks: Swin V2-B at 384 (window 24, stage 1) and one
               # whole-image window at SAM-B's global-attention shape
-              (32, 96, 96, 4, 32, 24), (4, 64, 64, 12, 64, 64)],
-    "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8)],
+              (32, 96, 96, 4, 32, 24), (4, 64, 64, 12, 64, 64),
+              # Video Swin (swin3d_t stage 1, a B8 16x224x224 clip)
+              (8, 8, 56, 56, 3, 32, (8, 7, 7))],
+    "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8), (1, 4, 8, 8, 1, 16, (2, 4, 4))],
 }
 DILATIONS = (1, 3, 6)
 # timm modules whose split + depthwise convs + cat becomes one grouped depthwise conv: (label,
@@ -130,31 +132,37 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
     shapes, so that its rows compare with the plain ones."""
     cases = []
     backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
-    for b, h, w, heads, d, window in shapes:
-        n = window * window
+    for b, *grid, heads, d, window in shapes:
+        window = tuple(window) if isinstance(window, tuple) else (window, window)
+        n = math.prod(window)
         elt = torch.tensor([], dtype=dtype).element_size()
-        act = b * h * w * heads * d * elt
+        act = b * math.prod(grid) * heads * d * elt
 
-        def make(b=b, h=h, w=w, heads=heads, d=d, window=window):
-            qkv = torch.randn(b, h, w, 3, heads, d, device=device, dtype=dtype)
-            table = torch.randn((2 * window - 1) ** 2, heads, device=device, dtype=torch.float32) * 0.1
+        def make(b=b, grid=tuple(grid), heads=heads, d=d, window=window):
+            qkv = torch.randn(b, *grid, 3, heads, d, device=device, dtype=dtype)
+            table = torch.randn(math.prod([2 * w - 1 for w in window]), heads, device=device,
+                                dtype=torch.float32) * 0.1
             extra = [torch.full((heads,), 10.0, device=device)] if cosine else []  # exp(log 10)
-            return [t.requires_grad_() for t in (*qkv.unbind(3), table, *extra)]
+            return [t.requires_grad_() for t in (*qkv.unbind(-3), table, *extra)]
 
         op = "window_attention cosine" if cosine else "window_attention"
-        case = Case(op, f"B{b} {h}x{w} h{heads} d{d} w{window}", dtype, "-", 4 * act, 12 * act)
+        label = f"B{b} {'x'.join(map(str, grid))} h{heads} d{d} w{'x'.join(map(str, window))}"
+        case = Case(op, label, dtype, "-", 4 * act, 12 * act)
         case.inputs = [[t.detach().requires_grad_() for t in s]
                        for s in _input_sets(make, 3 * act, device)]
 
         # Shape values are bound as defaults: the variants run after this loop has moved on.
         def eager(q, k, v, table, scale=None, window=window, d=d):
-            return window_attention_reference(q, k, v, (window, window), (0, 0), table,
+            return window_attention_reference(q, k, v, window, (0,) * len(window), table,
                                               d ** -0.5 if scale is None else scale, cosine)
 
         def partition(t, window=window, n=n):
-            bb, hh, ww, nh, dd = t.shape
-            t = t.reshape(bb, hh // window, window, ww // window, window, nh, dd)
-            return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, nh, n, dd)
+            """(B, *grid, heads, D) -> (B * windows, heads, N, D)."""
+            grid, axes = t.shape[1:-2], len(window)
+            split = [size for g, w in zip(grid, window) for size in (g // w, w)]
+            t = t.reshape(t.shape[0], *split, *t.shape[-2:])
+            order = [0, *range(1, 2 * axes, 2), 2 * axes + 1, *range(2, 2 * axes + 1, 2), 2 * axes + 2]
+            return t.permute(order).reshape(-1, t.shape[-2], n, t.shape[-1])
 
         def queries_keys(q, k, scale, d=d):
             """Partitioned q (scaled) and k, and the scale SDPA/flex then apply."""
@@ -164,7 +172,7 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
             return q * scale.view(-1, 1, 1).to(q.dtype), k, 1.0
 
         def sdpa(q, k, v, table, scale=None, window=window, heads=heads):
-            bias = dense_bias(table, (window, window), heads).to(q.dtype)[None]
+            bias = dense_bias(table, window, heads).to(q.dtype)[None]
             q, k, factor = queries_keys(q, k, scale)
             out = F.scaled_dot_product_attention(q, k, partition(v), attn_mask=bias, scale=factor)
             return out  # kept partitioned: the reverse copy would only add to the peer's time
@@ -180,7 +188,7 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
                 def flex_peer(q, k, v, table, scale=None, window=window, heads=heads):
                     # Compiled as a whole (score_mod included), as FlexAttention is meant to
                     # be used: one graph, no recompilation per call.
-                    bias = dense_bias(table, (window, window), heads)
+                    bias = dense_bias(table, window, heads)
 
                     def score_mod(score, bi, hi, qi, ki):
                         return score + bias[hi, qi, ki]

@@ -139,7 +139,7 @@ def kernel_lines(log, kernel):
 def test_attention_tensor_core_path(dtype, row_pad):
     log = attention_case((2, 9, 11), 2, 16, (7, 7), (3, 2), dtype, "dense", row_pad=row_pad)
     t = TYPE_NAMES[dtype]
-    assert kernel_lines(log, f"window_attn_fwd_tc_kernel<{t}>") and kernel_lines(log, f"window_attn_bwd_tc_kernel<{t}>"), log
+    assert kernel_lines(log, f"window_attn_fwd_tc_kernel<{t}, false>") and kernel_lines(log, f"window_attn_bwd_tc_kernel<{t}, false>"), log
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
@@ -148,7 +148,7 @@ def test_attention_simt_path(dtype):
     window = (3, 5) if dtype == torch.float32 else (12, 12)
     log = attention_case((1, 13, 12), 2, 16, window, (1, 2), dtype)
     t = TYPE_NAMES[dtype]
-    assert kernel_lines(log, f"window_attn_fwd_kernel<{t}>") and kernel_lines(log, f"window_attn_bwd_kernel<{t}>"), log
+    assert kernel_lines(log, f"window_attn_fwd_kernel<{t}, false>") and kernel_lines(log, f"window_attn_bwd_kernel<{t}, false>"), log
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
@@ -160,7 +160,7 @@ def test_attention_runs_of_windows_per_block(dtype, monkeypatch):
     bwd = [line for line in log if line.startswith("window_attn_bwd")]
     assert bwd and all(grid_x(line) == 4 for line in bwd), log
     if dtype != torch.float32:
-        fwd = kernel_lines(log, f"window_attn_fwd_tc_kernel<{TYPE_NAMES[dtype]}>")
+        fwd = kernel_lines(log, f"window_attn_fwd_tc_kernel<{TYPE_NAMES[dtype]}, false>")
         assert fwd and grid_x(fwd[0]) == 4, log
 
 
@@ -171,7 +171,7 @@ def test_raw_op_tensor_cores_any_multiple_of_16(head_dim, dtype):
     powers of two only; head_dim 48/80/96/112 reached them through a direct C++ call and
     corrupted memory. Any multiple of 16 is now exact, on the tensor-core path."""
     log = attention_case((1, 8, 9), 1, head_dim, (4, 4), (2, 2), dtype, raw=True)
-    assert kernel_lines(log, f"window_attn_fwd_tc_kernel<{TYPE_NAMES[dtype]}>"), log
+    assert kernel_lines(log, f"window_attn_fwd_tc_kernel<{TYPE_NAMES[dtype]}, false>"), log
 
 
 def test_no_tensor_cores_before_sm80(monkeypatch):
@@ -180,7 +180,7 @@ def test_no_tensor_cores_before_sm80(monkeypatch):
     for: on a (simulated) sm_75, bf16 attention takes the SIMT kernels, and is exact."""
     monkeypatch.setenv("ULTRON_KERNELS_CUDA_SIM_ARCH", "75")
     log = attention_case((1, 9, 9), 2, 16, (7, 7), (3, 3), torch.bfloat16)
-    assert kernel_lines(log, "window_attn_fwd_kernel<c10::BFloat16>"), log
+    assert kernel_lines(log, "window_attn_fwd_kernel<c10::BFloat16, false>"), log
     assert not [line for line in log if "_tc_kernel" in line], log
 
 

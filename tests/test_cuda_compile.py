@@ -50,7 +50,7 @@ def test_static_shared_memory_within_48kb(kernels):
 def test_tensor_core_kernels_use_mma_and_cp_async_from_sm80(kernels):
     for sm in ARCHS:
         tc = {name: r for (arch, name), r in kernels.items() if arch == sm and "_tc_kernel" in name}
-        assert len(tc) == 4, (sm, sorted(tc))
+        assert len(tc) == 8, (sm, sorted(tc))  # fwd/bwd x fp16/bf16 x 2D/3D windows
         for name, r in tc.items():
             assert r["hmma"] > 0 and r["ldgsts"] > 0, (sm, name, r)
             assert r["spill_stores"] == 0 and r["local"] == 0, (sm, name, r)
@@ -60,7 +60,7 @@ def test_tensor_core_kernels_trap_before_sm80(kernels):
     """Built for an architecture without bf16 wmma, the tensor-core kernels hold a trap and
     no MMA: never uninitialised output (the host does not launch them there either)."""
     tc = {name: r for (arch, name), r in kernels.items() if arch == 75 and "_tc_kernel" in name}
-    assert len(tc) == 4, sorted(tc)
+    assert len(tc) == 8, sorted(tc)
     for name, r in tc.items():
         assert r["hmma"] == 0 and r["trap"] > 0, (name, r)
 
@@ -124,7 +124,7 @@ def test_host_choices_fit_and_occupy_every_architecture(kernels, arch, monkeypat
     within its opt-in limit) and leave at least one resident block per SM; the resident
     blocks per SM (NVIDIA's occupancy calculator) are snapshotted."""
     launched = _simulated_launches(str(arch), monkeypatch)
-    assert "window_attn_fwd_tc_kernel<c10::BFloat16>" in launched, sorted(launched)
+    assert "window_attn_fwd_tc_kernel<c10::BFloat16, false>" in launched, sorted(launched)
     limit = ARCHS[arch].shared_optin
     rows = [(name, kernels[(arch, name)], threads, smem) for name, (threads, smem) in sorted(launched.items())]
     over = {name: r["static_smem"] + smem for name, r, _, smem in rows if r["static_smem"] + smem > limit}

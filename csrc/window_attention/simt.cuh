@@ -17,19 +17,19 @@ constexpr int kBwdThreads = 256;
 
 // A window's rows -> shared memory (float); padding rows take pad_row (the head's pad
 // vector) when given, else zeros.
-template <typename T>
+template <bool kVideo, typename T>
 __device__ void load_rows(float* dst, const T* src, const Strides& s, const Geometry& g,
                           int64_t window, int head, const T* pad_row = nullptr) {
   const int ld = g.head_dim + 1;  // +1 float per row: column reads hit distinct banks
   for (int e = threadIdx.x; e < g.tokens * g.head_dim; e += blockDim.x) {
     const int t = e / g.head_dim, d = e % g.head_dim;
-    const Token tok = token_of(g, window, t);
+    const Token tok = token_of<kVideo>(g, window, t);
     dst[t * ld + d] = tok.real ? static_cast<float>(src[offset(s, tok, head) + d])
                                : (pad_row != nullptr ? static_cast<float>(pad_row[d]) : 0.f);
   }
 }
 
-template <typename T>
+template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
   float* qrow = probs + n;
   const int64_t window = blockIdx.x;
   const int head = blockIdx.y;
-  const float scale = head_scale(opt, head);
-  load_rows(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
-  load_rows(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
+  const float scale = opt.scale[head];
+  load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
+  load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
   __syncthreads();
   if (g.qk_norm) {  // the key rows, normalised in place
     for (int t = threadIdx.x; t < n; t += blockDim.x) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
     __syncthreads();
   }
   for (int i = warp; i < n; i += warps) {
-    const Token ti = token_of(g, window, i);
+    const Token ti = token_of<kVideo>(g, window, i);
     if (!ti.real) continue;  // warp-uniform: padded queries have no output
     float sum = 0.f;
     for (int d = lane; d < dim; d += 32) {
@@ -71,12 +71,12 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
     __syncwarp();
     float row_max = -FLT_MAX;
     for (int j = lane; j < n; j += 32) {
-      const Token tj = token_of(g, window, j);
+      const Token tj = token_of<kVideo>(g, window, j);
       float s = -INFINITY;
       if (is_key(g, tj) && tj.region == ti.region) {
         float dot = 0.f;
         for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
-        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti.pos, tj.pos);
+        s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti.table, tj.table);
       }
       probs[j] = s;
       row_max = fmaxf(row_max, s);
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
   }
 }
 
-template <typename T>
+template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
@@ -125,8 +125,12 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   float* row_delta = row_lse + n;
   const RowExtras rx(row_delta + n, n);  // 6n floats, only with extras
   float* dbias = row_delta + n + (extras ? 6 * n : 0);  // n*n, only when dbias_partial != nullptr
+  // Per token of the window: its packed info (pack_token) and table coordinate, so that the
+  // n x n pair loop does no index arithmetic.
+  int* infos = reinterpret_cast<int*>(dbias + (dbias_partial != nullptr ? n * n : 0));
+  int* tables = infos + n;
   const int head = blockIdx.y;
-  const float scale = head_scale(opt, head);
+  const float scale = opt.scale[head];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (dbias_partial != nullptr)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
@@ -134,12 +138,12 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
-    load_rows(qs, q, sq, g, window, head);
-    load_rows(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
-    load_rows(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
-    load_rows(dos, grad_out, sdo, g, window, head);
+    load_rows<kVideo>(qs, q, sq, g, window, head);
+    load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
+    load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
+    load_rows<kVideo>(dos, grad_out, sdo, g, window, head);
     for (int i = warp; i < n; i += warps) {  // delta_i = dO_i . O_i
-      const Token ti = token_of(g, window, i);
+      const Token ti = token_of<kVideo>(g, window, i);
       float acc = 0.f;
       if (ti.real)
         for (int d = lane; d < dim; d += 32)
@@ -149,6 +153,8 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
       if (lane == 0) {
         row_delta[i] = acc;
         row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+        infos[i] = pack_token(g, ti);
+        tables[i] = ti.table;
       }
     }
     __syncthreads();
@@ -161,15 +167,14 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     }
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
       const int i = e / n, j = e % n;
-      const Token ti = token_of(g, window, i), tj = token_of(g, window, j);
       float p = 0.f, ds = 0.f, c = 0.f;
-      if (ti.real && is_key(g, tj) && ti.region == tj.region) {
+      if (packed_pair_allowed(infos[i], infos[j])) {
         float dp = 0.f;
         for (int d = 0; d < dim; ++d) {
           c += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        const float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, ti.pos, tj.pos);
+        const float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, tables[i], tables[j]);
         if (s > -INFINITY) {  // a -inf bias masks the pair (lse may be -inf too)
           p = __expf(s - row_lse[i]);
           ds = p * (dp - row_delta[i]);
@@ -215,7 +220,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     };
     for (int e = threadIdx.x; e < n * dim; e += blockDim.x) {
       const int t = e / dim, d = e % dim;
-      const Token tt = token_of(g, window, t);
+      const Token tt = token_of<kVideo>(g, window, t);
       if (!tt.real) continue;
       float gk, gv;
       key_grads(t, d, gk, gv);
@@ -226,7 +231,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     }
     if (extra.dpad != nullptr && threadIdx.x < dim) {  // padding keys all hold the pad vectors
       for (int t = 0; t < n; ++t) {
-        const Token tt = token_of(g, window, t);
+        const Token tt = token_of<kVideo>(g, window, t);
         if (tt.real || !tt.inside) continue;
         float gk, gv;
         key_grads(t, threadIdx.x, gk, gv);

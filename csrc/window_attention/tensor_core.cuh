@@ -99,21 +99,12 @@ struct TcTiles {
         info(reinterpret_cast<int*>(base + L.info)), rows(reinterpret_cast<int64_t*>(base + L.rows)) {}
 };
 
-// Token info in one int: -1 for no key (outside the window, or padding the op excludes),
-// the token's shift region for an image token, region + kPadKey for padding that is a key
-// (pad_kv) but no query. Regions are 0..26 (three per axis of a 3D window).
-constexpr int kPadKey = 32;
-__device__ __forceinline__ int pack_token(const Geometry& g, const Token& t) {
-  if (t.real) return t.region;
-  return g.has_pad && t.inside ? t.region + kPadKey : -1;
-}
-
 // Score of the pair (i, j) from its raw Q.K product: scaled and biased (bias: the staged
 // n x n tile, or nullptr), or -inf where the shifted-window mask forbids it, i is no query
 // or j no key (ti, tj: token info; i, j >= n are neither, so the tile is only read inside).
 __device__ __forceinline__ float packed_score(float qk, float scale, const float* bias, int n,
                                               int i, int j, int ti, int tj) {
-  if (ti < 0 || ti >= kPadKey || tj < 0 || ti != tj % kPadKey) return -INFINITY;
+  if (!packed_pair_allowed(ti, tj)) return -INFINITY;
   return qk * scale + (bias != nullptr ? bias[i * n + j] : 0.f);
 }
 
@@ -123,16 +114,17 @@ __device__ void stage_bias(float* dst, const float* bias, int kind, const Geomet
   const int n = g.tokens;
   for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
     const int i = e / n, j = e % n;
-    dst[e] = bias_at(bias, kind, g, head, i, j, window_pos(g, i), window_pos(g, j));
+    dst[e] = bias_at(bias, kind, g, head, i, j, table_pos<true>(g, i), table_pos<true>(g, j));
   }
 }
 
 // Per window, once per token: its packed info and the element offset of its row in each of
 // `count` tensors (-1 for padding). The copy loops below then need no index arithmetic.
+template <bool kVideo>
 __device__ void token_rows(const Geometry& g, int64_t window, int head, int np, int* info,
                            int64_t* rows, const Strides* strides, int count) {
   for (int t = threadIdx.x; t < np; t += blockDim.x) {
-    const Token tok = token_of(g, window, t);
+    const Token tok = token_of<kVideo>(g, window, t);
     info[t] = pack_token(g, tok);
     for (int i = 0; i < count; ++i) rows[i * np + t] = tok.real ? offset(strides[i], tok, head) : -1;
   }
@@ -216,7 +208,7 @@ __device__ void store_tile(T* dst, const int64_t* rows, const float* src, int ld
   }
 }
 
-template <typename T>
+template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
@@ -237,7 +229,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   int* info = t.info;
   int64_t* rows = t.rows;
   const int head = blockIdx.y, dim = g.head_dim;
-  const float scale = head_scale(opt, head);
+  const float scale = opt.scale[head];
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -249,7 +241,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
-    token_rows(g, window, head, L.np, info, rows, strides, 4);
+    token_rows<kVideo>(g, window, head, L.np, info, rows, strides, 4);
     __syncthreads();
     load_tile(qs, L.ld16, q, rows, L.np, dim, vec);
     load_tile(ks, L.ld16, k, rows + L.np, L.np, dim, vec, k_pad, info);
@@ -356,7 +348,7 @@ __device__ void tc_matmul_to_stage(const NT* a, int lda, const NT* b, int ldb, f
 }
 #endif
 
-template <typename T>
+template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
@@ -380,7 +372,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   int* info = t.info;
   int64_t* rows = t.rows;
   const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
-  const float scale = head_scale(opt, head);
+  const float scale = opt.scale[head];
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
   float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim
@@ -392,7 +384,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
-    token_rows(g, window, head, np, info, rows, strides, 6);
+    token_rows<kVideo>(g, window, head, np, info, rows, strides, 6);
     __syncthreads();
     load_tile(qs, L.ld16, q, rows, np, dim, vec);
     load_tile(ks, L.ld16, k, rows + np, np, dim, vec, k_pad, info);

@@ -14,18 +14,24 @@
 #include "tensor_core.cuh"
 
 #include <cmath>
+#include <type_traits>
 
 namespace ultron {
 namespace {
 
-// Strides of a tensor in its volume form: (B, T, H, W, heads, ...) (see as_volume).
+// Strides of a tensor in its volume form (as_volume): batch, stacked row, column, head.
 Strides strides_of(const at::Tensor& t) {
-  return Strides{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.dim() > 4 ? t.stride(4) : 0};
+  return Strides{t.stride(0), t.stride(2), t.stride(3), t.dim() > 4 ? t.stride(4) : 0};
 }
 
 // A 2D call's (B, H, W, ...) tensor as the T = 1 volume (B, 1, H, W, ...), a view; a 3D
-// call's as it is.
-at::Tensor as_volume(const at::Tensor& t, bool video) { return video ? t : t.unsqueeze(1); }
+// call's as it is, unless its frames are not stacked rows (frame stride = H x row stride,
+// so that the kernels address a row of any frame with one stride: true of contiguous
+// tensors and of views into a packed qkv tensor); such a tensor is copied contiguous.
+at::Tensor as_volume(const at::Tensor& t, bool video) {
+  if (!video) return t.unsqueeze(1);
+  return t.size(1) == 1 || t.stride(1) == t.size(2) * t.stride(2) ? t : t.contiguous();
+}
 
 // q in its volume form; window and shift with one entry per axis of the call (2 or 3).
 Geometry geometry_of(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRef shift) {
@@ -62,6 +68,7 @@ Geometry geometry_of(const at::Tensor& q, at::IntArrayRef window, at::IntArrayRe
   g.Hp = checked_int(static_cast<int64_t>(g.win_h) * g.wh, "padded H");
   g.Wp = checked_int(static_cast<int64_t>(g.win_w) * g.ww, "padded W");
   g.tokens = g.wt * g.wh * g.ww;
+  checked_int(q.size(0) * g.win_t * g.win_h * g.win_w, "windows (B x windows per clip or image)");
   g.roll_first = g.has_pad = g.qk_norm = false;  // the options' caller sets them
   return g;
 }
@@ -114,27 +121,25 @@ size_t fwd_smem_bytes(const Geometry& g) {
 size_t bwd_smem_bytes(const Geometry& g, bool bias_grad, bool extras) {
   const size_t n = g.tokens;
   return sizeof(float) * (4 * n * (g.head_dim + 1) + (extras ? 3 : 2) * n * (n + 1) + 2 * n +
-                          (extras ? 6 * n : 0) + (bias_grad ? n * n : 0));
+                          (extras ? 6 * n : 0) + (bias_grad ? n * n : 0) + 2 * n);
 }
 
-// The options as the kernels read them. scale: (heads,) floating -> float, contiguous, or
-// none (scale_value for every head).
+// The options as the kernels read them. scale: (heads,) floating -> float, contiguous; without
+// one, scale_value for every head (a (heads,) fill: the kernels read the scale from memory).
 // k_pad, v_pad: both or neither, (heads, head_dim) in q's dtype, contiguous.
 struct CheckedOptions {
-  at::Tensor scale;
-  float scale_value;
-  at::Tensor k_pad, v_pad;
+  at::Tensor scale, k_pad, v_pad;
   template <typename T>
   Options<T> view() const {
-    return Options<T>{scale.defined() ? scale.data_ptr<float>() : nullptr, scale_value,
-                      k_pad.defined() ? k_pad.data_ptr<T>() : nullptr, v_pad.defined() ? v_pad.data_ptr<T>() : nullptr};
+    return Options<T>{scale.data_ptr<float>(), k_pad.defined() ? k_pad.data_ptr<T>() : nullptr,
+                      v_pad.defined() ? v_pad.data_ptr<T>() : nullptr};
   }
 };
 
 CheckedOptions check_options(const std::optional<at::Tensor>& scale, double scale_value,
                              const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
                              const at::Tensor& q, const Geometry& g) {
-  CheckedOptions opt{at::Tensor(), static_cast<float>(scale_value), at::Tensor(), at::Tensor()};
+  CheckedOptions opt{at::Tensor(), at::Tensor(), at::Tensor()};
   if (scale.has_value()) {
     check_device(*scale, "scale");
     TORCH_CHECK_VALUE(scale->device() == q.device(), "scale is on ", scale->device(), ", q on ", q.device());
@@ -145,6 +150,7 @@ CheckedOptions check_options(const std::optional<at::Tensor>& scale, double scal
     opt.scale = scale->to(at::kFloat).contiguous();
   } else {
     TORCH_CHECK_VALUE(std::isfinite(scale_value), "scale_value must be finite, got ", scale_value);
+    opt.scale = at::full({g.heads}, scale_value, q.options().dtype(at::kFloat));
   }
   TORCH_CHECK_VALUE(k_pad.has_value() == v_pad.has_value(), "k_pad and v_pad must be given together");
   if (!k_pad.has_value()) return opt;
@@ -162,6 +168,13 @@ CheckedOptions check_options(const std::optional<at::Tensor>& scale, double scal
   opt.k_pad = k_pad->contiguous();
   opt.v_pad = v_pad->contiguous();
   return opt;
+}
+
+// Calls f(std::true_type) for 3D windows, f(std::false_type) for 2D: the kernels' kVideo.
+template <typename F>
+void dispatch_frames(bool video, F&& f) {
+  if (video) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // fp16/bf16 windows of up to kTcMaxTokens tokens, head_dim a multiple of 16, whose tiles fit
@@ -227,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, bias_ptr != nullptr, false, qk_norm).bytes;
   const bool half = q.scalar_type() == at::kHalf;
-  const bool tensor_cores = half ? tensor_core_path<window_attn_fwd_tc_kernel<at::Half>>(q, g, tc_smem)
-                                 : tensor_core_path<window_attn_fwd_tc_kernel<at::BFloat16>>(q, g, tc_smem);
+  const bool tensor_cores = half ? tensor_core_path<window_attn_fwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
+                                 : tensor_core_path<window_attn_fwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
   if (tensor_cores) {
     // Runs of windows per block, about two waves of blocks: the staged bias is reused
     // across the run.
@@ -237,10 +250,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &out}) && pads_are_16_byte_aligned(opt);
     auto run = [&](auto tag) {
       using T = decltype(tag);
-      launch<window_attn_fwd_tc_kernel<T>>(grid, kTcThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(),
-                                           v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
-                                           lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v),
-                                           strides_of(out), opt.view<T>(), windows, per_block, vec);
+      dispatch_frames(video, [&](auto frames) {
+        launch<window_attn_fwd_tc_kernel<T, decltype(frames)::value>>(grid, kTcThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(),
+                                             v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(),
+                                             lse.data_ptr<float>(), g, strides_of(q), strides_of(k), strides_of(v),
+                                             strides_of(out), opt.view<T>(), windows, per_block, vec);
+      });
     };
     if (half) run(at::Half{});
     else run(at::BFloat16{});
@@ -250,10 +265,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const dim3 grid(static_cast<unsigned>(windows), g.heads);
   dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
     using T = decltype(tag);
-    launch<window_attn_fwd_kernel<T>>(grid, kFwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-                                      bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
-                                      strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
-                                      opt.view<T>());
+    dispatch_frames(video, [&](auto frames) {
+      launch<window_attn_fwd_kernel<T, decltype(frames)::value>>(grid, kFwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                                        bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
+                                        strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
+                                        opt.view<T>());
+    });
   });
   return {out_in, lse_in};
 }
@@ -288,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor b = float_bias(bias, bias_kind, q, g);
   TORCH_CHECK_VALUE(!bias_grad || b.defined(), "bias_grad needs a bias");
   TORCH_CHECK_VALUE(!pad_grad || g.has_pad, "pad_grad needs k_pad and v_pad");
-  TORCH_CHECK_VALUE(!scale_grad || opt.scale.defined(), "scale_grad needs a scale tensor");
+  TORCH_CHECK_VALUE(!scale_grad || scale.has_value(), "scale_grad needs a scale tensor");
   at::Tensor dq_in = at::empty(q_in.sizes(), q.options());
   at::Tensor dk_in = at::empty(q_in.sizes(), q.options());
   at::Tensor dv_in = at::empty(q_in.sizes(), q.options());
@@ -323,17 +340,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool extras = qk_norm || scale_grad;
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad, extras).bytes;
   const bool half = q.scalar_type() == at::kHalf;
-  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half>>(q, g, tc_smem)
-                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16>>(q, g, tc_smem);
+  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
+                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
   if (tensor_cores) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq}) && pads_are_16_byte_aligned(opt);
     auto run = [&](auto tag) {
       using T = decltype(tag);
-      launch<window_attn_bwd_tc_kernel<T>>(
-          grid, kTcBwdThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
-          lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
-          dv.data_ptr<T>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-          strides_of(grad_out), strides_of(dq), opt.view<T>(), extra, windows, per_block, vec);
+      dispatch_frames(video, [&](auto frames) {
+        launch<window_attn_bwd_tc_kernel<T, decltype(frames)::value>>(
+            grid, kTcBwdThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
+            lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
+            dv.data_ptr<T>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+            strides_of(grad_out), strides_of(dq), opt.view<T>(), extra, windows, per_block, vec);
+      });
     };
     if (half) run(at::Half{});
     else run(at::BFloat16{});
@@ -342,12 +361,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const size_t smem = bwd_smem_bytes(g, bias_grad, extras);
   dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
     using T = decltype(tag);
-    launch<window_attn_bwd_kernel<T>>(grid, kBwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-                                      out.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
-                                      kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dbias_ptr, g,
-                                      strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-                                      strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra,
-                                      windows, per_block);
+    dispatch_frames(video, [&](auto frames) {
+      launch<window_attn_bwd_kernel<T, decltype(frames)::value>>(grid, kBwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                                        out.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
+                                        kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dbias_ptr, g,
+                                        strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+                                        strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra,
+                                        windows, per_block);
+    });
   });
   return result();
 }

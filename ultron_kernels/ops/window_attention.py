@@ -257,14 +257,14 @@ def _check_floating_on(name: str, t: torch.Tensor, device: torch.device) -> None
 def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool,
                              extras: bool = False) -> int:
     """Shared memory one block of the CUDA SIMT kernels needs (csrc/window_attention: fwd
-    keeps K and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS and the run's bias
-    gradient; with ``extras`` (cosine attention or a scale gradient) also dS*C and six
-    per-row values)."""
+    keeps K and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS, the run's bias gradient
+    and two ints per token; with ``extras`` (cosine attention or a scale gradient) also dS*C
+    and six per-row values)."""
     row = head_dim + 1
     if not backward:
         return 4 * (2 * tokens * row + 4 * (tokens + head_dim))
     return 4 * (4 * tokens * row + (3 if extras else 2) * tokens * (tokens + 1) + 2 * tokens
-                + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0))
+                + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0) + 2 * tokens)
 
 
 def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, device: torch.device,

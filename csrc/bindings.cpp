@@ -46,7 +46,7 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
         "int[] window, int[] shift, Tensor? scale, float scale_value, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
         "bool roll_first) -> (Tensor, Tensor)");
-  m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+  m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor lse, Tensor? bias, int bias_kind, int[] window, int[] shift, Tensor? scale, float scale_value, "
         "bool qk_norm, Tensor? k_pad, Tensor? v_pad, bool roll_first, bool bias_grad, "
         "bool scale_grad, bool pad_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

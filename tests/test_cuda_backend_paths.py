@@ -113,7 +113,7 @@ def attention_case(shape, heads, head_dim, window, shift, dtype, bias_kind="tabl
                 kind = {"table": 1, "dense": 2, None: 0}[bias_kind]
                 out, lse = sim_ops().window_attention_fwd(q, k, v, bias, kind, list(window), list(shift), None,
                                                           scale, False, None, None, False)
-                dq, dk, dv, *_ = sim_ops().window_attention_bwd(grad_out, q, k, v, out, lse, bias, kind,
+                dq, dk, dv, *_ = sim_ops().window_attention_bwd(grad_out, q, k, v, lse, bias, kind,
                                                                list(window), list(shift), None, scale, False,
                                                                None, None, False, False, False, False)
                 return out, (dq, dk, dv)

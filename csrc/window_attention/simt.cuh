@@ -106,10 +106,10 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
 template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
+    const float* __restrict__ lse, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
     T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
-    Strides sv, Strides so, Strides sl, Strides sdo, Strides sgrad, Options<T> opt,
+    Strides sv, Strides sl, Strides sdo, Strides sgrad, Options<T> opt,
     ExtraGrads extra, int64_t windows, int windows_per_block) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int n = g.tokens, dim = g.head_dim, ld = dim + 1, lp = n + 1;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   float* dos = vs + n * ld;
   float* ps = dos + n * ld;
   float* dss = ps + n * lp;
-  float* dcs = dss + n * lp;          // dS_ij C_ij, n x lp, only with extras
+  float* dcs = dss + n * lp;          // C_ij, then dS_ij C_ij, n x lp, only with extras
   float* row_lse = dcs + (extras ? n * lp : 0);
   float* row_delta = row_lse + n;
   const RowExtras rx(row_delta + n, n);  // 6n floats, only with extras
@@ -142,20 +142,11 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
     load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
     load_rows<kVideo>(dos, grad_out, sdo, g, window, head);
-    for (int i = warp; i < n; i += warps) {  // delta_i = dO_i . O_i
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {  // per token: lse, packed info, table coordinate
       const Token ti = token_of<kVideo>(g, window, i);
-      float acc = 0.f;
-      if (ti.real)
-        for (int d = lane; d < dim; d += 32)
-          acc += static_cast<float>(grad_out[offset(sdo, ti, head) + d]) *
-                 static_cast<float>(out[offset(so, ti, head) + d]);
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        row_delta[i] = acc;
-        row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
-        infos[i] = pack_token(g, ti);
-        tables[i] = ti.table;
-      }
+      row_lse[i] = ti.real ? lse[offset(sl, ti, head)] : 0.f;
+      infos[i] = pack_token(g, ti);
+      tables[i] = ti.table;
     }
     __syncthreads();
     if (g.qk_norm) {  // float rows: normalised in place
@@ -167,22 +158,34 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
     }
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
       const int i = e / n, j = e % n;
-      float p = 0.f, ds = 0.f, c = 0.f;
+      float p = 0.f, dp = 0.f, c = 0.f;
       if (packed_pair_allowed(infos[i], infos[j])) {
-        float dp = 0.f;
         for (int d = 0; d < dim; ++d) {
           c += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
         const float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, tables[i], tables[j]);
-        if (s > -INFINITY) {  // a -inf bias masks the pair (lse may be -inf too)
-          p = __expf(s - row_lse[i]);
-          ds = p * (dp - row_delta[i]);
-        }
+        if (s > -INFINITY) p = __expf(s - row_lse[i]);  // a -inf bias masks the pair (lse may be -inf too)
       }
       ps[i * lp + j] = p;
+      dss[i * lp + j] = dp;  // dS once delta is known
+      if (extras) dcs[i * lp + j] = c;
+    }
+    __syncthreads();
+    // delta_i = sum_j P_ij dP_ij in fp32 (no saved output: its 16-bit rounding would enter
+    // the scale gradient's cancelling sum), one warp per row in a fixed order.
+    for (int i = warp; i < n; i += warps) {
+      float acc = 0.f;
+      for (int j = lane; j < n; j += 32) acc += ps[i * lp + j] * dss[i * lp + j];
+      acc = warp_sum(acc);
+      if (lane == 0) row_delta[i] = acc;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) {
+      const int i = e / n, j = e % n;
+      const float ds = ps[i * lp + j] * (dss[i * lp + j] - row_delta[i]);
       dss[i * lp + j] = ds;
-      if (extras) dcs[i * lp + j] = ds * c;
+      if (extras) dcs[i * lp + j] *= ds;
       if (dbias_partial != nullptr) dbias[e] += ds;  // each (i, j) has one owner thread
     }
     __syncthreads();

@@ -72,7 +72,7 @@ __host__ __device__ inline TcLayout tc_layout(int tokens, int dim, bool backward
   l.dbias = take(backward && bias_grad ? size_t(tokens) * tokens * 4 : 0);
   l.info = take(np * 4 * 3);                  // token region + two floats per row
   l.extras = take(extras ? np * 4 * 6 : 0);
-  l.rows = take(np * 8 * (backward ? 6 : 4));  // row offsets: q, k, v, out | q, k, v, dO, out, grads
+  l.rows = take(np * 8 * (backward ? 5 : 4));  // row offsets: q, k, v, out | q, k, v, dO, grads
   l.bytes = off;
   return l;
 }
@@ -351,12 +351,13 @@ __device__ void tc_matmul_to_stage(const NT* a, int lda, const NT* b, int ldb, f
 template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ out, const float* __restrict__ lse, const T* __restrict__ grad_out,
+    const float* __restrict__ lse, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
     T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
-    Strides sv, Strides so, Strides sdo, Strides sgrad, Options<T> opt, ExtraGrads extra,
+    Strides sv, Strides sdo, Strides sgrad, Options<T> opt, ExtraGrads extra,
     int64_t windows, int windows_per_block, bool vec) {
-  // out and lse are the contiguous forward outputs: lse index = out row offset / D.
+  // lse and the gradients are contiguous with q's shape (lse without D): lse index = gradient
+  // row offset / D. No saved output is read: delta_i = sum_j P_ij dP_ij is summed in fp32.
 #if ULTRON_TENSOR_CORE_BODY
   using namespace nvcuda;
   using NT = typename Native<T>::type;
@@ -376,7 +377,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
   float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim
-  const Strides strides[6] = {sq, sk, sv, sdo, so, sgrad};
+  const Strides strides[5] = {sq, sk, sv, sdo, sgrad};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (bias_grad)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;
@@ -384,25 +385,15 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   const int64_t first = static_cast<int64_t>(blockIdx.x) * windows_per_block;
   const int64_t last = min(first + windows_per_block, windows);
   for (int64_t window = first; window < last; ++window) {
-    token_rows<kVideo>(g, window, head, np, info, rows, strides, 6);
+    token_rows<kVideo>(g, window, head, np, info, rows, strides, 5);
     __syncthreads();
     load_tile(qs, L.ld16, q, rows, np, dim, vec);
     load_tile(ks, L.ld16, k, rows + np, np, dim, vec, k_pad, info);
     load_tile(vs, L.ld16, v, rows + 2 * np, np, dim, vec, v_pad, info);
     load_tile(dos, L.ld16, grad_out, rows + 3 * np, np, dim, vec);
-    const int64_t* out_rows = rows + 4 * np;
-    for (int i = warp; i < np; i += warps) {  // delta_i = dO_i . O_i, and lse_i
-      const int64_t row = out_rows[i], grad_row = rows[3 * np + i];
-      float acc = 0.f;
-      if (row >= 0)
-        for (int d = lane; d < dim; d += 32)
-          acc += static_cast<float>(grad_out[grad_row + d]) * static_cast<float>(out[row + d]);
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        row_delta[i] = acc;
-        row_lse[i] = row >= 0 ? lse[row / dim] : 0.f;
-      }
-    }
+    const int64_t* grad_rows = rows + 4 * np;
+    for (int i = threadIdx.x; i < np; i += blockDim.x)
+      row_lse[i] = grad_rows[i] >= 0 ? lse[grad_rows[i] / dim] : 0.f;
     finish_tile_loads();  // the copies overlapped the loop above
     __syncthreads();
     // Read after the barrier that follows S and dP (the matmuls only read the tiles too).
@@ -426,15 +417,32 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
     }
     __syncthreads();
 
+    // P and dS in fp32, in two passes: P.dP in place of dP first, for delta_i = sum_j P_ij dP_ij
+    // (one warp per row, a fixed order), then dS = P.dP - P delta (P recomputed: the 16-bit P
+    // tile would round it).
+    auto probability = [&](int i, int j, float& c) {
+      c = g.qk_norm ? ss[i * L.ldf + j] * rx.inv_q[i] * rx.inv_k[j] : ss[i * L.ldf + j];
+      const float s = packed_score(c, scale, bias_s, n, i, j, info[i], info[j]);
+      return s > -INFINITY ? __expf(s - row_lse[i]) : 0.f;
+    };
+    for (int e = threadIdx.x; e < np * np; e += blockDim.x) {
+      const int i = e / np, j = e % np;
+      float c;
+      dps[i * L.ldf + j] *= probability(i, j, c);
+    }
+    __syncthreads();
+    for (int i = warp; i < np; i += warps) {
+      float acc = 0.f;
+      for (int j = lane; j < np; j += 32) acc += dps[i * L.ldf + j];
+      acc = warp_sum(acc);
+      if (lane == 0) row_delta[i] = acc;
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
       const int i = e / np, j = e % np;
-      const float c = g.qk_norm ? ss[i * L.ldf + j] * rx.inv_q[i] * rx.inv_k[j] : ss[i * L.ldf + j];
-      const float s = packed_score(c, scale, bias_s, n, i, j, info[i], info[j]);
-      float p = 0.f, ds = 0.f;
-      if (s > -INFINITY) {
-        p = __expf(s - row_lse[i]);
-        ds = p * (dps[i * L.ldf + j] - row_delta[i]);
-      }
+      float c;
+      const float p = probability(i, j, c);
+      const float ds = dps[i * L.ldf + j] - p * row_delta[i];
       ps[i * L.ldh + j] = Native<T>::from(p);
       dss[i * L.ldh + j] = Native<T>::from(ds);
       if (extras) ss[i * L.ldf + j] = ds * c;  // this thread's own (i, j): read just above
@@ -478,7 +486,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
         __syncthreads();
       }
       const float factor = which == 0 ? 1.f : scale;
-      store_tile(which == 0 ? dv : (which == 1 ? dk : dq), rows + 5 * np, stage, L.ldo, nullptr,
+      store_tile(which == 0 ? dv : (which == 1 ? dk : dq), rows + 4 * np, stage, L.ldo, nullptr,
                  factor, np, dim, vec);
       if (extra.dpad != nullptr && which < 2 && threadIdx.x < dim) {  // padding keys' gradients
         float sum = 0.f;

@@ -5,7 +5,8 @@
 // Padding, the cyclic shift, the region mask and the relative-position-bias gather are index
 // arithmetic; q/k/v are read through their strides (views of a packed qkv tensor).
 // Backward: each block owns a run of windows for one head and accumulates the bias gradient
-// of the run in shared memory; runs are summed by at::sum: deterministic, no atomics.
+// of the run in shared memory; runs are summed by at::sum: deterministic, no atomics. It
+// needs no saved output: delta_i = sum_j P_ij dP_ij is summed in fp32 from the window's tiles.
 // Options for the models people run: a per-head scale (with its gradient), cosine attention
 // (q and k rows normalised in shared memory after loading: no normalised copy in global
 // memory), padded keys that take per-head vectors (with their gradients) and timm's
@@ -277,25 +278,23 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& bias,
     int64_t bias_kind, at::IntArrayRef window, at::IntArrayRef shift, const std::optional<at::Tensor>& scale,
     double scale_value, bool qk_norm, const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
     bool roll_first, bool bias_grad, bool scale_grad, bool pad_grad) {
   check_qkv(q_in, k_in, v_in, window);
   check_device(grad_out_in, "grad_out");
-  check_device(out_in, "out");
   check_device(lse_in, "lse");
   TORCH_CHECK_VALUE(grad_out_in.sizes() == q_in.sizes() && grad_out_in.stride(-1) == 1 &&
               grad_out_in.scalar_type() == q_in.scalar_type() && grad_out_in.device() == q_in.device(),
               "grad_out must match q's shape, dtype and device with a contiguous last dimension");
-  TORCH_CHECK_VALUE(out_in.sizes() == q_in.sizes() && out_in.scalar_type() == q_in.scalar_type() &&
-              out_in.is_contiguous() && lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1) &&
-              lse_in.is_contiguous() && lse_in.scalar_type() == at::kFloat,
-              "out and lse must be the contiguous outputs of window_attention_fwd for this q");
+  TORCH_CHECK_VALUE(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1) && lse_in.is_contiguous() &&
+              lse_in.scalar_type() == at::kFloat,
+              "lse must be the contiguous float32 logsumexp window_attention_fwd returned for this q");
   const DeviceGuard guard(q_in.device());
   const bool video = q_in.dim() == 6;
   const at::Tensor q = as_volume(q_in, video), k = as_volume(k_in, video), v = as_volume(v_in, video);
-  const at::Tensor grad_out = as_volume(grad_out_in, video), out = as_volume(out_in, video);
+  const at::Tensor grad_out = as_volume(grad_out_in, video);
   const at::Tensor lse = as_volume(lse_in, video);
   Geometry g = geometry_of(q, window, shift);
   const CheckedOptions opt = check_options(scale, scale_value, k_pad, v_pad, q, g);
@@ -343,14 +342,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
                                  : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
   if (tensor_cores) {
-    const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &out, &dq}) && pads_are_16_byte_aligned(opt);
+    const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &dq}) && pads_are_16_byte_aligned(opt);
     auto run = [&](auto tag) {
       using T = decltype(tag);
       dispatch_frames(video, [&](auto frames) {
         launch<window_attn_bwd_tc_kernel<T, decltype(frames)::value>>(
-            grid, kTcBwdThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), out.data_ptr<T>(),
+            grid, kTcBwdThreads, tc_smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
             lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(), dk.data_ptr<T>(),
-            dv.data_ptr<T>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+            dv.data_ptr<T>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v),
             strides_of(grad_out), strides_of(dq), opt.view<T>(), extra, windows, per_block, vec);
       });
     };
@@ -363,10 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using T = decltype(tag);
     dispatch_frames(video, [&](auto frames) {
       launch<window_attn_bwd_kernel<T, decltype(frames)::value>>(grid, kBwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
-                                        out.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
+                                        lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
                                         kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dbias_ptr, g,
-                                        strides_of(q), strides_of(k), strides_of(v), strides_of(out),
-                                        strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra,
+                                        strides_of(q), strides_of(k), strides_of(v), strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra,
                                         windows, per_block);
     });
   });

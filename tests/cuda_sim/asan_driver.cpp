@@ -63,7 +63,7 @@ void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, st
   }
   auto [out, lse] = ultron::window_attention_fwd(qkv[0], qkv[1], qkv[2], bias, bias_kind, window, shift, scale,
                                                  0.0, cosine, k_pad, v_pad, cosine);
-  ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], out, lse, bias, bias_kind, window,
+  ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], lse, bias, bias_kind, window,
                                shift, scale, 0.0, cosine, k_pad, v_pad, cosine, bias_kind != 0, cosine, cosine);
 }
 

@@ -102,15 +102,15 @@ def _(q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pa
 
 @torch.library.custom_op("ultron_kernels::window_attention_bwd", mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: Optional[torch.Tensor], lse: torch.Tensor, bias: Optional[torch.Tensor],
+                    lse: torch.Tensor, bias: Optional[torch.Tensor],
                     bias_kind: int, window: list[int], shift: list[int],
                     scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
                     k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
                     roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty. ``out``
-    is the forward's output for the CUDA kernels, None for Triton's (which need none)."""
+    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty. No
+    saved output is needed: both backends sum the softmax term from P and dP in fp32."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
@@ -121,7 +121,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             scale_grad, pad_grad)
     else:
         grads = _cuda.cuda_ops(q.device).window_attention_bwd(
-            grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+            grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
             k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
     dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
 
@@ -137,7 +137,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 @_fused_backward.register_fake
-def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+def _(grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
       k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend):
     def grad_like(t, wanted):
         return torch.empty_like(t) if wanted else q.new_empty((0,))
@@ -150,11 +150,8 @@ def _(grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
      backend) = inputs
-    out, lse = output
-    # Only the CUDA backward reads the output (for its softmax term): Triton's does not keep
-    # it alive.
-    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, out if backend == "cuda" else None,
-                          lse)
+    _, lse = output
+    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, lse)  # not the output
     needs = ctx.needs_input_grad
     ctx.grads = (bias is not None and needs[3], scale is not None and needs[7],
                  k_pad is not None and (needs[10] or needs[11]))
@@ -162,11 +159,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, scale, k_pad, v_pad, out, lse = ctx.saved_tensors
+    q, k, v, bias, scale, k_pad, v_pad, lse = ctx.saved_tensors
     bias_kind, window, shift, scale_value, qk_norm, roll_first, backend = ctx.args
     bias_grad, scale_grad, pad_grad = ctx.grads
     dq, dk, dv, dbias, dscale, dk_pad, dv_pad = _fused_backward(
-        grad_out, q, k, v, out, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
+        grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
         k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend)
     return (dq, dk, dv, dbias if bias_grad else None, None, None, None,
             dscale if scale_grad else None, None, None, dk_pad if pad_grad else None,

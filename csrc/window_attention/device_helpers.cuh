@@ -8,19 +8,25 @@
 namespace ultron {
 namespace {
 
-// 1 / max(|row|, eps) of each of n rows (row stride ld, dim elements; E: float or a 16-bit
-// type), as F.normalize divides by. live: 1 where |row| >= eps (the norm's derivative is not
-// cut off by the clamp), else 0. One thread per row.
+// |row| of dim elements (E: float or a 16-bit type), in float.
+template <typename E, typename ToFloat>
+__device__ __forceinline__ float row_norm(const E* row, int dim, ToFloat to_float) {
+  float sum = 0.f;
+  for (int d = 0; d < dim; ++d) {
+    const float x = to_float(row[d]);
+    sum += x * x;
+  }
+  return sqrtf(sum);
+}
+
+// 1 / max(|row|, eps) of each of n rows (row stride ld), as F.normalize divides by. live: 1
+// where |row| >= eps (the norm's derivative is not cut off by the clamp), else 0. One thread
+// per row.
 template <typename E, typename ToFloat>
 __device__ void row_inverse_norms(const E* rows, int ld, int n, int dim, float* inv, float* live,
                                   ToFloat to_float) {
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
-    float sum = 0.f;
-    for (int d = 0; d < dim; ++d) {
-      const float x = to_float(rows[t * ld + d]);
-      sum += x * x;
-    }
-    const float norm = sqrtf(sum);
+    const float norm = row_norm(rows + t * ld, dim, to_float);
     inv[t] = 1.f / fmaxf(norm, kNormEps);
     live[t] = norm >= kNormEps ? 1.f : 0.f;
   }

@@ -47,12 +47,10 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
   load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
   load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
   __syncthreads();
-  if (g.qk_norm) {  // the key rows, normalised in place
+  if (g.qk_norm) {  // the key rows, normalised in place (the forward keeps no inverse norms)
     for (int t = threadIdx.x; t < n; t += blockDim.x) {
-      float sum = 0.f;
-      for (int d = 0; d < dim; ++d) sum += ks[t * ld + d] * ks[t * ld + d];
-      const float r = 1.f / fmaxf(sqrtf(sum), kNormEps);
-      for (int d = 0; d < dim; ++d) ks[t * ld + d] *= r;
+      const float inv = 1.f / fmaxf(row_norm(ks + t * ld, dim, float_of), kNormEps);
+      for (int d = 0; d < dim; ++d) ks[t * ld + d] *= inv;
     }
     __syncthreads();
   }

@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   const RowExtras rx(t.extras, L.np);
   NT *qs = t.q, *ks = t.k, *vs = t.v, *dos = t.dout, *ps = t.p, *dss = t.ds;
   float *ss = t.s, *dps = t.dp, *stage = t.stage, *dbias = t.dbias, *bias_s = t.bias;
-  float *row_lse = t.row_a, *row_delta = t.row_b;
+  float* row_lse = t.row_a;
   int* info = t.info;
   int64_t* rows = t.rows;
   const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
@@ -417,36 +417,36 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
     }
     __syncthreads();
 
-    // P and dS in fp32, in two passes: P.dP in place of dP first, for delta_i = sum_j P_ij dP_ij
-    // (one warp per row, a fixed order), then dS = P.dP - P delta (P recomputed: the 16-bit P
-    // tile would round it).
-    auto probability = [&](int i, int j, float& c) {
-      c = g.qk_norm ? ss[i * L.ldf + j] * rx.inv_q[i] * rx.inv_k[j] : ss[i * L.ldf + j];
-      const float s = packed_score(c, scale, bias_s, n, i, j, info[i], info[j]);
-      return s > -INFINITY ? __expf(s - row_lse[i]) : 0.f;
-    };
-    for (int e = threadIdx.x; e < np * np; e += blockDim.x) {
-      const int i = e / np, j = e % np;
-      float c;
-      dps[i * L.ldf + j] *= probability(i, j, c);
-    }
-    __syncthreads();
+    // P and dS in fp32, one warp per row: each lane keeps P and C of its (at most
+    // kTcMaxTokens / 32) columns in registers while the warp sums delta_i = sum_j P_ij dP_ij
+    // (lanes, then the shuffle tree: a fixed order); then dS = P (dP - delta).
+    constexpr int kColumnsPerLane = kTcMaxTokens / 32;
     for (int i = warp; i < np; i += warps) {
-      float acc = 0.f;
-      for (int j = lane; j < np; j += 32) acc += dps[i * L.ldf + j];
-      acc = warp_sum(acc);
-      if (lane == 0) row_delta[i] = acc;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < np * np; e += blockDim.x) {  // P, dS; bias gradient
-      const int i = e / np, j = e % np;
-      float c;
-      const float p = probability(i, j, c);
-      const float ds = dps[i * L.ldf + j] - p * row_delta[i];
-      ps[i * L.ldh + j] = Native<T>::from(p);
-      dss[i * L.ldh + j] = Native<T>::from(ds);
-      if (extras) ss[i * L.ldf + j] = ds * c;  // this thread's own (i, j): read just above
-      if (bias_grad && i < n && j < n) dbias[i * n + j] += ds;  // one owner thread per (i, j)
+      const float row_max = row_lse[i], inv_q = g.qk_norm ? rx.inv_q[i] : 1.f;
+      const int ti = info[i];
+      float p[kColumnsPerLane], c[kColumnsPerLane], acc = 0.f;
+#pragma unroll
+      for (int u = 0; u < kColumnsPerLane; ++u) {
+        const int j = lane + 32 * u;
+        p[u] = c[u] = 0.f;
+        if (j < np) {
+          c[u] = g.qk_norm ? ss[i * L.ldf + j] * inv_q * rx.inv_k[j] : ss[i * L.ldf + j];
+          const float s = packed_score(c[u], scale, bias_s, n, i, j, ti, info[j]);
+          p[u] = s > -INFINITY ? __expf(s - row_max) : 0.f;
+          acc += p[u] * dps[i * L.ldf + j];
+        }
+      }
+      const float delta = warp_sum(acc);
+#pragma unroll
+      for (int u = 0; u < kColumnsPerLane; ++u) {  // P, dS; bias gradient
+        const int j = lane + 32 * u;
+        if (j >= np) continue;
+        const float ds = p[u] * (dps[i * L.ldf + j] - delta);
+        ps[i * L.ldh + j] = Native<T>::from(p[u]);
+        dss[i * L.ldh + j] = Native<T>::from(ds);
+        if (extras) ss[i * L.ldf + j] = ds * c[u];  // this lane's own (i, j): read just above
+        if (bias_grad && i < n && j < n) dbias[i * n + j] += ds;  // one owner lane per (i, j)
+      }
     }
     __syncthreads();
     if (extras) {  // row and column sums of dS * C, each by one thread in a fixed order

@@ -21,8 +21,8 @@ CASES = backend_cases()
 
 # Inputs drawn fresh per test but the same in every run (conftest.py): the scale gradient is
 # a sum with heavy cancellation, and a draw that brings it near zero makes its relative error a
-# measure of that draw (the oracle below already takes the kernels' own saved output and
-# logsumexp into account).
+# measure of that draw (the oracle below already takes the kernels' own saved logsumexp into
+# account).
 pytestmark = pytest.mark.usefixtures("seeded_per_test")
 FUSED_CASES = backend_cases(include_reference=False)
 ORDERS = {False: "pad_then_roll", True: "roll_then_pad"}

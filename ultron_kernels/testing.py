@@ -54,7 +54,7 @@ def parity(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
     scale = expected.abs().max().item() if expected.numel() else 0.0
     max_abs = (actual - expected).abs().max().item() if expected.numel() else 0.0
     # Inputs are O(1); a result that is exactly zero in float64 (a one-token window's dk and
-    # dbias: dO.V - dO.O cancels) still carries the rounding of its O(1)..O(D) intermediates,
+    # dbias: dO.V - delta cancels) still carries the rounding of its O(1)..O(D) intermediates,
     # so the max-abs bound never drops below the dtype's fraction of 1.
     return Parity(relative, max_abs, rel_tol, abs_frac * max(scale, 1.0),
                   bool(torch.isfinite(actual).all()))

@@ -270,7 +270,7 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     (with a backward when ``needs_grad``), or None. The op asks at each call; the Swin
     adapters ask when they convert, so that a swapped model never meets a limit at its first
     forward."""
-    if backend == "reference":
+    if backend in ("reference", "auto"):  # auto takes, per call, a backend that can run it
         return None
     if head_dim not in FUSED_HEAD_DIMS:
         return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"

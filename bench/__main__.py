@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -167,28 +168,42 @@ def model_rows(device: torch.device, config: str = "ultron_s", batch: int = 32, 
 EXTRACTION = {"quick": ("ultron_s", 16, 512), "tiny": ("ultron_tiny", 2, 64)}
 
 
-# timm models, whole-model: (timm name, timm keyword arguments, batch, image size). Swin: the
-# window attention; the convnets: the grouped depthwise convolution (MixNet, InceptionNeXt).
+# Whole models: (timm name, or "module:callable" for another library's builder; keyword
+# arguments; batch; image size, or (T, H, W) for a clip). Swin: the window attention (Video
+# Swin: 3D windows); the convnets: the grouped depthwise convolution (MixNet, InceptionNeXt).
 SWIN_MODELS = {
-    "quick": [("swin_tiny_patch4_window7_224", {}, 64, 224), ("swinv2_tiny_window8_256", {}, 64, 256)],
+    "quick": [("swin_tiny_patch4_window7_224", {}, 64, 224), ("swinv2_tiny_window8_256", {}, 64, 256),
+              ("torchvision.models.video:swin3d_t", dict(num_classes=400), 8, (16, 224, 224))],
     "tiny": [("swin_tiny_patch4_window7_224",
               dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(1, 2), num_classes=10), 2, 56)],
 }
+VIDEO_SWIN_TINY = ("torchvision.models.video.swin_transformer:SwinTransformer3d",
+                   dict(patch_size=[2, 4, 4], embed_dim=32, depths=[2, 2], num_heads=[1, 2],
+                        window_size=[4, 4, 4], num_classes=10, stochastic_depth_prob=0.0), 1, (4, 16, 16))
 CONVNET_MODELS = {
     "quick": [("mixnet_s", {}, 128, 224), ("inception_next_tiny", {}, 128, 224)],
     "tiny": [("inception_next_atto", dict(num_classes=10), 2, 32)],
 }
 
 
+def create_model(name: str, kwargs: dict) -> torch.nn.Module:
+    """A timm model by name, or "module:callable" (e.g. torchvision.models.video:swin3d_t)."""
+    if ":" not in name:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    module, builder = name.split(":")
+    return getattr(importlib.import_module(module), builder)(**kwargs)
+
+
 def timm_model_rows(device: torch.device, models: list, backends: Optional[list[str]] = None,
                     modes: tuple = MODES) -> list[dict]:
-    """Inference and a training step of timm models: as they are (the peers) and swapped in to
+    """Inference and a training step of whole models (timm's, or torchvision's by builder;
+    create_model): as they are (the peers) and swapped in to
     each fused backend (``backends``; default: every available one); ``modes``: eagerly, and
     compiled (on a GPU only: on the CPU they would time Inductor's compile). bf16 autocast on a
     GPU, fp32 on the CPU. Each variant's logits are compared with the first variant's (eager,
     or compiled when only compiled runs: rel. err column)."""
-    import timm
-
     import ultron_kernels as uk
 
     gpu = device.type == "cuda"
@@ -198,9 +213,11 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
     rows = []
     for name, kwargs, batch, size in models:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kwargs).to(device)
-        images = torch.randn(batch, 3, size, size, device=device)
-        labels = torch.randint(0, model.num_classes, (batch,), device=device)
+        model = create_model(name, kwargs).to(device)
+        frames = size if isinstance(size, tuple) else (size, size)
+        images = torch.randn(batch, 3, *frames, device=device)
+        classes = getattr(model, "num_classes", None) or kwargs["num_classes"]
+        labels = torch.randint(0, classes, (batch,), device=device)
         # Every variant starts from the same state: a training step updates the batch-norm
         # statistics, which would change the next variant's logits.
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -233,7 +250,8 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
             eager_logits = logits if eager_logits is None else eager_logits
             err = ((logits - eager_logits).norm() / eager_logits.norm()).item()
             for direction, fn in (("inference", infer), ("train step", train_step)):
-                row = dict(op=name, shape=f"B{batch} {size}x{size}", dtype="bf16-autocast" if gpu else "fp32",
+                row = dict(op=name, shape=f"B{batch} {'x'.join(map(str, frames))}",
+                           dtype="bf16-autocast" if gpu else "fp32",
                            layout="-", direction=direction, variant=variant, rel_err_vs_eager=err,
                            note=f"{swapped} modules swapped" if backend else "")
                 try:

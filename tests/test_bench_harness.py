@@ -64,6 +64,18 @@ def test_swin_model_rows_run_on_the_cpu():
     assert all(r["note"] == "4 modules swapped" for r in rows if r["variant"].startswith("ours")), rows
 
 
+def test_video_swin_model_rows_run_on_the_cpu():
+    """A torchvision model by builder (a small SwinTransformer3d on a 4 x 16 x 16 clip: 3D
+    windows), through the CUDA simulation: every variant runs and computes eager's logits."""
+    from bench.__main__ import VIDEO_SWIN_TINY, timm_model_rows
+
+    rows = timm_model_rows(torch.device("cpu"), [VIDEO_SWIN_TINY], backends=["cuda"])
+    assert {r["shape"] for r in rows} == {"B1 4x16x16"}, rows
+    assert all(r["ms"] is not None for r in rows), [r for r in rows if r["ms"] is None]
+    assert all(r["rel_err_vs_eager"] < 1e-4 for r in rows), rows
+    assert all(r["note"] == "4 modules swapped" for r in rows if r["variant"].startswith("ours")), rows
+
+
 def test_convnet_model_rows_run_on_the_cpu():
     """The whole-model convnet case (timm, tiny preset: InceptionNeXt-atto at 32x32, batch-norm
     statistics restored between variants): the same checks, with every token mixer swapped.

@@ -48,11 +48,12 @@ def _original_and_copy(build, size):
     return original, copy.deepcopy(original)
 
 
-def _compare(swapped, original, size, dtype):
+def _compare(swapped, original, size, dtype, batch=2):
     """The swapped model in ``dtype`` against the original in float64 (helpers; Swin V2's
     logit-scale gradient is held as conditioned: see helpers.assert_parity_or_as_conditioned)."""
     torch.manual_seed(1)
-    assert_swapped_model_matches(swapped, original, torch.randn(2, 3, size, size), torch.randn(2, 10), dtype)
+    assert_swapped_model_matches(swapped, original, torch.randn(batch, 3, size, size), torch.randn(batch, 10),
+                                 dtype)
 
 
 @pytest.mark.parametrize("library", sorted(MODELS))
@@ -195,7 +196,8 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
         assert all("tokens" in why or "bytes of shared memory per block" in why for why in reasons), str(report)
     else:
         assert len(report.swapped) == (2 if over else 4), str(report)
-    _compare(swapped, original, size, torch.float64 if backend == "reference" else torch.float32)
+    # One image: window 24 is 9 x 9 tile pairs per window and head in the interpreter.
+    _compare(swapped, original, size, torch.float64 if backend == "reference" else torch.float32, batch=1)
 
 
 video_swin = pytest.importorskip("torchvision.models.video.swin_transformer")

@@ -184,19 +184,37 @@ def test_no_tensor_cores_before_sm80(monkeypatch):
     assert not [line for line in log if "_tc_kernel" in line], log
 
 
-@pytest.mark.parametrize("arch,fits", [("90", True), ("86", False)])
-def test_shared_memory_limit_follows_the_architecture(arch, fits, monkeypatch):
-    """8 x 8 windows, head_dim 128, fp32 (SIMT): the backward needs 160 KB per block, within
-    sm_90's 227 KB and over sm_86's 99 KB; the backend then says so before launching."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("bias_kind", ["table", "dense"])
+def test_attention_streamed_path(dtype, bias_kind, monkeypatch):
+    """Windows whose one-block tiles do not fit the device stream 32-token tiles: 17 x 17 = 289
+    tokens at head_dim 64 need 156 KB (forward) and 1.3 MB (backward) as one tile, over a
+    simulated sm_86's 99 KB. Ten tiles per window, the last one partial; both axes shifted and
+    padded; two heads. The forward, the dq kernel, then the dk/dv kernel."""
+    monkeypatch.setenv("ULTRON_KERNELS_CUDA_SIM_ARCH", "86")
+    log = attention_case((1, 20, 19), 2, 64, (17, 17), (5, 8), dtype, bias_kind)
+    t = TYPE_NAMES[dtype]
+    kernels = ("window_attn_fwd_streamed_kernel", "window_attn_bwd_dq_streamed_kernel",
+               "window_attn_bwd_dkdv_streamed_kernel")
+    assert [line.split(" grid=")[0] for line in log] == [f"{kernel}<{t}, false>" for kernel in kernels], log
+
+
+@pytest.mark.parametrize("arch,path", [("90", "one tile"), ("86", "streamed"), ("75", None)])
+def test_shared_memory_limit_follows_the_architecture(arch, path, monkeypatch):
+    """8 x 8 windows, head_dim 128, fp32 (SIMT): the backward needs 160 KB per block as one
+    tile, within sm_90's 227 KB; over sm_86's 99 KB it streams its tiles (82 KB). On sm_75's
+    64 KB even the streamed forward (67456 bytes) does not fit: the backend says so before
+    launching."""
     monkeypatch.setenv("ULTRON_KERNELS_CUDA_SIM_ARCH", arch)
-    q, k, v = (torch.randn(1, 8, 8, 1, 128, requires_grad=True) for _ in range(3))
-    if fits:
-        out = uk.window_attention(q, k, v, 8, 0, None, backend="cuda")
-        out.sum().backward()
-        assert torch.isfinite(q.grad).all()
-    else:
-        with pytest.raises(uk.BackendUnavailableError, match="shared memory"):
+    if path is None:
+        q, k, v = (torch.randn(1, 8, 8, 1, 128, requires_grad=True) for _ in range(3))
+        with pytest.raises(uk.BackendUnavailableError, match="67456 bytes of shared memory per block in the CUDA "
+                                                             "kernels' streamed tiles"):
             uk.window_attention(q, k, v, 8, 0, None, backend="cuda")
+        return
+    log = attention_case((1, 8, 8), 1, 128, (8, 8), (0, 0), torch.float32, None)
+    streamed = [line for line in log if "_streamed_kernel" in line]
+    assert len(streamed) == (2 if path == "streamed" else 0), log  # the backward's two kernels
 
 
 # Mixed kernel shapes run the same kernels with the shape read at run time (K = 0): an identity

@@ -112,13 +112,15 @@ def test_what_is_left_alone_says_why_and_non_candidates_are_not_listed(device, b
 
 
 def test_recognised_operators_we_do_not_run_are_named_in_one_line():
-    """timm's Swin V2-CR attention, and Video Swin's 3D attention on the CUDA backend (its
-    8 x 7 x 7 windows are over the CUDA kernels' 256 tokens): recognised, left alone, one line
-    each with the reason."""
-    from torchvision.models.video import swin3d_t
+    """timm's Swin V2-CR attention, and Video Swin's 3D attention on a fused backend when its
+    head dim has no kernel (embed_dim 40: head_dim 40): recognised, left alone, one line each
+    with the reason."""
+    from torchvision.models.video import SwinTransformer3d
 
+    video = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=40, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8],
+                              window_size=[8, 7, 7])
     for model, backend, kind, why in (
-            (swin3d_t(), "cuda", "ShiftedWindowAttention3d", "window (8, 7, 7) has 392 tokens; the cuda kernels run windows of at most 256"),
+            (video, "cuda", "ShiftedWindowAttention3d", "head_dim 40 is not one of the fused head dims"),
             (timm.create_model("swinv2_cr_tiny_ns_224", pretrained=False), "auto", "WindowMultiHeadAttention",
              "not supported yet")):
         report = uk.swap_in(model, backend)

@@ -166,9 +166,10 @@ def test_swapped_model_trains_under_ddp(tmp_path):
         dist.destroy_process_group()
 
 
-# Swin V2 at the CUDA kernels' window limit (16 x 16 = 256 tokens) and over it (24 x 24 =
-# 576, timm's swinv2_*_window12to24_192to384; Triton runs up to 4096): (timm name, image
-# size, window of stage 1).
+# Swin V2 with windows of one tile on the CUDA kernels (16 x 16 = 256 tokens, whose backward
+# there streams its tiles) and of several (24 x 24 = 576, timm's
+# swinv2_*_window12to24_192to384; both fused backends run up to 4096): (timm name, image size,
+# window of stage 1).
 AT_THE_LIMIT = {"window16": ("swinv2_tiny_window16_256", 64, 16),
                 "window24": ("swinv2_base_window12to24_192to384", 96, 24)}
 
@@ -192,10 +193,7 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
     reasons = [why for _, _, why in report.skipped]
     assert sum(f"window ({window}, {window}) has {window * window} tokens" in why for why in reasons) == \
         (2 if over else 0), str(report)
-    if backend == "cuda":  # its backward holds the window in shared memory: 16 x 16 does not fit
-        assert all("tokens" in why or "bytes of shared memory per block" in why for why in reasons), str(report)
-    else:
-        assert len(report.swapped) == (2 if over else 4), str(report)
+    assert len(report.swapped) == (2 if over else 4), str(report)
     # One image: window 24 is 9 x 9 tile pairs per window and head in the interpreter.
     _compare(swapped, original, size, torch.float64 if backend == "reference" else torch.float32, batch=1)
 

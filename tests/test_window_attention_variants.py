@@ -141,6 +141,15 @@ def test_variant_parity_half(device, backend, dtype, shape, window, shift, qk_no
     check_variant(device, backend, shape, window, shift, dtype, qk_norm, pad, roll_first)
 
 
+@pytest.mark.parametrize("device,backend", [c for c in FUSED_CASES if c.values[1] == "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_streamed_variant_parity_half(device, backend, dtype):
+    """The CUDA kernels' streamed tiles (221 tokens: as one tile, the backward needs 853 KB of
+    shared memory) with every option, in 16-bit: the SIMT kernels read 16-bit rows into
+    float tiles. (float32 runs in test_variant_parity_float32.)"""
+    check_variant(device, backend, *VARIANTS[6][:3], dtype, *VARIANTS[6][3:])
+
+
 @pytest.mark.parametrize("device,backend", FUSED_CASES)
 @pytest.mark.parametrize("window,grid", [((4, 4), (9, 11)), ((9, 9), (11, 10))], ids=["one-block", "several-blocks"])
 def test_half_gradients_without_saved_output(device, backend, window, grid):

@@ -15,17 +15,20 @@ namespace {
 constexpr int kFwdThreads = 128;
 constexpr int kBwdThreads = 256;
 
-// A window's rows -> shared memory (float); padding rows take pad_row (the head's pad
-// vector) when given, else zeros.
+// Rows first..first+count-1 of a window -> shared memory (float, row stride head_dim + 1:
+// column reads hit distinct banks); padding rows take pad_row (the head's pad vector) when
+// given, else zeros, and rows past the window zeros. The defaults load the whole window.
 template <bool kVideo, typename T>
 __device__ void load_rows(float* dst, const T* src, const Strides& s, const Geometry& g,
-                          int64_t window, int head, const T* pad_row = nullptr) {
-  const int ld = g.head_dim + 1;  // +1 float per row: column reads hit distinct banks
-  for (int e = threadIdx.x; e < g.tokens * g.head_dim; e += blockDim.x) {
+                          int64_t window, int head, const T* pad_row = nullptr, int first = 0,
+                          int count = -1) {
+  const int ld = g.head_dim + 1;
+  if (count < 0) count = g.tokens;
+  for (int e = threadIdx.x; e < count * g.head_dim; e += blockDim.x) {
     const int t = e / g.head_dim, d = e % g.head_dim;
-    const Token tok = token_of<kVideo>(g, window, t);
+    const Token tok = token_of<kVideo>(g, window, first + t);
     dst[t * ld + d] = tok.real ? static_cast<float>(src[offset(s, tok, head) + d])
-                               : (pad_row != nullptr ? static_cast<float>(pad_row[d]) : 0.f);
+                               : (pad_row != nullptr && tok.inside ? static_cast<float>(pad_row[d]) : 0.f);
   }
 }
 

@@ -1,6 +1,7 @@
 // Window attention (Swin W-MSA / SW-MSA), forward and backward: host checks and dispatch.
 // The kernels are in geometry.cuh (where each token lies), simt.cuh (CUDA cores: float32 and
-// larger windows) and tensor_core.cuh (fp16/bf16 windows of up to 128 tokens, wmma).
+// larger windows), tensor_core.cuh (fp16/bf16 windows of up to 128 tokens, wmma) and
+// streamed.cuh (windows whose tiles do not fit one block's shared memory, up to 64x64).
 //
 // Padding, the cyclic shift, the region mask and the relative-position-bias gather are index
 // arithmetic; q/k/v are read through their strides (views of a packed qkv tensor).
@@ -11,7 +12,7 @@
 // (q and k rows normalised in shared memory after loading: no normalised copy in global
 // memory), padded keys that take per-head vectors (with their gradients) and timm's
 // roll-then-pad order. The scale and pad-vector gradients are per-block partials too.
-#include "simt.cuh"
+#include "streamed.cuh"
 #include "tensor_core.cuh"
 
 #include <cmath>
@@ -213,6 +214,26 @@ int windows_per_block(int64_t windows, int heads, int blocks_per_sm) {
   return checked_int(std::max<int64_t>(1, ceil_div(windows, runs)), "windows per block");
 }
 
+// A window whose one-block tiles need more shared memory than the device has (one_block
+// bytes) streams its tiles instead (streamed.cuh): these kernels must then fit.
+void check_streamed(const Geometry& g, std::initializer_list<int> kernels, size_t one_block, const char* op) {
+  const int64_t limit = current_device().smem_optin;
+  TORCH_CHECK_VALUE(g.head_dim <= kStreamMaxDim, op, ": a window of ", g.tokens, " tokens needs ", one_block,
+                    " bytes of shared memory per block in one tile, over this device's ", limit,
+                    "; the streamed kernels take head_dim <= ", kStreamMaxDim, ", got ", g.head_dim);
+  for (int kernel : kernels) {
+    const size_t need = streamed_smem_bytes(g.head_dim, kernel);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(need) <= limit, op, ": a window of ", g.tokens, " tokens with head_dim ",
+                      g.head_dim, " needs ", one_block, " bytes of shared memory per block in one tile and ", need,
+                      " streamed; this device allows ", limit);
+  }
+}
+
+// The streamed backward's bias-gradient partials are (runs, heads, N, N) float32: runs are
+// capped so that they stay within this many bytes (one run at least: the size of a dense
+// bias's own gradient), as in the Triton backward.
+constexpr int64_t kBiasPartialsBytes = int64_t(256) << 20;
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
@@ -263,6 +284,21 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     return {out_in, lse_in};
   }
   const size_t smem = fwd_smem_bytes(g);
+  if (static_cast<int64_t>(smem) > current_device().smem_optin) {
+    check_streamed(g, {kStreamFwd}, smem, "window_attention_fwd");
+    const int q_tiles = static_cast<int>(ceil_div(g.tokens, kStreamTile));
+    const dim3 grid(checked_int(windows * q_tiles, "windows x query tiles"), g.heads);
+    dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_frames(video, [&](auto frames) {
+        launch<window_attn_fwd_streamed_kernel<T, decltype(frames)::value>>(
+            grid, kStreamThreads, streamed_smem_bytes(g.head_dim, kStreamFwd), q.data_ptr<T>(), k.data_ptr<T>(),
+            v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
+            strides_of(k), strides_of(v), strides_of(out), strides_of(lse), opt.view<T>(), q_tiles);
+      });
+    });
+    return {out_in, lse_in};
+  }
   const dim3 grid(static_cast<unsigned>(windows), g.heads);
   dispatch_float_types(q.scalar_type(), "window_attention_fwd", [&](auto tag) {
     using T = decltype(tag);
@@ -311,14 +347,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dq = as_volume(dq_in, video), dk = as_volume(dk_in, video), dv = as_volume(dv_in, video);
   const int64_t windows = q.size(0) * g.win_t * g.win_h * g.win_w;
   TORCH_CHECK_VALUE(g.heads <= 65535, "window_attention_bwd: at most 65535 heads, got ", g.heads);
+  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
+  const bool extras = qk_norm || scale_grad;
+  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad, extras).bytes;
+  const bool half = q.scalar_type() == at::kHalf;
+  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
+                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
+  const size_t smem = bwd_smem_bytes(g, bias_grad, extras);
+  const bool streamed = !tensor_cores && static_cast<int64_t>(smem) > current_device().smem_optin;
+  if (streamed) check_streamed(g, {kStreamDq, kStreamDkdv}, smem, "window_attention_bwd");
+  // Tiles per window on the streamed path (one otherwise): its blocks and scale partials
+  // are per query tile, its pad partials per key tile.
+  const int tiles = streamed ? static_cast<int>(ceil_div(g.tokens, kStreamTile)) : 1;
   // Runs of windows per block: enough blocks to fill the GPU a few times, fewer bias partials.
-  const int per_block = windows > 0 ? windows_per_block(windows, g.heads, 8) : 1;
+  int per_block = windows > 0 ? windows_per_block(windows, g.heads * tiles, 8) : 1;
+  if (windows > 0 && streamed && bias_grad) {
+    const int64_t most_runs = std::max<int64_t>(1, kBiasPartialsBytes / (4 * int64_t(g.heads) * g.tokens * g.tokens));
+    per_block = std::max(per_block, checked_int(ceil_div(windows, most_runs), "windows per block"));
+  }
   const int64_t runs = windows > 0 ? ceil_div(windows, per_block) : 0;
   const at::TensorOptions partial = q.options().dtype(at::kFloat);
   const int64_t blocks = std::max<int64_t>(runs, 1);
+  const int64_t pad_partials = streamed ? std::max<int64_t>(windows * tiles, 1) : blocks;
   at::Tensor dbias = bias_grad ? at::zeros({blocks, g.heads, g.tokens, g.tokens}, partial) : at::empty({0}, partial);
-  at::Tensor dscale = scale_grad ? at::zeros({std::max<int64_t>(windows, 1), g.heads}, partial) : at::empty({0}, partial);
-  at::Tensor dpad = pad_grad ? at::zeros({blocks, g.heads, 2, g.head_dim}, partial) : at::empty({0}, partial);
+  at::Tensor dscale = scale_grad ? at::zeros({std::max<int64_t>(windows * tiles, 1), g.heads}, partial)
+                                 : at::empty({0}, partial);
+  at::Tensor dpad = pad_grad ? at::zeros({pad_partials, g.heads, 2, g.head_dim}, partial) : at::empty({0}, partial);
   // The per-block partials summed in a fixed order: deterministic.
   auto result = [&] {
     return std::make_tuple(dq_in, dk_in, dv_in, bias_grad ? dbias.sum(0) : dbias, scale_grad ? dscale.sum(0) : dscale,
@@ -331,16 +386,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dv_in.zero_();
     return result();
   }
-  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const dim3 grid(checked_int(runs, "window runs"), g.heads);
   float* dbias_ptr = bias_grad ? dbias.data_ptr<float>() : nullptr;
   const ExtraGrads extra{scale_grad ? dscale.data_ptr<float>() : nullptr, pad_grad ? dpad.data_ptr<float>() : nullptr};
-  const bool extras = qk_norm || scale_grad;
-  const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad, extras).bytes;
-  const bool half = q.scalar_type() == at::kHalf;
-  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
-                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
+  if (streamed) {  // the dq kernel (which stores delta), then the dk/dv kernel
+    at::Tensor delta_in = at::empty(lse_in.sizes(), partial);
+    const at::Tensor delta = as_volume(delta_in, video);
+    const dim3 dq_grid(checked_int(runs * tiles, "window runs x query tiles"), g.heads);
+    const dim3 dkdv_grid(checked_int(windows * tiles, "windows x key tiles"), g.heads);
+    dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_frames(video, [&](auto frames) {
+        constexpr bool kVideo = decltype(frames)::value;
+        launch<window_attn_bwd_dq_streamed_kernel<T, kVideo>>(
+            dq_grid, kStreamThreads, streamed_smem_bytes(g.head_dim, kStreamDq), q.data_ptr<T>(), k.data_ptr<T>(),
+            v.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(),
+            delta.data_ptr<float>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(lse),
+            strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dscale, windows, per_block, tiles);
+        launch<window_attn_bwd_dkdv_streamed_kernel<T, kVideo>>(
+            dkdv_grid, kStreamDkdvThreads, streamed_smem_bytes(g.head_dim, kStreamDkdv), q.data_ptr<T>(),
+            k.data_ptr<T>(), v.data_ptr<T>(), lse.data_ptr<float>(), delta.data_ptr<float>(), grad_out.data_ptr<T>(),
+            bias_ptr, kind, dk.data_ptr<T>(), dv.data_ptr<T>(), g, strides_of(q), strides_of(k), strides_of(v),
+            strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dpad, tiles);
+      });
+    });
+    return result();
+  }
   if (tensor_cores) {
     const bool vec = rows_are_16_byte_aligned({&q, &k, &v, &grad_out, &dq}) && pads_are_16_byte_aligned(opt);
     auto run = [&](auto tag) {
@@ -357,7 +428,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     else run(at::BFloat16{});
     return result();
   }
-  const size_t smem = bwd_smem_bytes(g, bias_grad, extras);
   dispatch_float_types(q.scalar_type(), "window_attention_bwd", [&](auto tag) {
     using T = decltype(tag);
     dispatch_frames(video, [&](auto frames) {

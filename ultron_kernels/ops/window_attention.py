@@ -22,11 +22,14 @@ from ultron_kernels.reference.window_attention import window_attention_reference
 OP_NAME = "window_attention"
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Tokens per window each fused backend runs. The CUDA kernels hold one window in one block's
-# shared memory. The Triton kernels stream windows of more than one tile in blocks (up to
-# SAM's 64x64 whole-image attention); past that, the bias-gradient partials and a dense
-# bias are gigabytes per head. Larger windows run on the reference backend.
-MAX_FUSED_WINDOW_TOKENS = {"triton": 4096, "cuda": 256}
+# Tokens per window each fused backend runs: up to SAM's 64x64 whole-image attention. Windows
+# of more than one tile are streamed in blocks (Triton) or tiles (CUDA, where a window whose
+# one-block tiles do not fit the device's shared memory is streamed); past that, the
+# bias-gradient partials and a dense bias are gigabytes per head. Larger windows run on the
+# reference backend.
+MAX_FUSED_WINDOW_TOKENS = {"triton": 4096, "cuda": 4096}
+# Tokens per tile of the CUDA streamed kernels (csrc/window_attention/streamed.cuh).
+CUDA_STREAM_TILE = 32
 BIAS_NONE, BIAS_TABLE, BIAS_DENSE = 0, 1, 2
 
 Pair = Union[int, Sequence[int]]
@@ -264,6 +267,17 @@ def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_gr
                 + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0) + 2 * tokens)
 
 
+def cuda_streamed_shared_memory_bytes(head_dim: int, backward: bool) -> int:
+    """Shared memory of the CUDA streamed kernels (streamed_smem_bytes in
+    csrc/window_attention/streamed.cuh): the forward's, or the larger of the backward's dq and
+    dk/dv kernels'."""
+    tile, rows = CUDA_STREAM_TILE, CUDA_STREAM_TILE * (head_dim + 1)
+    if not backward:
+        return 4 * (3 * rows + tile * head_dim + 8 * tile + 128)
+    return 4 * max(4 * rows + tile * head_dim + 11 * tile + 128,
+                   4 * rows + 3 * tile * (tile + 1) + 11 * tile)
+
+
 def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, device: torch.device,
                        needs_grad: bool = True, bias_grad: bool = True, extras: bool = False) -> Optional[str]:
     """Why ``backend`` cannot run windows of this size (2D or 3D) and head dim on ``device``
@@ -283,12 +297,14 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     # names the limit); importing torch._dynamo here would import triton too early for
     # TRITON_INTERPRET to take effect.
     if backend == "cuda" and device.type != "meta" and not torch.compiler.is_compiling():
-        need = max(cuda_shared_memory_bytes(tokens, head_dim, False, False),
-                   cuda_shared_memory_bytes(tokens, head_dim, needs_grad, bias_grad, extras))
         limit = _cuda.shared_memory_per_block(device)
-        if need > limit:
-            return (f"window {tuple(window)} with head_dim {head_dim} needs {need} bytes of shared "
-                    f"memory per block in the CUDA kernels; the device allows {limit}")
+        for backward in (False, True) if needs_grad else (False,):
+            one_tile = cuda_shared_memory_bytes(tokens, head_dim, backward, bias_grad, extras)
+            streamed = cuda_streamed_shared_memory_bytes(head_dim, backward)
+            if one_tile > limit and streamed > limit:
+                return (f"window {tuple(window)} with head_dim {head_dim} needs {streamed} bytes "
+                        f"of shared memory per block in the CUDA kernels' streamed tiles "
+                        f"({one_tile} as one tile); the device allows {limit}")
     return None
 
 
@@ -314,9 +330,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
             and dtype, last dim contiguous (views into a packed (..., 3, heads, D) tensor work
             without copies).
         window_size: int or (wh, ww); int or (wt, wh, ww) for 3D. The fused backends run up
-            to ``MAX_FUSED_WINDOW_TOKENS`` tokens per window (Triton 4096, CUDA 256; 3D on
-            Triton). Each axis is padded at its end to whole windows; padded positions are
-            not keys (see ``pad_kv``) and their outputs are dropped.
+            to ``MAX_FUSED_WINDOW_TOKENS`` (4096) tokens per window. Each axis is padded at its
+            end to whole windows; padded positions are not keys (see ``pad_kv``) and their
+            outputs are dropped.
         shift_size: int or one value per axis, 0 <= shift < window: Swin's shifted windows
             (roll by minus the shift, attend within regions, roll back).
         rel_pos_bias: None, a relative position table (((2wh-1)*(2ww-1), heads) indexed

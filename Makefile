@@ -32,7 +32,7 @@ $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
-	$(PIP) install -q numpy pytest hypothesis pytest-benchmark ninja matplotlib tqdm scikit-image timm faiss-cpu
+	$(PIP) install -q numpy pytest pytest-xdist hypothesis pytest-benchmark ninja matplotlib tqdm scikit-image timm faiss-cpu
 	touch $@
 
 venv: $(VENV)/.ready
@@ -66,7 +66,7 @@ cmake-build: venv
 
 test: build cmake-build
 	ULTRON_KERNELS_REQUIRE_EXTENSION=$$(command -v nvcc >/dev/null && echo 1 || echo 0) \
-	  $(PY) -m pytest -q --durations=25 tests
+	  $(PY) -m pytest -q -n 2 --durations=25 tests
 
 demo: build
 	$(PY) -m ultron demo

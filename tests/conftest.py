@@ -32,11 +32,17 @@ settings.register_profile("ultron", deadline=None, print_blob=True, derandomize=
 settings.load_profile("ultron")
 
 
-def pytest_collection_modifyitems(config, items):
-    from helpers import STATIC_GATES, start_static_gate
+# Under pytest-xdist (make test: two workers), each worker's torch gets its share of the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
-    for module in sorted({item.path.name for item in items} & set(STATIC_GATES)):
-        start_static_gate(module)
+
+def pytest_collection_modifyitems(config, items):
+    from helpers import STATIC_GATES, start_static_gate, starts_static_gates
+
+    if starts_static_gates():
+        for module in sorted({item.path.name for item in items} & set(STATIC_GATES)):
+            start_static_gate(module)
     # The gates' own tests wait for their compiles: run them last, the rest meanwhile.
     items.sort(key=lambda item: item.path.name in STATIC_GATES)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -7,10 +7,12 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -154,8 +156,9 @@ def poisoned_outputs():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The compile gates (tools/compile_*.py): test module -> the tool's arguments. Each runs in its
-# own process, started when its module is collected, so that it compiles on the second core
-# while the other tests run; its test module then waits for the result.
+# own process, started when its module is collected, so that it compiles while the other tests
+# run; its test module then waits for the result. Under pytest-xdist the first worker starts
+# them and any worker may wait: their files are per test run, not per process.
 STATIC_GATES = {
     "test_triton_compile.py": ["compile_triton.py", "--jobs", "2"],
     "test_cuda_compile.py": ["compile_cuda.py", "--jobs", "1",
@@ -164,30 +167,49 @@ STATIC_GATES = {
 _gates: dict = {}
 
 
+def starts_static_gates() -> bool:
+    """Whether this process starts the gates: without pytest-xdist it does; with it, worker gw0."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0"
+
+
+def _gate_files(module: str) -> tuple[str, str, str]:
+    """(JSON rows, log, exit status) of ``module``'s gate in this test run."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")
+    folder = os.path.join(tempfile.gettempdir(), f"ultron-static-gates-{run}")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, module.replace(".py", ""))
+    return stem + ".json", stem + ".log", stem + ".status"
+
+
 def start_static_gate(module: str) -> None:
     if module in _gates or (module == "test_cuda_compile.py" and shutil.which("nvcc") is None):
         return
     tool, *args = STATIC_GATES[module]
-    out = tempfile.NamedTemporaryFile(prefix=module.replace(".py", "-"), suffix=".json", delete=False)
-    out.close()
-    os.unlink(out.name)
+    out, log, status = _gate_files(module)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", tool), *args, "--json", out.name],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    _gates[module] = proc, out.name, log
+    command = shlex.join([sys.executable, os.path.join(ROOT, "tools", tool), *args, "--json", out])
+    # The exit status appears (renamed into place) only once the tool has ended: a waiting
+    # worker polls for it.
+    script = (f"{command} > {shlex.quote(log)} 2>&1; echo $? > {shlex.quote(status + '.part')}; "
+              f"mv {shlex.quote(status + '.part')} {shlex.quote(status)}")
+    _gates[module] = subprocess.Popen(["sh", "-c", script], env=env)
 
 
 def static_gate_rows(module: str, timeout: float = 1800) -> list[dict]:
     """The JSON rows of ``module``'s gate (started now if collection did not)."""
-    start_static_gate(module)
-    proc, out, log = _gates[module]
-    proc.wait(timeout=timeout)
+    if starts_static_gates():
+        start_static_gate(module)
+    out, log, status = _gate_files(module)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(status):
+        if time.monotonic() > deadline:
+            pytest.fail(f"tools/{STATIC_GATES[module][0]} did not finish within {timeout} s")
+        time.sleep(1)
     if not os.path.exists(out):
-        log.seek(0)
-        pytest.fail(f"tools/{STATIC_GATES[module][0]} produced nothing (exit {proc.returncode}):\n"
-                    + log.read()[-4000:])
+        with open(status) as f, open(log) as g:
+            pytest.fail(f"tools/{STATIC_GATES[module][0]} produced nothing (exit {f.read().strip()}):\n"
+                        + g.read()[-4000:])
     with open(out) as f:
         return json.load(f)
 

@@ -52,16 +52,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The per-call options every kernel takes: the (heads,) float scale and the (heads, D) pad
-// vectors (nullptr without pad_kv). The scale is a load, not a choice between a load and a
-// float argument: the select kept the value live through the tensor-core backward, which
-// then spilled at its 128-register bound (ptxas, sm_80 and sm_90).
+// The per-call options every kernel takes: the scale (a (heads,) float tensor, or nullptr for
+// one float for every head) and the (heads, D) pad vectors (nullptr without pad_kv).
 template <typename T>
 struct Options {
-  const float* scale;  // (heads,)
+  const float* scale;  // (heads,) or nullptr
+  float scale_value;   // without a tensor
   const T* k_pad;
   const T* v_pad;
 };
+
+template <typename T>
+__device__ __forceinline__ float head_scale(const Options<T>& opt, int head) {
+  return opt.scale != nullptr ? opt.scale[head] : opt.scale_value;
+}
 
 // Per-row values the backward keeps for the options (SIMT and tensor-core kernels): the
 // inverse norms and 'live' flags of the normalised q and k rows, and sum_j dS_ij C_ij and

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
   float* qrow = probs + n;
   const int64_t window = blockIdx.x;
   const int head = blockIdx.y;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr);
   load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr);
   __syncthreads();
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
 }
 
 template <typename T, bool kVideo>
-__global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
+__global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ lse, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kBwdThreads) window_attn_bwd_kernel(
   int* infos = reinterpret_cast<int*>(dbias + (dbias_partial != nullptr ? n * n : 0));
   int* tables = infos + n;
   const int head = blockIdx.y;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (dbias_partial != nullptr)
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) dbias[e] = 0.f;

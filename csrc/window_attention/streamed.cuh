@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
   const int64_t window = blockIdx.x / q_tiles;
   const int first_q = (blockIdx.x % q_tiles) * kStreamTile;
   const int head = blockIdx.y;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
   tile_infos<kVideo>(g, window, first_q, q_info, q_table);
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
   const int64_t run = blockIdx.x / q_tiles;
   const int tile = blockIdx.x % q_tiles, first_q = tile * kStreamTile;
   const int head = blockIdx.y;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   const int key_tiles = (g.tokens + kStreamTile - 1) / kStreamTile;
   float* run_dbias = dbias_partial != nullptr
                          ? dbias_partial + (run * gridDim.y + head) * static_cast<int64_t>(g.tokens) * g.tokens
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
   const int64_t window = blockIdx.x / k_tiles;
   const int first_k = (blockIdx.x % k_tiles) * kStreamTile;
   const int head = blockIdx.y;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   load_key_tile<kVideo>(ks, vs, k_info, k_table, k, v, sk, sv, g, opt, window, head, first_k);
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) dc_k[r] = 0.f;
   __syncthreads();

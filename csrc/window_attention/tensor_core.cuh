@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kTcThreads) window_attn_fwd_tc_kernel(
   int* info = t.info;
   int64_t* rows = t.rows;
   const int head = blockIdx.y, dim = g.head_dim;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kTcBwdThreads, 2) window_attn_bwd_tc_kernel(
   int* info = t.info;
   int64_t* rows = t.rows;
   const int head = blockIdx.y, n = g.tokens, dim = g.head_dim, np = L.np;
-  const float scale = opt.scale[head];
+  const float scale = head_scale(opt, head);
   const T* k_pad = g.has_pad ? opt.k_pad + head * dim : nullptr;
   const T* v_pad = g.has_pad ? opt.v_pad + head * dim : nullptr;
   float dk_pad_run = 0.f, dv_pad_run = 0.f;  // thread d < dim

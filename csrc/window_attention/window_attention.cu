@@ -127,21 +127,22 @@ size_t bwd_smem_bytes(const Geometry& g, bool bias_grad, bool extras) {
 }
 
 // The options as the kernels read them. scale: (heads,) floating -> float, contiguous; without
-// one, scale_value for every head (a (heads,) fill: the kernels read the scale from memory).
+// one, scale_value for every head (no tensor is made: no fill kernel per call).
 // k_pad, v_pad: both or neither, (heads, head_dim) in q's dtype, contiguous.
 struct CheckedOptions {
   at::Tensor scale, k_pad, v_pad;
+  float scale_value;
   template <typename T>
   Options<T> view() const {
-    return Options<T>{scale.data_ptr<float>(), k_pad.defined() ? k_pad.data_ptr<T>() : nullptr,
-                      v_pad.defined() ? v_pad.data_ptr<T>() : nullptr};
+    return Options<T>{scale.defined() ? scale.data_ptr<float>() : nullptr, scale_value,
+                      k_pad.defined() ? k_pad.data_ptr<T>() : nullptr, v_pad.defined() ? v_pad.data_ptr<T>() : nullptr};
   }
 };
 
 CheckedOptions check_options(const std::optional<at::Tensor>& scale, double scale_value,
                              const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
                              const at::Tensor& q, const Geometry& g) {
-  CheckedOptions opt{at::Tensor(), at::Tensor(), at::Tensor()};
+  CheckedOptions opt{at::Tensor(), at::Tensor(), at::Tensor(), 0.f};
   if (scale.has_value()) {
     check_device(*scale, "scale");
     TORCH_CHECK_VALUE(scale->device() == q.device(), "scale is on ", scale->device(), ", q on ", q.device());
@@ -152,7 +153,7 @@ CheckedOptions check_options(const std::optional<at::Tensor>& scale, double scal
     opt.scale = scale->to(at::kFloat).contiguous();
   } else {
     TORCH_CHECK_VALUE(std::isfinite(scale_value), "scale_value must be finite, got ", scale_value);
-    opt.scale = at::full({g.heads}, scale_value, q.options().dtype(at::kFloat));
+    opt.scale_value = static_cast<float>(scale_value);
   }
   TORCH_CHECK_VALUE(k_pad.has_value() == v_pad.has_value(), "k_pad and v_pad must be given together");
   if (!k_pad.has_value()) return opt;

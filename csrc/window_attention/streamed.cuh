@@ -54,6 +54,15 @@ __device__ void tile_infos(const Geometry& g, int64_t window, int first, int* in
 
 __device__ __forceinline__ bool is_query(int info) { return info >= 0 && info < kPadKey; }
 
+// The four int rows every streamed kernel keeps at the end of its shared memory: the packed
+// info and table coordinate of each token of its query tile and of its key tile.
+struct TileInfos {
+  int *q_info, *q_table, *k_info, *k_table;
+  __device__ explicit TileInfos(float* base)
+      : q_info(reinterpret_cast<int*>(base)), q_table(q_info + kStreamTile), k_info(q_table + kStreamTile),
+        k_table(k_info + kStreamTile) {}
+};
+
 // A key tile (K and V rows, padding rows with the head's pad vectors) and its infos.
 template <bool kVideo, typename T>
 __device__ void load_key_tile(float* ks, float* vs, int* info, int* table, const T* k, const T* v,
@@ -70,6 +79,21 @@ __device__ void load_key_tile(float* ks, float* vs, int* info, int* table, const
 __device__ __forceinline__ void normalise_tile(float* rows, int dim, float* inv, float* live) {
   row_inverse_norms(rows, dim + 1, kStreamTile, dim, inv, live, float_of);
   scale_rows(rows, dim + 1, kStreamTile, dim, inv, float_of, float_of);
+}
+
+// The next key tile of a stream, once every thread is done with the previous one: loaded,
+// normalised in place for cosine attention (inv, live: its norm scratch), then a barrier.
+template <bool kVideo, typename T>
+__device__ void stage_key_tile(float* ks, float* vs, const TileInfos& infos, float* inv, float* live, const T* k,
+                               const T* v, const Strides& sk, const Strides& sv, const Geometry& g,
+                               const Options<T>& opt, int64_t window, int head, int first) {
+  __syncthreads();
+  load_key_tile<kVideo>(ks, vs, infos.k_info, infos.k_table, k, v, sk, sv, g, opt, window, head, first);
+  __syncthreads();
+  if (g.qk_norm) {
+    normalise_tile(ks, g.head_dim, inv, live);
+    __syncthreads();
+  }
 }
 
 template <typename T, bool kVideo>
@@ -89,16 +113,13 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
   float* inv = row_sum + kStreamTile;  // norm scratch (qk_norm)
   float* live = inv + kStreamTile;
   float* probs = live + kStreamTile + warp * 32;
-  int* q_info = reinterpret_cast<int*>(live + kStreamTile + warps * 32);
-  int* q_table = q_info + kStreamTile;
-  int* k_info = q_table + kStreamTile;
-  int* k_table = k_info + kStreamTile;
+  const TileInfos infos(live + kStreamTile + warps * 32);
   const int64_t window = blockIdx.x / q_tiles;
   const int first_q = (blockIdx.x % q_tiles) * kStreamTile;
   const int head = blockIdx.y;
   const float scale = head_scale(opt, head);
   load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-  tile_infos<kVideo>(g, window, first_q, q_info, q_table);
+  tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
     row_max[r] = -INFINITY;
     row_sum[r] = 0.f;
@@ -109,20 +130,16 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
   const int key_tiles = (g.tokens + kStreamTile - 1) / kStreamTile;
   for (int kt = 0; kt < key_tiles; ++kt) {
     const int first_k = kt * kStreamTile;
-    __syncthreads();  // the previous key tile (and the query norms' scratch) is done with
-    load_key_tile<kVideo>(ks, vs, k_info, k_table, k, v, sk, sv, g, opt, window, head, first_k);
-    __syncthreads();
-    if (g.qk_norm) {
-      normalise_tile(ks, dim, inv, live);
-      __syncthreads();
-    }
+    // (the first barrier also ends the query tile's use of the norm scratch)
+    stage_key_tile<kVideo>(ks, vs, infos, inv, live, k, v, sk, sv, g, opt, window, head, first_k);
     for (int r = warp; r < kStreamTile; r += warps) {
-      if (!is_query(q_info[r])) continue;  // warp-uniform: padding and past-the-window rows
+      if (!is_query(infos.q_info[r])) continue;  // warp-uniform: padding and past-the-window rows
       float s = -INFINITY;
-      if (packed_pair_allowed(q_info[r], k_info[lane])) {
+      if (packed_pair_allowed(infos.q_info[r], infos.k_info[lane])) {
         float dot = 0.f;
         for (int d = 0; d < dim; ++d) dot += qs[r * ld + d] * ks[lane * ld + d];
-        s = dot * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, q_table[r], k_table[lane]);
+        s = dot * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, infos.q_table[r],
+                                  infos.k_table[lane]);
       }
       // Online softmax: the row's max so far, and its sum and accumulator rescaled to it.
       // A row with no allowed key yet keeps max -inf, sum 0 and accumulator 0.
@@ -148,7 +165,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
   }
   __syncwarp();
   for (int r = warp; r < kStreamTile; r += warps) {  // a warp finishes the rows it owns
-    if (!is_query(q_info[r])) continue;
+    if (!is_query(infos.q_info[r])) continue;
     const Token ti = token_of<kVideo>(g, window, first_q + r);
     const float total = row_sum[r];
     // A row whose every key is masked: output 0 and lse -inf, as on every backend.
@@ -181,13 +198,10 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
   float* inv_k = live_q + kStreamTile;
   float* live_k = inv_k + kStreamTile;
   float* ds_row = live_k + kStreamTile + warp * 32;
-  int* q_info = reinterpret_cast<int*>(live_k + kStreamTile + warps * 32);
-  int* q_table = q_info + kStreamTile;
-  int* k_info = q_table + kStreamTile;
-  int* k_table = k_info + kStreamTile;
+  const TileInfos infos(live_k + kStreamTile + warps * 32);
   const bool extras = g.qk_norm || dscale != nullptr;
   const int64_t run = blockIdx.x / q_tiles;
-  const int tile = blockIdx.x % q_tiles, first_q = tile * kStreamTile;
+  const int q_tile = blockIdx.x % q_tiles, first_q = q_tile * kStreamTile;
   const int head = blockIdx.y;
   const float scale = head_scale(opt, head);
   const int key_tiles = (g.tokens + kStreamTile - 1) / kStreamTile;
@@ -200,7 +214,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
     __syncthreads();  // the previous window's rows are written out
     load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
     load_rows<kVideo>(dos, grad_out, sdo, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-    tile_infos<kVideo>(g, window, first_q, q_info, q_table);
+    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
     for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
       const Token t = token_of<kVideo>(g, window, first_q + r);
       row_lse[r] = t.real ? lse[offset(sl, t, head)] : 0.f;
@@ -213,23 +227,17 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
     for (int pass = 0; pass < 2; ++pass) {  // 0: delta_i = sum_j P_ij dP_ij; 1: dS, dq, bias gradient
       for (int kt = 0; kt < key_tiles; ++kt) {
         const int first_k = kt * kStreamTile;
-        __syncthreads();
-        load_key_tile<kVideo>(ks, vs, k_info, k_table, k, v, sk, sv, g, opt, window, head, first_k);
-        __syncthreads();
-        if (g.qk_norm) {
-          normalise_tile(ks, dim, inv_k, live_k);
-          __syncthreads();
-        }
+        stage_key_tile<kVideo>(ks, vs, infos, inv_k, live_k, k, v, sk, sv, g, opt, window, head, first_k);
         for (int r = warp; r < kStreamTile; r += warps) {
-          if (!is_query(q_info[r])) continue;  // warp-uniform
+          if (!is_query(infos.q_info[r])) continue;  // warp-uniform
           float p = 0.f, dp = 0.f, c = 0.f;
-          if (packed_pair_allowed(q_info[r], k_info[lane])) {
+          if (packed_pair_allowed(infos.q_info[r], infos.k_info[lane])) {
             for (int d = 0; d < dim; ++d) {
               c += qs[r * ld + d] * ks[lane * ld + d];
               dp += dos[r * ld + d] * vs[lane * ld + d];
             }
-            const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, q_table[r],
-                                                k_table[lane]);
+            const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, infos.q_table[r],
+                                                infos.k_table[lane]);
             if (s > -INFINITY) p = __expf(s - row_lse[r]);  // a -inf bias masks the pair
           }
           if (pass == 0) {
@@ -257,7 +265,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
     }
     __syncwarp();
     for (int r = warp; r < kStreamTile; r += warps) {  // a warp finishes the rows it owns
-      if (!is_query(q_info[r])) continue;
+      if (!is_query(infos.q_info[r])) continue;
       const Token ti = token_of<kVideo>(g, window, first_q + r);
       for (int d = lane; d < dim; d += 32) {
         const float gq = acc[r * dim + d];
@@ -271,7 +279,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
       if (threadIdx.x == 0) {
         float sum = 0.f;
         for (int r = 0; r < kStreamTile; ++r) sum += row_dc[r];
-        dscale[(window * q_tiles + tile) * gridDim.y + head] = sum;
+        dscale[(window * q_tiles + q_tile) * gridDim.y + head] = sum;
       }
     }
   }
@@ -300,15 +308,12 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
   float* inv_k = live_q + kStreamTile;
   float* live_k = inv_k + kStreamTile;
   float* dc_k = live_k + kStreamTile;  // sum_i dS_ij C_ij
-  int* q_info = reinterpret_cast<int*>(dc_k + kStreamTile);
-  int* q_table = q_info + kStreamTile;
-  int* k_info = q_table + kStreamTile;
-  int* k_table = k_info + kStreamTile;
+  const TileInfos infos(dc_k + kStreamTile);
   const int64_t window = blockIdx.x / k_tiles;
   const int first_k = (blockIdx.x % k_tiles) * kStreamTile;
   const int head = blockIdx.y;
   const float scale = head_scale(opt, head);
-  load_key_tile<kVideo>(ks, vs, k_info, k_table, k, v, sk, sv, g, opt, window, head, first_k);
+  load_key_tile<kVideo>(ks, vs, infos.k_info, infos.k_table, k, v, sk, sv, g, opt, window, head, first_k);
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) dc_k[r] = 0.f;
   __syncthreads();
   if (g.qk_norm) normalise_tile(ks, dim, inv_k, live_k);  // read after the query loop's barriers
@@ -323,7 +328,7 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
     __syncthreads();
     load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
     load_rows<kVideo>(dos, grad_out, sdo, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-    tile_infos<kVideo>(g, window, first_q, q_info, q_table);
+    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
     for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
       const Token t = token_of<kVideo>(g, window, first_q + r);
       row_lse[r] = t.real ? lse[offset(sl, t, head)] : 0.f;
@@ -337,13 +342,14 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
     for (int e = threadIdx.x; e < kStreamTile * kStreamTile; e += blockDim.x) {
       const int i = e / kStreamTile, j = e % kStreamTile;
       float p = 0.f, ds = 0.f, c = 0.f;
-      if (packed_pair_allowed(q_info[i], k_info[j])) {
+      if (packed_pair_allowed(infos.q_info[i], infos.k_info[j])) {
         float dp = 0.f;
         for (int d = 0; d < dim; ++d) {
           c += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + i, first_k + j, q_table[i], k_table[j]);
+        const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + i, first_k + j, infos.q_table[i],
+                                            infos.k_table[j]);
         if (s > -INFINITY) p = __expf(s - row_lse[i]);
         ds = p * (dp - row_delta[i]);
       }

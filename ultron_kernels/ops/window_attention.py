@@ -181,7 +181,8 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 SHIFT_ORDERS = ("pad_then_roll", "roll_then_pad")
 
 
-def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pad_kv, shift_order):
+def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pad_kv, shift_order,
+              rel_pos=None):
     check_tensor("q", q)
     if q.dim() not in (5, 6):
         raise ValueError(f"q: expected a 5-D (B, H, W, heads, D) or 6-D (B, T, H, W, heads, D) "
@@ -244,7 +245,29 @@ def _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale, qk_norm, pa
             _check_floating_on(name, t, q.device)
     if shift_order not in SHIFT_ORDERS:
         raise ValueError(f"shift_order must be one of {SHIFT_ORDERS}, got {shift_order!r}")
+    if rel_pos is not None:
+        _check_rel_pos(rel_pos, window, head_dim, qk_norm, q.device)
     return window, shift, kind, scale
+
+
+def _check_rel_pos(rel_pos, window, head_dim: int, qk_norm: bool, device: torch.device) -> None:
+    """rel_pos: (rel_pos_h, rel_pos_w), floating, on q's device, (2 wh - 1, D) and (2 ww - 1, D)."""
+    if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
+        raise TypeError(f"rel_pos must be None or a pair (rel_pos_h, rel_pos_w) of tensors, got "
+                        f"{type(rel_pos).__name__}")
+    if len(window) != 2:
+        raise ValueError(f"rel_pos: the decomposed relative position is defined for 2D windows, got "
+                         f"window {window}")
+    if qk_norm:
+        raise ValueError("rel_pos: the decomposed relative position takes q as given; it is not "
+                         "defined with qk_norm=True")
+    for name, t, size in zip(("rel_pos[0] (rel_pos_h)", "rel_pos[1] (rel_pos_w)"), rel_pos, window):
+        check_tensor(name, t)
+        if tuple(t.shape) != (2 * size - 1, head_dim):
+            raise ValueError(f"{name}: expected shape (2 * {size} - 1, head_dim) = "
+                             f"{(2 * size - 1, head_dim)}, got {tuple(t.shape)} (timm's get_rel_pos "
+                             "resizes a table of another length before the call)")
+        _check_floating_on(name, t, device)
 
 
 def _check_floating_on(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -309,10 +332,12 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
 
 
 def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias_grad: bool,
-                  extras: bool):
+                  extras: bool, rel_pos: bool = False):
     def reason(backend: str) -> Optional[str]:
         if backend != "reference" and q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
+        if backend != "reference" and rel_pos:
+            return "the decomposed relative position (rel_pos) runs on the reference backend only"
         return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras)
     return reason
 
@@ -321,6 +346,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
                      shift_size: Pair = 0, rel_pos_bias: Optional[torch.Tensor] = None,
                      scale: Union[float, torch.Tensor, None] = None, *, qk_norm: bool = False,
                      pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                     rel_pos: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                      shift_order: str = "pad_then_roll", backend: str = "auto") -> torch.Tensor:
     """Self-attention inside windows of a (B, H, W) grid (Swin) or a (B, T, H, W) video
     (Video Swin), with shifted windows.
@@ -345,6 +371,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         pad_kv: (k_pad, v_pad), each (heads, D): padded positions become keys with these
             values, as when a zero-padded input goes through a qkv projection with bias (what
             timm, torchvision and mmdet do). Gradients flow to them.
+        rel_pos: (rel_pos_h, rel_pos_w) of shapes (2wh - 1, D) and (2ww - 1, D), 2D windows:
+            SAM / ViTDet's decomposed relative position, bias[i, j] = q_i . rel_pos_h[y_i - y_j
+            + wh - 1] + q_i . rel_pos_w[x_i - x_j + ww - 1] ((y, x) in-window coordinates),
+            from q as given and added unscaled, as timm's ``get_decomposed_rel_pos_bias``;
+            gradients flow to q and both tables. Reference backend; not with ``qk_norm``.
         shift_order: "pad_then_roll" (torchvision, mmdet) or "roll_then_pad" (timm: the
             unpadded grid is rolled, then padded). The same on grids divisible by the window.
         backend: "auto", "reference", "triton" or "cuda".
@@ -353,22 +384,24 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
         q's shape, contiguous.
     """
     window, shift, kind, scale = _validate(q, k, v, window_size, shift_size, rel_pos_bias, scale,
-                                           qk_norm, pad_kv, shift_order)
+                                           qk_norm, pad_kv, shift_order, rel_pos)
     roll_first = shift_order == "roll_then_pad"
     q, k, v = autocast_inputs(q, k, v)
     k_pad, v_pad = (None, None) if pad_kv is None else (t.to(q.dtype).contiguous() for t in pad_kv)
     per_head = scale if isinstance(scale, torch.Tensor) else None
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, rel_pos_bias, k_pad, v_pad, per_head) if t is not None)
+        t.requires_grad for t in (q, k, v, rel_pos_bias, k_pad, v_pad, per_head, *(rel_pos or ()))
+        if t is not None)
     bias_grad = needs_grad and rel_pos_bias is not None and rel_pos_bias.requires_grad
     chosen = select_backend(OP_NAME, backend, q.device,
                             _fused_reason(q, window, needs_grad, bias_grad,
                                           extras=qk_norm or (per_head is not None
-                                                             and per_head.requires_grad)))
+                                                             and per_head.requires_grad),
+                                          rel_pos=rel_pos is not None))
     if chosen == "reference":
         pads = None if pad_kv is None else (k_pad, v_pad)
         return window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, qk_norm,
-                                          pads, roll_first)
+                                          pads, roll_first, rel_pos=rel_pos)
     value = 0.0 if per_head is not None else scale
     per_head = per_head.float().contiguous() if per_head is not None else None
     out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), per_head, value,

@@ -52,6 +52,24 @@ def dense_bias(rel_pos_bias: Optional[torch.Tensor], window, heads: int) -> Opti
     return rel_pos_bias[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
 
 
+def decomposed_bias(q_windows: torch.Tensor, rel_pos: tuple[torch.Tensor, torch.Tensor],
+                    window) -> torch.Tensor:
+    """SAM / ViTDet's decomposed relative position bias of (..., N, D) query windows of a
+    (1, wh, ww) window: bias[i, j] = q_i . Rh[y_i - y_j + wh - 1] + q_i . Rw[x_i - x_j + ww - 1],
+    (y, x) in-window coordinates, as (..., N, N). Each query's products with every table row
+    ((..., N, 2wh - 1) and (..., N, 2ww - 1)) are formed, then gathered per key row and column:
+    the (N, N, D) gathered tables are never made."""
+    _, wh, ww = window
+    device = q_windows.device
+    biases = []
+    for table, size, coord in ((rel_pos[0], wh, torch.arange(wh * ww, device=device) // ww),
+                               (rel_pos[1], ww, torch.arange(wh * ww, device=device) % ww)):
+        per_offset = q_windows @ table.to(q_windows.dtype).t()           # (..., N, 2 size - 1)
+        offsets = coord[:, None] - torch.arange(size, device=device)[None, :] + size - 1
+        biases.append(per_offset.gather(-1, offsets.expand(*per_offset.shape[:-1], size)))
+    return (biases[0][..., :, None] + biases[1][..., None, :]).flatten(-2)
+
+
 def _partition(t: torch.Tensor, window) -> torch.Tensor:
     """(B, Tp, Hp, Wp, heads, D) -> (B, nWt, nWh, nWw, heads, N, D)."""
     b, tp, hp, wp, heads, d = t.shape
@@ -65,7 +83,8 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                window, shift, rel_pos_bias: Optional[torch.Tensor],
                                scale: Union[float, torch.Tensor], qk_norm: bool = False,
                                pad_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                               roll_first: bool = False, return_lse: bool = False):
+                               roll_first: bool = False, return_lse: bool = False,
+                               rel_pos: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """q, k, v: (B, H, W, heads, D) with a (wh, ww) window and shift, or (B, T, H, W, heads,
     D) with (wt, wh, ww) ones; returns q's shape, contiguous, and with ``return_lse`` also the
     logsumexp of each query's scores (q's shape without D) in the compute dtype (-inf for a
@@ -75,11 +94,12 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale: a float or a (heads,) tensor. qk_norm: q and k L2-normalised along D (cosine
     attention). pad_kv: (k_pad, v_pad), each (heads, D): padded positions are keys with these
     values instead of being excluded. roll_first: roll the unpadded grid, then pad (timm's
-    order) instead of padding, then rolling."""
+    order) instead of padding, then rolling. rel_pos: (rel_pos_h, rel_pos_w), 2D windows:
+    SAM's decomposed bias (decomposed_bias) from q as given, added unscaled."""
     if len(window) == 2:
         result = window_attention_reference(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), (1, *window), (0, *shift),
-            rel_pos_bias, scale, qk_norm, pad_kv, roll_first, return_lse)
+            rel_pos_bias, scale, qk_norm, pad_kv, roll_first, return_lse, rel_pos)
         return tuple(t.squeeze(1) for t in result) if return_lse else result.squeeze(1)
     batch, frames, height, width, heads = q.shape[:5]
     wt, wh, ww = window
@@ -117,6 +137,7 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         k = torch.where(in_image, k, pad_kv[0].to(compute))
         v = torch.where(in_image, v, pad_kv[1].to(compute))
         keys = torch.ones_like(valid)
+    decomposed = None if rel_pos is None else decomposed_bias(_partition(q, window), rel_pos, window)
     if qk_norm:
         q, k = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS)
     labels = (region_labels(tp, wt, shift[0])[:, None, None] * 9
@@ -137,6 +158,8 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bias = dense_bias(rel_pos_bias, window, heads)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
+    if decomposed is not None:
+        scores = scores + decomposed
     scores = scores.masked_fill(~allowed[None, :, :, :, None], float("-inf"))
     # A query whose every key is masked (a -inf bias) gets output 0 and zero gradients, as on
     # the fused backends; its scores are made finite first so no NaN enters the softmax or

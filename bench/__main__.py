@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from bench.cases import (ATTN_SHAPES, CONV_SHAPES, GROUPED_MODULES, Case, attention_cases, conv_cases,
-                         cosine_attention_cases, fwd_bwd, grouped_conv_cases, rotate)
+from bench.cases import (ATTN_SHAPES, CONV_SHAPES, DEPTHWISE_LAYERS, GROUPED_MODULES, Case, attention_cases,
+                         conv_cases, cosine_attention_cases, depthwise_cases, fwd_bwd, grouped_conv_cases, rotate)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -181,8 +181,13 @@ VIDEO_SWIN_TINY = ("torchvision.models.video.swin_transformer:SwinTransformer3d"
                    dict(patch_size=[2, 4, 4], embed_dim=32, depths=[2, 2], num_heads=[1, 2],
                         window_size=[4, 4, 4], num_classes=10, stochastic_depth_prob=0.0), 1, (4, 16, 16))
 CONVNET_MODELS = {
-    "quick": [("mixnet_s", {}, 128, 224), ("inception_next_tiny", {}, 128, 224)],
-    "tiny": [("inception_next_atto", dict(num_classes=10), 2, 32)],
+    # (timm name, create_model kwargs, batch, size[, swap_in options]): the plain depthwise
+    # CNNs swap their depthwise convs in (opt-in, see swap_in) and run channels_last, as they
+    # are trained (channels_last: True is the bench's own option, not swap_in's).
+    "quick": [("mixnet_s", {}, 128, 224), ("inception_next_tiny", {}, 128, 224),
+              ("convnext_tiny", {}, 128, 224, dict(depthwise=True, channels_last=True)),
+              ("efficientnet_b0", {}, 128, 224, dict(depthwise=True, channels_last=True))],
+    "tiny": [("inception_next_atto", dict(num_classes=10), 2, 32, dict(depthwise=True, channels_last=True))],
 }
 
 
@@ -211,11 +216,13 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
     fused = backends or [b for b, why in uk.available_backends(device).items()
                          if why == "available" and b != "reference"]
     rows = []
-    for name, kwargs, batch, size in models:
+    for name, kwargs, batch, size, *options in models:
+        swap_options = dict(options[0]) if options else {}
+        layout = torch.channels_last if swap_options.pop("channels_last", False) else torch.contiguous_format
         torch.manual_seed(0)
-        model = create_model(name, kwargs).to(device)
+        model = create_model(name, kwargs).to(device, memory_format=layout)
         frames = size if isinstance(size, tuple) else (size, size)
-        images = torch.randn(batch, 3, *frames, device=device)
+        images = torch.randn(batch, 3, *frames, device=device).contiguous(memory_format=layout)
         classes = getattr(model, "num_classes", None) or kwargs["num_classes"]
         labels = torch.randint(0, classes, (batch,), device=device)
         # Every variant starts from the same state: a training step updates the batch-norm
@@ -231,7 +238,7 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
         for variant, backend, compile_it in variants:
             uk.swap_out(model)
             model.load_state_dict(initial)
-            swapped = len(uk.swap_in(model, backend).swapped) if backend else 0
+            swapped = len(uk.swap_in(model, backend, **swap_options).swapped) if backend else 0
             runner = torch.compile(model) if compile_it else model
 
             def infer():
@@ -252,7 +259,8 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
             for direction, fn in (("inference", infer), ("train step", train_step)):
                 row = dict(op=name, shape=f"B{batch} {'x'.join(map(str, frames))}",
                            dtype="bf16-autocast" if gpu else "fp32",
-                           layout="-", direction=direction, variant=variant, rel_err_vs_eager=err,
+                           layout="nhwc" if layout == torch.channels_last else "-", direction=direction,
+                           variant=variant, rel_err_vs_eager=err,
                            note=f"{swapped} modules swapped" if backend else "")
                 try:
                     row["ms"] = time_ms(fn, device)
@@ -352,7 +360,7 @@ def run_folder(meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--op", choices=["conv", "grouped", "attention", "model", "extraction", "swin", "convnets",
+    p.add_argument("--op", choices=["conv", "grouped", "depthwise", "attention", "model", "extraction", "swin", "convnets",
                                     "all"],
                    default="all", help="what to time: conv (channel-wise dilated conv), grouped (timm's "
                    "grouped depthwise modules), attention (plain and cosine window attention), model "
@@ -396,6 +404,8 @@ def main(argv=None) -> int:
         builders.append((conv_cases, CONV_SHAPES))
     if args.op in ("grouped", "all"):
         builders.append((grouped_conv_cases, GROUPED_MODULES))
+    if args.op in ("depthwise", "all"):
+        builders.append((depthwise_cases, DEPTHWISE_LAYERS))
     if args.op in ("attention", "all"):
         builders += [(attention_cases, ATTN_SHAPES), (cosine_attention_cases, ATTN_SHAPES)]
     also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []

@@ -42,6 +42,15 @@ GROUPED_MODULES = {
     "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 2, 32),
              ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 2, 32)],
 }
+# Plain depthwise convs of the CNNs people run, one layer each: (label, B, C, H, W, kernel,
+# stride). The peer is what those models call: F.conv2d with groups=C (cuDNN on a GPU).
+DEPTHWISE_LAYERS = {
+    "quick": [("ConvNeXt-T stage-1 dw 7x7", 128, 96, 56, 56, 7, 1),
+              ("EfficientNet-B0 stage-3 dw 5x5 s2", 128, 144, 56, 56, 5, 2),
+              ("RepLKNet-31B stage-1 dw 31x31", 64, 128, 56, 56, 31, 1),
+              ("UniRepLKNet-S stage-3 dw 13x13", 64, 384, 14, 14, 13, 1)],
+    "tiny": [("dw 7x7", 2, 8, 12, 13, 7, 1), ("dw 5x5 s2", 2, 8, 13, 12, 5, 2), ("dw 13x13", 1, 4, 17, 18, 13, 1)],
+}
 
 
 @dataclass
@@ -121,6 +130,46 @@ def conv_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device
             variants.update({f"ours: {name}": ours(name) for name in backends})
             for name, fn in variants.items():
                 case.variants[name] = fn
+            cases.append(case)
+    return cases
+
+
+def depthwise_cases(layers: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """Cases for ``layers`` (entries of DEPTHWISE_LAYERS), both layouts: F.conv2d with
+    groups=C (eager, and compiled on a GPU) against the grouped op with one group ('same'
+    padding as the models use: k // 2 each side)."""
+    cases = []
+    backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
+    for label, b, c, h, w, k, stride in layers:
+        elt = torch.tensor([], dtype=dtype).element_size()
+        ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+        act_in, act_out = b * c * h * w * elt, b * c * ho * wo * elt
+        for layout in ("nchw", "nhwc"):
+            def make(b=b, c=c, h=h, w=w, k=k, layout=layout):
+                x = torch.randn(b, c, h, w, device=device, dtype=dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                weight = torch.randn(c, 1, k, k, device=device, dtype=dtype) / k
+                bias = torch.randn(c, device=device, dtype=dtype)
+                return [t.requires_grad_() for t in (x, weight, bias)]
+
+            # Floors: read x, write y; backward reads dy and x, writes dx (the weights are small).
+            case = Case(f"depthwise conv {label}", f"B{b} C{c} {h}x{w} k{k} s{stride}", dtype, layout,
+                        act_in + act_out, 3 * act_in + 2 * act_out)
+            case.inputs = _input_sets(make, act_in, device)
+
+            def cudnn(x, weight, bias, k=k, stride=stride):
+                return F.conv2d(x, weight, bias, stride, k // 2, 1, x.shape[1])
+
+            def ours(backend, k=k, stride=stride):
+                return lambda x, weight, bias: uk.grouped_depthwise_conv2d(
+                    x, [weight], [uk.DepthwiseGroup(x.shape[1], k, padding=k // 2)], [bias], stride, backend=backend)
+
+            case.variants["peer: F.conv2d"] = cudnn
+            if device.type == "cuda":
+                case.variants["peer: F.conv2d compiled"] = torch.compile(cudnn)
+                case.compiled.add("peer: F.conv2d compiled")
+            case.variants.update({f"ours: {name}": ours(name) for name in backends})
             cases.append(case)
     return cases
 

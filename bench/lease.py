@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from bench.__main__ import (SWIN_MODELS, copy_bandwidth, model_rows, run_case, timm_model_rows)
-from bench.cases import (GROUPED_MODULES, Case, attention_cases, conv_cases, cosine_attention_cases, fwd_bwd,
-                         grouped_conv_cases)
+from bench.cases import (DEPTHWISE_LAYERS, GROUPED_MODULES, Case, attention_cases, conv_cases,
+                         cosine_attention_cases, depthwise_cases, fwd_bwd, grouped_conv_cases)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +137,8 @@ ROWS = {
                          grouped_conv_cases, MIXNET_S1, TINY_MODULES["mixnet"], 50),
     "inception-t": _op_row("grouped dw conv, InceptionNeXt-T stage-1 mixer (B128 C96 56x56)",
                            grouped_conv_cases, INCEPTION, TINY_MODULES["inception"], 50),
+    "dw-replk31": _op_row("depthwise conv, RepLKNet-31B stage 1 (B64 C128 56x56 31x31)",
+                          depthwise_cases, DEPTHWISE_LAYERS["quick"][2], DEPTHWISE_LAYERS["tiny"][2], 50),
     "dilated": _op_row("channel-wise dilated conv, B32 C96 56x56 k3 d1/3/6",
                        conv_cases, (32, 96, 56, 56), (2, 12, 16, 16), 40),
     "swin-t": HeadlineRow("Swin-T B64 224 whole model: eager vs swapped", _swin_t, 90),

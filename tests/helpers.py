@@ -55,21 +55,25 @@ def assert_swapped_model_matches(swapped, original, x, grad, dtype: torch.dtype,
                                  layout=torch.contiguous_format) -> None:
     """A swapped model in ``dtype`` (and memory ``layout``) against its untouched ``original``
     in float64 on ``x``: the output, the input gradient and every parameter gradient, with
-    ``dtype``'s tolerances; a parameter gradient that the untouched model in ``dtype`` misses too
-    (one that sums many layers' rounding) is held to twice that model's own error."""
+    ``dtype``'s tolerances; a gradient (input or parameter) that the untouched model in ``dtype``
+    misses too (one that sums many layers' rounding) is held to twice that model's own error."""
     untouched = copy.deepcopy(original)
     want = _gradients(original.double(), x.double(), grad.double(), torch.contiguous_format)
     got = _gradients(swapped.to(dtype, memory_format=layout), x.to(dtype), grad.to(dtype), layout)
     assert_parity("output", got[0], want[0], dtype)
-    assert_parity("input grad", got[1], want[1], dtype)
     assert got[2].keys() == want[2].keys()
-    own = {}
+    own = []
 
     def untouched_in_dtype(name):
         if not own:
-            own.update(_gradients(untouched.to(dtype, memory_format=layout), x.to(dtype), grad.to(dtype), layout)[2])
-        return own[name]
+            out, x_grad, grads = _gradients(untouched.to(dtype, memory_format=layout), x.to(dtype), grad.to(dtype),
+                                            layout)
+            own.append(dict(grads, **{"input grad": x_grad}))
+        return own[0][name]
 
+    # A deep model's input gradient sums every layer's rounding too (MixNet-M's, in fp32
+    # channels_last: 3.1e-5 relative in plain PyTorch): held to the same rule.
+    assert_parity_or_as_conditioned("input grad", got[1], want[1], dtype, lambda: untouched_in_dtype("input grad"))
     for name in want[2]:
         assert_parity_or_as_conditioned(f"grad {name}", got[2][name], want[2][name], dtype,
                                         lambda: untouched_in_dtype(name))

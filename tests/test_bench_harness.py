@@ -12,13 +12,14 @@ import torch
 
 from bench.__main__ import agreement, main
 from helpers import ROOT
-from bench.cases import (ATTN_SHAPES, CONV_SHAPES, GROUPED_MODULES, attention_cases, conv_cases,
-                         cosine_attention_cases, grouped_conv_cases)
+from bench.cases import (ATTN_SHAPES, CONV_SHAPES, DEPTHWISE_LAYERS, GROUPED_MODULES, attention_cases, conv_cases,
+                         cosine_attention_cases, depthwise_cases, grouped_conv_cases)
 
 
 @pytest.mark.parametrize("build,table", [(conv_cases, CONV_SHAPES), (grouped_conv_cases, GROUPED_MODULES),
+                                         (depthwise_cases, DEPTHWISE_LAYERS),
                                          (attention_cases, ATTN_SHAPES), (cosine_attention_cases, ATTN_SHAPES)],
-                         ids=["conv", "grouped conv modules", "attention", "cosine attention"])
+                         ids=["conv", "grouped conv modules", "depthwise layers", "attention", "cosine attention"])
 def test_every_variant_agrees_with_eager(build, table):
     # Several shapes per op (attention: a 3D window too): a variant that read another case's
     # shape (a closure bound late) computes a different result or fails, and this catches it.
@@ -87,6 +88,7 @@ def test_convnet_model_rows_run_on_the_cpu():
     assert all(r["ms"] is not None for r in rows), [r for r in rows if r["ms"] is None]
     assert all(r["rel_err_vs_eager"] < 1e-4 for r in rows), rows
     assert all(r["note"].endswith("modules swapped") for r in rows if r["variant"].startswith("ours")), rows
+    assert all(r["layout"] == "nhwc" for r in rows), rows  # the preset's channels_last option
 
 
 def test_extraction_rows_give_images_per_second_on_the_cpu():

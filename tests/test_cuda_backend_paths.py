@@ -59,6 +59,11 @@ CONV_PATHS = [
      ["gather_nhwc_kernel<{T}, 3, 1, false>", "gather_nhwc_kernel<{T}, 3, 1, true>"]),
     ("runtime-k", (1, 3, 12, 10), 9, 2, torch.contiguous_format, 1,
      ["gather_nchw_tile_kernel<{T}, 0, false>", "grad_weight_partial_kernel<{T}, 0, false>"]),
+    # RepLKNet's 31x31: rows slide through registers in both gathers; grad weight stages tiles
+    # of 8 rows (two images, a partial last tile and column tile) and sums 4 taps per thread.
+    ("large-kernel", (2, 3, 37, 35), 31, 1, torch.contiguous_format, 1,
+     ["gather_nchw_tile_kernel<{T}, 0, false>", "gather_nchw_tile_kernel<{T}, 0, true>",
+      "grad_weight_large_kernel<{T}>"]),
 ]
 
 

@@ -133,6 +133,53 @@ def test_parity_16_bit(device, backend, dtype, name, stride, channels_last):
     check_case(backend, GROUP_LISTS[name], (1, 15, 9), stride, dtype, channels_last)
 
 
+# Large kernels: RepLKNet's 31x31 and UniRepLKNet's 13x13 (Triton's banded tensor-core
+# kernels in 16-bit at stride 1, over partial 32x32 tiles; CUDA's large-kernel grad weight in
+# NCHW), a mix with an identity group, a row-dilated 9x9 and an asymmetric 11x9, a 9x11
+# dilated on both axes (a band 31 columns wide), VAN's 7x7 with dilation 3 (gather path), a
+# 31x31 at stride 2 and in fp32 (gather path).
+LARGE_KERNELS = {
+    "replk31": ([G(3, 31, padding="same")], (1, 33, 34), 1, False),
+    "unireplk13": ([G(8, 13, padding="same")], (2, 17, 40), 1, True),
+    "large-mix": ([G.identity(2), G(5, 9, dilation=(3, 1), padding="same"), G(3, (11, 9), padding=(3, 7, 6, 2))],
+                  (1, 19, 23), 1, False),
+    "large-dilated": ([G(6, (9, 11), dilation=(2, 3), padding="same")], (1, 18, 37), 1, True),
+    "van-lka": ([G(6, 7, dilation=3, padding=9)], (1, 23, 21), 1, False),
+    "replk31-s2": ([G(4, 31, padding="tf_same")], (1, 20, 18), 2, True),
+}
+GATHER_PATH = ("van-lka", "replk31-s2")
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(LARGE_KERNELS))
+def test_large_kernels_16_bit(device, backend, dtype, name, monkeypatch):
+    groups, shape, stride, channels_last = LARGE_KERNELS[name]
+    if dtype == torch.float16 and name in GATHER_PATH:
+        pytest.skip("the gather path's 16-bit types are covered by the other tests; bf16 is enough here")
+    banded = []
+    if backend == "triton":
+        from ultron_kernels.triton import grouped_depthwise_conv as conv
+        launch = conv.band_launch
+        monkeypatch.setattr(conv, "band_launch", lambda *args, **kw: banded.append(1) or launch(*args, **kw))
+    check_case(backend, groups, shape, stride, dtype, channels_last)
+    if backend == "triton":  # forward and grad input; the large ones only
+        assert len(banded) == (0 if name in GATHER_PATH else 2)
+
+
+@pytest.mark.parametrize("device,backend", FUSED_CASES)
+def test_large_kernel_fp32_and_deterministic_banded_backward(device, backend):
+    groups, shape, _, _ = LARGE_KERNELS["replk31"]
+    check_case(backend, groups, (1, 12, 11), 1, torch.float32, True)  # the gather path: every tap a load
+    x, weights, biases = make_inputs(groups, shape, torch.bfloat16, False)
+    leaves = [t.requires_grad_() for t in [x, *weights, *biases]]
+    y = uk.grouped_depthwise_conv2d(x, weights, groups, biases, backend=backend)
+    grad_out = torch.randn_like(y)
+    first = torch.autograd.grad(y, leaves, grad_out, retain_graph=True)
+    second = torch.autograd.grad(y, leaves, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_image_smaller_than_the_dilated_kernel(device, backend):
     groups = [G(3, 7, dilation=2), G(2, (5, 9), padding="tf_same"), G.identity(3)]

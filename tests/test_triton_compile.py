@@ -64,6 +64,16 @@ def test_channels_last_conv_loads_are_vectorised_when_blocks_are_full(compiled):
             assert compiled[(sm, f"conv fwd nhwc {dtype} full s1")]["vector_loads"] > 0, (sm, dtype)
 
 
+def test_large_kernel_convs_run_on_tensor_cores_without_spilling(compiled):
+    """The banded kernels (forward, grad input, grad weight) are tl.dot loops: mma on every
+    architecture, nothing in local memory, at least one block per SM."""
+    for sm in ARCHS:
+        banded = [r for (arch, name), r in compiled.items() if arch == sm and name.startswith("conv band")]
+        assert len(banded) == 15, sm
+        for r in banded:
+            assert r["mma"] > 0 and r["local_bytes"] == 0 and r["blocks_per_sm"] >= 1, (sm, r)
+
+
 def test_no_launch_regresses_against_the_snapshot(compiled):
     current = {f"sm_{arch} {name}": {key: r[key] for key in
                                      ("config", "shared_bytes", "registers", "stack_bytes",

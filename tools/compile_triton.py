@@ -137,6 +137,25 @@ def _conv_cases():
                 # stride 1 differs only by the checks it removes).
                 yield f"conv grad-input {tag} s2", conv.gather_launch(out, weight, None, spec, x, 2, transposed=True)
                 yield f"conv grad-weight {tag} s2", conv.grad_weight_launch(out, x, weight.numel(), spec, 2)[0]
+    # The banded tensor-core kernels (large kernels, 16-bit, stride 1): RepLKNet's 31x31 over
+    # full channel blocks (32-wide tiles), a ragged mix of a 13x13 and a dilated 13x9 (the
+    # latter's span needs 32-wide tiles), and UniRepLKNet's 13x13 on a 14x14 image (16 x 16
+    # tiles).
+    band_mixes = {"full": ([G(96, 31, padding="same")], 40, 44),
+                  "ragged": ([G(30, 13, padding="same"), G(66, (13, 9), dilation=(1, 3), padding="same")], 40, 44),
+                  "13x13": ([G(96, 13, padding="same")], 14, 14)}
+    for layout_name, layout in (("nhwc", torch.channels_last), ("nchw", torch.contiguous_format)):
+        for mix in (("full", "ragged", "13x13") if layout_name == "nhwc" else ("full", "13x13")):
+            mix_groups, height, width = band_mixes[mix]
+            groups = resolve_groups(mix_groups, height, width, 1)
+            spec = tuple(v for g in groups for v in g)
+            assert conv.takes_band_path(spec, 1, torch.bfloat16)
+            x = torch.empty(2, 96, height, width, dtype=torch.bfloat16).to(memory_format=layout)
+            weight = torch.empty(sum(g.channels * g.kernel_h * g.kernel_w for g in groups), dtype=torch.bfloat16)
+            tag = f"{layout_name} bf16 {mix}"
+            yield f"conv band fwd {tag}", conv.band_launch(x, weight, weight[:96], spec, torch.empty_like(x), False)
+            yield f"conv band grad-input {tag}", conv.band_launch(x, weight, None, spec, torch.empty_like(x), True)
+            yield f"conv band grad-weight {tag}", conv.band_grad_weight_launch(x, x, weight.numel(), spec)[0]
 
 
 def _autotune_cases():

@@ -25,12 +25,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     y = uk.channelwise_dilated_conv2d(*leaves, None, (1, 6), 1, backend="cuda")
     torch.autograd.grad(y, leaves, torch.randn_like(y))
     # Grouped: InceptionNeXt's identity, square and bands; MixNet's TF-'SAME' kernels at stride 2
-    # (asymmetric padding, unequal groups, an even kernel). Both layouts.
+    # (asymmetric padding, unequal groups, an even kernel); large kernels (31x31 and a
+    # row-dilated 13x9: the register-blocked tile and the large-kernel grad weight). Both layouts.
     G = uk.DepthwiseGroup
     for groups, stride in (([G.identity(20), G(4, 3), G(4, (1, 11)), G(4, (11, 1))], 1),
-                           ([G(6, 3, padding="tf_same"), G(5, 5, padding="tf_same"), G(5, 4, padding="tf_same")], 2)):
+                           ([G(6, 3, padding="tf_same"), G(5, 5, padding="tf_same"), G(5, 4, padding="tf_same")], 2),
+                           ([G(8, 31, padding="same"), G(8, (13, 9), dilation=(2, 1), padding="same")], 1)):
         for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(2, 16 if stride == 2 else 32, 37, 35, device="cuda", dtype=dtype)
+            x = torch.randn(2, sum(g.channels for g in groups), 37, 35, device="cuda", dtype=dtype)
             x = x.to(memory_format=layout).requires_grad_()
             weights = [None if g.kernel_size is None else torch.randn(
                 g.channels, 1, *((g.kernel_size,) * 2 if isinstance(g.kernel_size, int) else g.kernel_size),

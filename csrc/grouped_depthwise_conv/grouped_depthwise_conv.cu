@@ -180,10 +180,15 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_kernel(
 }
 
 // NCHW, shared-memory tile: a (32, 8) block computes a kTileW x kTileH output tile of one
-// plane (kTileH / 8 rows per thread). The source window the tile reads, halo included, is
+// plane (kTileH / 8 consecutive rows per thread). The source window the tile reads, halo included, is
 // loaded once, coalesced, with zeros where it leaves the image, so the taps then read shared
 // memory with no bounds checks. grid (W_dst / kTileW, H_dst / kTileH, planes).
 constexpr int kTileW = 32, kTileH = 32;
+// Resident blocks the tile kernel's launch bounds ask for: 4 (64 registers) where the kernel
+// needs no more (3x3, run-time K), else 3 (80: the 5x5 and 7x7 weights stay in registers).
+// With the thread count alone, ptxas held the run-time-K grad input at 40 and spilled.
+constexpr int tile_blocks_per_sm(int kt) { return kt == 0 || kt == 3 ? 4 : 3; }
+constexpr int kRowsPerThread = kTileH / (kThreads / kTileW);
 // Shared memory per block up to which the tile kernel runs (7 blocks of 256 threads per SM).
 constexpr size_t kTileSmemBudget = 32 * 1024;
 
@@ -226,7 +231,7 @@ int64_t tile_window_floats(const std::vector<Group>& groups, int stride) {
 }
 
 template <typename T, int KT, bool TRANSPOSED>
-__global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
+__global__ void __launch_bounds__(kThreads, tile_blocks_per_sm(KT)) gather_nchw_tile_kernel(
     const T* __restrict__ src, const T* __restrict__ weight, const T* __restrict__ bias,
     const Group* __restrict__ groups, const int* __restrict__ group_of, T* __restrict__ dst, int64_t planes,
     ConvShape s, int max_taps, int window_capacity) {
@@ -240,8 +245,10 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
     const int c = static_cast<int>(plane % s.C);
     const Group g = groups[group_of[c]];
     const int kh = KT > 0 ? KT : g.kh, kw = KT > 0 ? KT : g.kw;
-    const int2 rows = source_span<TRANSPOSED>(y0, y_last, kh, g.dh, g.pad_top, s.stride);
-    const int2 cols = source_span<TRANSPOSED>(x0, x_last, kw, g.dw, g.pad_left, s.stride);
+    // The whole tile's window, also at the image's edges (the rows and columns past it read
+    // as zeros): every thread's taps then land inside it, with no per-load bounds checks.
+    const int2 rows = source_span<TRANSPOSED>(y0, y0 + kTileH - 1, kh, g.dh, g.pad_top, s.stride);
+    const int2 cols = source_span<TRANSPOSED>(x0, x0 + kTileW - 1, kw, g.dw, g.pad_left, s.stride);
     if (rows.y * cols.y > window_capacity || kh * kw > max_taps) __trap();  // the host sized it smaller
     const T* image = src + plane * s.src_h * s.src_w;
     for (int e = tid; e < kh * kw; e += kThreads) taps[e] = tap_weight(weight, g, c, e);
@@ -259,24 +266,59 @@ __global__ void __launch_bounds__(kThreads) gather_nchw_tile_kernel(
     float w[KT > 0 ? KT * KT : 1];
 #pragma unroll
     for (int e = 0; e < (KT > 0 ? KT * KT : 0); ++e) w[e] = taps[e];
+    // Each thread computes kRowsPerThread consecutive rows of column x.
     const int x = x0 + threadIdx.x;
+    const int y_first = y0 + threadIdx.y * kRowsPerThread;
     const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
-    for (int y = y0 + threadIdx.y; x <= x_last && y <= y_last; y += blockDim.y) {
-      float acc = b;
+    float acc[kRowsPerThread];
+#pragma unroll
+    for (int o = 0; o < kRowsPerThread; ++o) acc[o] = b;
+    if (s.stride == 1 && g.dh == 1) {
+      // Register blocking: per kernel column j, the rows' values slide down the thread's
+      // column, so output row o, step t reads window row (first + o + t): one new shared
+      // load and one weight per kRowsPerThread FMAs (0.5 loads per FMA, against 2 for a
+      // run-time kernel read tap by tap). Grad input steps the kernel rows backwards.
+      const float* column = window + threadIdx.y * kRowsPerThread * cols.y;
+#pragma unroll
+      for (int j = 0; j < kw; ++j) {
+        const int wx = TRANSPOSED ? x + g.pad_left - j * g.dw - cols.x : x - g.pad_left + j * g.dw - cols.x;
+        float v[kRowsPerThread];
+#pragma unroll
+        for (int o = 0; o + 1 < kRowsPerThread; ++o) v[o] = column[o * cols.y + wx];
+#pragma unroll
+        for (int t = 0; t < kh; ++t) {
+          v[kRowsPerThread - 1] = column[(t + kRowsPerThread - 1) * cols.y + wx];
+          const int tap = (TRANSPOSED ? kh - 1 - t : t) * kw + j;
+          const float weight_tj = KT > 0 ? w[tap] : taps[tap];
+#pragma unroll
+          for (int o = 0; o < kRowsPerThread; ++o) acc[o] += v[o] * weight_tj;
+#pragma unroll
+          for (int o = 0; o + 1 < kRowsPerThread; ++o) v[o] = v[o + 1];
+        }
+      }
+    } else {
 #pragma unroll
       for (int i = 0; i < kh; ++i) {
-        const int wy = window_pos<TRANSPOSED>(y, i, g.dh, g.pad_top, s.stride, rows.x);
-        if (TRANSPOSED && wy < 0) continue;  // forward taps always land inside
-        const float* line = window + wy * cols.y;
+        int line[kRowsPerThread];  // window offset of row y_first + o through kernel row i; -1: no tap
+#pragma unroll
+        for (int o = 0; o < kRowsPerThread; ++o) {
+          const int wy = window_pos<TRANSPOSED>(y_first + o, i, g.dh, g.pad_top, s.stride, rows.x);
+          line[o] = wy < 0 ? -1 : wy * cols.y;  // only grad input at stride 2 has no-tap rows
+        }
 #pragma unroll
         for (int j = 0; j < kw; ++j) {
           const int wx = window_pos<TRANSPOSED>(x, j, g.dw, g.pad_left, s.stride, cols.x);
           if (TRANSPOSED && wx < 0) continue;
-          acc += line[wx] * (KT > 0 ? w[i * kw + j] : taps[i * kw + j]);
+          const float weight_ij = KT > 0 ? w[i * kw + j] : taps[i * kw + j];
+#pragma unroll
+          for (int o = 0; o < kRowsPerThread; ++o)
+            if (!TRANSPOSED || line[o] >= 0) acc[o] += window[line[o] + wx] * weight_ij;
         }
       }
-      dst[(plane * s.dst_h + y) * s.dst_w + x] = static_cast<T>(acc);
     }
+#pragma unroll
+    for (int o = 0; o < kRowsPerThread; ++o)
+      if (x <= x_last && y_first + o <= y_last) dst[(plane * s.dst_h + y_first + o) * s.dst_w + x] = static_cast<T>(acc[o]);
     __syncthreads();  // the next plane overwrites the window and the taps
   }
 }
@@ -396,6 +438,98 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
       __syncthreads();  // the next slice overwrites the scratch
     }
   }
+}
+
+// Grad weight/bias of large kernels (NCHW, stride 1, undilated columns, at least
+// kLargeKernelTaps taps in every group), one channel per block, over the same chunks of
+// output rows (b*H_out + y) as grad_weight_partial_kernel. The chunk is cut into tiles of up
+// to kGwTileH rows of one image by kTileW columns; each tile stages dy and the x window it
+// reads (halo included, zeros outside the image) in shared memory. Thread t owns taps
+// (i, 4q .. 4q + 3) of its channel's kernel (kh * ceil(kw / 4) <= 248 threads for 31x31) and
+// sums them over the whole chunk in registers: along a tile row, its four x values slide by
+// one column per output, so each dy value (a broadcast) and one new x value feed four FMAs.
+// Each weight is summed by one thread in a fixed order: no reduction, no atomics.
+constexpr int kGwTileH = 8;
+constexpr int kTapsPerThread = 4;
+constexpr int kLargeKernelTaps = 81;  // 9x9 and up, as the Triton path
+
+// Floats per staged x row: the tile's columns, the taps and the last owner's three extra
+// columns; odd, so that the four kernel rows a warp covers read four different banks.
+__host__ __device__ __forceinline__ int large_window_stride(int kw) {
+  return (kTileW + (kw + kTapsPerThread - 1) / kTapsPerThread * kTapsPerThread) | 1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_weight_large_kernel(
+    const T* __restrict__ grad_out, const T* __restrict__ x, const Group* __restrict__ groups,
+    const int* __restrict__ group_of, float* __restrict__ dw_partial, float* __restrict__ db_partial,
+    int64_t n_weights, int64_t rows, int64_t rows_per_chunk, ConvShape s) {
+  ULTRON_DYNAMIC_SMEM(float, smem);
+  float* dy_tile = smem;                       // kGwTileH x kTileW
+  float* window = smem + kGwTileH * kTileW;    // (kGwTileH + (kh - 1) * dh) x stride
+  const int c = blockIdx.y;
+  const Group g = groups[group_of[c]];
+  if (taps_of(g) == 0) return;  // identity: no weights, no bias gradient (partials stay zero)
+  const int stride = large_window_stride(g.kw);
+  const int window_rows = kGwTileH + (g.kh - 1) * g.dh;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int quads = (g.kw + kTapsPerThread - 1) / kTapsPerThread;
+  const int i = tid / quads, j0 = (tid % quads) * kTapsPerThread;
+  const bool owner = i < g.kh;
+  float acc[kTapsPerThread] = {0.f, 0.f, 0.f, 0.f};
+  float acc_bias = 0.f;
+  const int64_t begin = blockIdx.x * rows_per_chunk;
+  const int64_t end = min(begin + rows_per_chunk, rows);
+  for (int64_t r = begin; r < end;) {
+    const int64_t b = r / s.dst_h;
+    const int oy = static_cast<int>(r % s.dst_h);
+    const int64_t left = end - r;  // rows of this chunk still to do
+    const int n = min(left < kGwTileH ? static_cast<int>(left) : kGwTileH, s.dst_h - oy);
+    const T* dy_plane = grad_out + (b * s.C + c) * s.dst_h * s.dst_w;
+    const T* x_plane = x + (b * s.C + c) * s.src_h * s.src_w;
+    for (int x0 = 0; x0 < s.dst_w; x0 += kTileW) {
+      for (int e = tid; e < kGwTileH * kTileW; e += kThreads) {
+        const int ty = e / kTileW, tx = x0 + e % kTileW;
+        dy_tile[e] = ty < n && tx < s.dst_w ? static_cast<float>(dy_plane[static_cast<int64_t>(oy + ty) * s.dst_w + tx])
+                                            : 0.f;
+      }
+      for (int e = tid; e < window_rows * stride; e += kThreads) {
+        const int sy = oy - g.pad_top + e / stride, sx = x0 - g.pad_left + e % stride;
+        window[e] = sy >= 0 && sy < s.src_h && sx >= 0 && sx < s.src_w
+                        ? static_cast<float>(x_plane[static_cast<int64_t>(sy) * s.src_w + sx]) : 0.f;
+      }
+      __syncthreads();
+      if (tid == 0)  // the bias gradient in the same fixed order (a few adds per tile)
+        for (int e = 0; e < n * kTileW; ++e) acc_bias += dy_tile[e];
+      if (owner) {
+        for (int ty = 0; ty < n; ++ty) {
+          const float* line = window + (ty + i * g.dh) * stride + j0;
+          const float* grads = dy_tile + ty * kTileW;
+          float v[kTapsPerThread];
+#pragma unroll
+          for (int q = 0; q < kTapsPerThread; ++q) v[q] = line[q];
+#pragma unroll 4
+          for (int tx = 0; tx < kTileW; ++tx) {
+            const float d = grads[tx];
+#pragma unroll
+            for (int q = 0; q < kTapsPerThread; ++q) acc[q] += d * v[q];
+#pragma unroll
+            for (int q = 0; q + 1 < kTapsPerThread; ++q) v[q] = v[q + 1];
+            v[kTapsPerThread - 1] = line[tx + kTapsPerThread];  // the row holds kTileW + 4*quads columns
+          }
+        }
+      }
+      __syncthreads();  // the next tile overwrites both
+    }
+    r += n;
+  }
+  if (owner) {
+#pragma unroll
+    for (int q = 0; q < kTapsPerThread; ++q)
+      if (j0 + q < g.kw)
+        dw_partial[blockIdx.x * n_weights + g.weight_offset + (i * g.kw + j0 + q) * g.channels + (c - g.first)] = acc[q];
+  }
+  if (tid == 0) db_partial[blockIdx.x * s.C + c] = acc_bias;
 }
 
 // The layout decision is always taken from x: a tensor with 1x1 spatial size or one channel
@@ -563,6 +697,24 @@ void launch_gather(const at::Tensor& src, const at::Tensor& weight, const T* bia
   });
 }
 
+// Shared memory of grad_weight_large_kernel for this conv, or 0 where it does not apply: it
+// takes NCHW at stride 1 when every group with weights has kLargeKernelTaps taps or more and
+// undilated columns, and its staged tiles fit kTileSmemBudget.
+size_t large_grad_weight_smem(const Plan& p, bool channels_last, int64_t stride) {
+  if (channels_last || stride != 1) return 0;
+  int64_t floats = 0;
+  bool any = false;
+  for (const Group& g : p.groups) {
+    if (g.weight_offset < 0) continue;
+    if (g.kh * g.kw < kLargeKernelTaps || g.dw != 1) return 0;
+    any = true;
+    floats = std::max<int64_t>(floats, kGwTileH * kTileW + static_cast<int64_t>(kGwTileH + (g.kh - 1) * g.dh) *
+                                                                 large_window_stride(g.kw));
+  }
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  return any && bytes <= kTileSmemBudget ? bytes : 0;
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
   check_device(x, "x");
   check_device(weight, "weight");
@@ -655,6 +807,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_dwconv2d_bwd(
     const ConvShape s = with_stride(shape_of(x, g), stride);
     const dim3 grid(checked_int(used_chunks, "row chunks"), static_cast<unsigned>(channel_blocks));
     const dim3 block(32, 8);
+    const size_t large_smem = large_grad_weight_smem(p, channels_last, stride);
+    if (large_smem > 0) {
+      launch<grad_weight_large_kernel<T>>(grid, block, large_smem, g.data_ptr<T>(), x.data_ptr<T>(),
+                                          p.device_groups(), p.device_group_of(), dw_partial.data_ptr<float>(),
+                                          db_partial.data_ptr<float>(), p.n_weights, rows, rows_per_chunk, s);
+      return;
+    }
     dispatch_kernel_size(p.uniform_kernel, [&](auto kt) {
       constexpr int KT = decltype(kt)::value;
       if (channels_last) {

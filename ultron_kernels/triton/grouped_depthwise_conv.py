@@ -15,6 +15,18 @@ the contiguous axis (W for NCHW, C for NHWC) lies along the warp.
 * grad weight / bias: per-program partial sums written to a (programs, weights) buffer that
   the launcher reduces in a fixed order, so two backward calls give bitwise-identical grads.
   Grid axis 2 walks chunks of TAPS taps; a chunk past its group's taps has nothing to do.
+
+Large kernels (9x9 and up: RepLKNet, UniRepLKNet; 16-bit, stride 1) take tensor-core kernels
+instead, where the gather would read each input element kh*kw times. One kernel row of a
+depthwise conv over an output tile BLOCK_W columns wide is a product with a banded (Toeplitz)
+matrix: out[r, x] += sum_s strip[r, s] * T[s, x], with strip the 2*BLOCK_W source columns the
+tile reads through that row and T[s, x] = w[i, (s - x) / dw] on the band. So each kernel row
+is one (BLOCK_H x 2*BLOCK_W) @ (2*BLOCK_W x BLOCK_W) dot per channel (tl.dot batched over the
+channel block): the strip is read once per kernel row instead of once per tap, and the taps
+run on tensor cores (exact: products of 16-bit values in fp32). Grad input is the same kernel
+with the weights flipped. Grad weight is the same band read the other way: per kernel row i,
+the products M = dy_tileᵀ @ x_strip summed over the tiles hold dw[i, j] on their j-th
+diagonal (sum over x of M[x, x + j*dw]), extracted once per program.
 """
 
 from __future__ import annotations
@@ -32,6 +44,14 @@ from ultron_kernels.triton.launch import Launch, autotune, plan
 GROUP_COLUMNS = 9   # first channel, channels, kh, kw, dh, dw, pad top, pad left, weight offset (-1: identity)
 BLOCK_COLUMNS = 3   # group, first channel, end channel
 MAX_TAPS_PER_CHUNK = 16
+# The banded (Toeplitz) path: output tiles BLOCK_W columns wide read STRIP = 2 * BLOCK_W source
+# columns per kernel row, so a group's horizontal span (kw - 1) * dw + 1 may be up to
+# BLOCK_W + 1: 32-wide tiles take spans up to 33 (a 31-wide kernel undilated), 16-wide tiles
+# spans up to 17 (13x13), with half the band's wasted products. Kernels of LARGE_KERNEL_TAPS
+# taps and more take it.
+BAND_TILE_WIDTHS = (16, 32)
+LARGE_KERNEL_TAPS = 81
+BAND_BLOCK_C = 4  # channels_last: 8-byte runs of bf16 channels; 8 channels need 255 registers on sm_90
 
 
 @triton.jit
@@ -175,6 +195,103 @@ def _grouped_conv_grad_weight_kernel(
     tl.store(db_partial_ptr + pid.to(tl.int64) * C + channel, acc_bias, mask=channel_ok & active & (chunk == 0))
 
 
+@triton.jit
+def _load_strip(base, rows, row_ok, cols, col_ok, channel_ok, sh, sw):
+    """(BLOCK_C, rows, cols) source values, zero outside the image."""
+    mask = channel_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
+    return tl.load(base + rows[None, :, None] * sh + cols[None, None, :] * sw, mask=mask, other=0.0)
+
+
+@triton.jit
+def _toeplitz_conv_kernel(
+        src_ptr, band_ptr, b_ptr, group_ptr, block_ptr, dst_ptr,
+        H_src, W_src, H_dst, W_dst, band_rows,
+        ssb, ssc, ssh, ssw, sdb, sdc, sdh, sdw,
+        HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+        BLOCK_C: tl.constexpr, FULL_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr, STRIP: tl.constexpr):
+    # Stride 1. Forward: src = x, dst = y. Grad input (TRANSPOSED): src = dy, dst = dx, a
+    # forward conv with the kernel flipped (in the band rows) and padding (k - 1) * d - pad
+    # before. band_ptr: per channel and kernel row, the row's weights laid out by source
+    # offset s - x (see band_rows), zeros off the band: T[s, x] is one unmasked load.
+    tiles_h = tl.cdiv(H_dst, BLOCK_H)
+    tiles_w = tl.cdiv(W_dst, BLOCK_W)
+    pid = tl.program_id(0)
+    batch = pid // (tiles_h * tiles_w)
+    tile = pid % (tiles_h * tiles_w)
+    row0 = (tile // tiles_w) * BLOCK_H
+    col0 = (tile % tiles_w) * BLOCK_W
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C, FULL_BLOCKS)
+    if TRANSPOSED:
+        pad_top = (kh - 1) * dil_h - pad_top
+        pad_left = (kw - 1) * dil_w - pad_left
+    dst_h = row0 + tl.arange(0, BLOCK_H)
+    dst_w = col0 + tl.arange(0, BLOCK_W)
+    src_w = col0 - pad_left + tl.arange(0, STRIP)
+    src_w_ok = (src_w >= 0) & (src_w < W_src)
+    offset = tl.arange(0, STRIP)[:, None] - tl.arange(0, BLOCK_W)[None, :] + (BLOCK_W - 1)
+    band_base = band_ptr + (channel * band_rows * (STRIP + BLOCK_W))[:, None, None] + offset[None, :, :]
+    src_base = src_ptr + batch.to(tl.int64) * ssb + channel[:, None, None].to(tl.int64) * ssc
+    acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for i in range(kh):
+        src_h = dst_h - pad_top + i * dil_h
+        strip = _load_strip(src_base, src_h, (src_h >= 0) & (src_h < H_src), src_w, src_w_ok, channel_ok, ssh, ssw)
+        band = tl.load(band_base + i * (STRIP + BLOCK_W), mask=channel_ok[:, None, None], other=0.0)
+        acc = tl.dot(strip, band, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[:, None, None]
+    dst_offset = (batch.to(tl.int64) * sdb + channel[:, None, None].to(tl.int64) * sdc
+                  + dst_h[None, :, None] * sdh + dst_w[None, None, :] * sdw)
+    dst_ok = channel_ok[:, None, None] & (dst_h < H_dst)[None, :, None] & (dst_w < W_dst)[None, None, :]
+    tl.store(dst_ptr + dst_offset, acc.to(dst_ptr.dtype.element_ty), mask=dst_ok)
+
+
+@triton.jit
+def _toeplitz_grad_weight_kernel(
+        dy_ptr, x_ptr, group_ptr, block_ptr, dw_partial_ptr, db_partial_ptr,
+        C, n_weights, H, W, H_out, W_out, n_tiles,
+        sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw,
+        BLOCK_C: tl.constexpr, FULL_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr, STRIP: tl.constexpr):
+    # Program (p, block, i) sums, over the output tiles p, p + P, ... (stride 1), the products
+    # dy_tileᵀ @ x_strip of kernel row i into M (BLOCK_C, BLOCK_W, STRIP); then writes
+    # dw_partial[p, (i, j)] = sum_x M[x, x + j*dw] for each tap j (and, row 0, db_partial[p, c]).
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tap_h = tl.program_id(2)
+    channel, channel_ok, kh, kw, dil_h, dil_w, pad_top, pad_left, weight_base, tap_stride, has_weight = \
+        _block_group(group_ptr, block_ptr, tl.program_id(1), BLOCK_C, FULL_BLOCKS)
+    active = has_weight & (tap_h < kh)
+    last_tile = tl.where(active, n_tiles, 0)
+    tiles_h = tl.cdiv(H_out, BLOCK_H)
+    tiles_w = tl.cdiv(W_out, BLOCK_W)
+    products = tl.zeros((BLOCK_C, BLOCK_W, STRIP), dtype=tl.float32)
+    acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dy_base = dy_ptr + channel[:, None, None].to(tl.int64) * sdyc
+    x_base = x_ptr + channel[:, None, None].to(tl.int64) * sxc
+    for tile in range(pid, last_tile, programs):
+        batch = tile // (tiles_h * tiles_w)
+        row0 = (tile % (tiles_h * tiles_w)) // tiles_w * BLOCK_H
+        col0 = (tile % tiles_w) * BLOCK_W
+        out_h = row0 + tl.arange(0, BLOCK_H)
+        out_w = col0 + tl.arange(0, BLOCK_W)
+        g = _load_strip(dy_base + batch.to(tl.int64) * sdyb, out_h, out_h < H_out, out_w, out_w < W_out,
+                        channel_ok, sdyh, sdyw)
+        acc_bias += tl.sum(tl.sum(g.to(tl.float32), axis=2), axis=1)
+        in_h = out_h - pad_top + tap_h * dil_h
+        in_w = col0 - pad_left + tl.arange(0, STRIP)
+        strip = _load_strip(x_base + batch.to(tl.int64) * sxb, in_h, (in_h >= 0) & (in_h < H), in_w,
+                            (in_w >= 0) & (in_w < W), channel_ok, sxh, sxw)
+        products = tl.dot(tl.permute(g, (0, 2, 1)), strip, products)
+    offset = tl.arange(0, STRIP)[None, None, :] - tl.arange(0, BLOCK_W)[None, :, None]
+    partial_row = dw_partial_ptr + pid.to(tl.int64) * n_weights + weight_base
+    for j in range(kw):
+        diagonal = tl.sum(tl.sum(tl.where(offset == j * dil_w, products, 0.0), axis=2), axis=1)
+        tl.store(partial_row + (tap_h * kw + j) * tap_stride, diagonal, mask=channel_ok & active)
+    tl.store(db_partial_ptr + pid.to(tl.int64) * C + channel, acc_bias, mask=channel_ok & active & (tap_h == 0))
+
+
 # ---------------------------------------------------------------- host side
 
 def _groups_of(spec: tuple) -> list[ResolvedGroup]:
@@ -297,19 +414,17 @@ def gather_launch(src: torch.Tensor, weight: torch.Tensor, bias, spec: tuple, ds
         _grouped_conv_gather_kernel, grid(candidate), args, dict(flags, **candidate)))
 
 
-def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, spec: tuple, stride: int):
-    """(launch or None, dw_partial, db_partial): the grad-weight kernel with a fixed tile and
-    program count (from the shape and the device only), so that the partial-sum order never
-    depends on tuning."""
+def _partial_sums_launch(name: str, kernel, grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, spec: tuple,
+                         block_c: int, full: bool, tile: dict, grid_z: int, meta: dict):
+    """(launch or None, dw_partial, db_partial) of a grad-weight kernel that sums its share of
+    the output tiles into row p of (programs, weights) and (programs, C) partials: grid
+    (programs, channel blocks, grid_z), the program count fixed by the shape and the device
+    only, so that the partial-sum order never depends on tuning."""
     batch, channels, height, width = x.shape
     h_out, w_out = grad_out.shape[2:]
-    taps = min(MAX_TAPS_PER_CHUNK, triton.next_power_of_2(_max_taps(spec)))
-    chunks = triton.cdiv(_max_taps(spec), taps)
-    block_c, full = _block_c(x, spec, 32)
     blocks = _block_table(spec, block_c, x.device)
-    tile = _grad_weight_tile(x, taps, block_c)
     n_tiles = _grid(batch, h_out, w_out, 1)(tile)[0]
-    programs = max(1, min(n_tiles, _program_budget(x.device) // max(1, blocks.shape[0] * chunks)))
+    programs = max(1, min(n_tiles, _program_budget(x.device) // max(1, blocks.shape[0] * grid_z)))
     dw_partial = torch.empty((programs, n_weights), device=x.device, dtype=torch.float32)
     # Identity groups' channels get no bias gradient: their partials stay zero.
     db_partial = torch.zeros((programs, channels), device=x.device, dtype=torch.float32)
@@ -317,10 +432,98 @@ def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, 
         return None, dw_partial.zero_(), db_partial
     args = (grad_out, x, _group_table(spec, x.device), blocks, dw_partial, db_partial, channels, n_weights,
             height, width, h_out, w_out, n_tiles, *grad_out.stride(), *x.stride())
-    meta = dict(STRIDE=stride, TAPS=taps, BLOCK_C=block_c, FULL_BLOCKS=full)
-    launch = plan("grouped conv grad weight", [tile], lambda candidate: Launch(
-        _grouped_conv_grad_weight_kernel, (programs, blocks.shape[0], chunks), args, dict(meta, **candidate)))
+    meta = dict(meta, BLOCK_C=block_c, FULL_BLOCKS=full)
+    launch = plan(name, [tile], lambda candidate: Launch(
+        kernel, (programs, blocks.shape[0], grid_z), args, dict(meta, **candidate)))
     return launch, dw_partial, db_partial
+
+
+def grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, spec: tuple, stride: int):
+    """(launch or None, dw_partial, db_partial): the grad-weight kernel with a fixed tile,
+    grid axis 2 walking chunks of taps."""
+    taps = min(MAX_TAPS_PER_CHUNK, triton.next_power_of_2(_max_taps(spec)))
+    block_c, full = _block_c(x, spec, 32)
+    return _partial_sums_launch("grouped conv grad weight", _grouped_conv_grad_weight_kernel, grad_out, x,
+                                n_weights, spec, block_c, full, _grad_weight_tile(x, taps, block_c),
+                                triton.cdiv(_max_taps(spec), taps), dict(STRIDE=stride, TAPS=taps))
+
+
+def _band_width(spec: tuple):
+    """The banded kernels' tile width for these groups (the narrowest whose strip holds every
+    group's span), or None where some group's span is too wide."""
+    span = max(((g.kernel_w - 1) * g.dilation_w + 1 for g in _groups_of(spec) if not g.identity), default=1)
+    return next((w for w in BAND_TILE_WIDTHS if span <= w + 1), None)
+
+
+def takes_band_path(spec: tuple, stride: int, dtype: torch.dtype) -> bool:
+    """Whether the banded tensor-core kernels run this conv: 16-bit (their products are exact
+    in fp32; fp32 would round through TF32), stride 1, every group's kernel large and its
+    horizontal span within a strip."""
+    groups = [g for g in _groups_of(spec) if not g.identity]
+    return (stride == 1 and dtype in (torch.float16, torch.bfloat16) and bool(groups)
+            and all(g.kernel_h * g.kernel_w >= LARGE_KERNEL_TAPS for g in groups) and _band_width(spec) is not None)
+
+
+def _band_tile(t: torch.Tensor, spec: tuple, height: int) -> dict:
+    """The banded kernels' tile: BLOCK_H rows (the dot's M, 16 or 32: a band is loaded once
+    per BLOCK_H output rows, and small images waste less with 16), BLOCK_W columns
+    (_band_width) and a STRIP of twice that; NCHW one channel (strip rows are contiguous),
+    channels_last a block of BAND_BLOCK_C channels. One stage: the strips of consecutive
+    kernel rows overlap, so they are L1 hits, and software pipelining them through shared
+    memory only costs registers (sm_90, channels_last: 186 instead of 221 or 255 with two or
+    three stages)."""
+    width = _band_width(spec)
+    return dict(BLOCK_H=16 if height <= 16 else 32, BLOCK_W=width, STRIP=2 * width,
+                num_warps=8 if _channels_last(t) else 4, num_stages=1)
+
+
+def band_rows(weight: torch.Tensor, spec: tuple, channels: int, width: int, flipped: bool) -> torch.Tensor:
+    """(C, rows, 3 * width) weights of the banded kernel with tiles ``width`` columns wide:
+    row i of channel c holds its kernel row i by source offset, w[c, i, j] at
+    j * dw + width - 1, zeros elsewhere (so the kernel loads T[s, x] = row[s - x + width - 1]
+    without a mask). ``flipped``: the kernel rotated 180 degrees, for grad input. An
+    identity group is a 1 at offset 0 of row 0."""
+    groups = _groups_of(spec)
+    rows = max(g.kernel_h for g in groups)
+    bands = weight.new_zeros((channels, rows, 3 * width))
+    first, offset = 0, 0
+    for g in groups:
+        if g.identity:
+            bands[first:first + g.channels, 0, width - 1] = 1
+        else:
+            taps = g.kernel_h * g.kernel_w
+            w = weight[offset:offset + taps * g.channels].view(g.kernel_h, g.kernel_w, g.channels).permute(2, 0, 1)
+            if flipped:
+                w = w.flip(1, 2)
+            band = slice(width - 1, width + (g.kernel_w - 1) * g.dilation_w, g.dilation_w)
+            bands[first:first + g.channels, :g.kernel_h, band] = w
+            offset += taps * g.channels
+        first += g.channels
+    return bands
+
+
+def band_launch(src: torch.Tensor, weight: torch.Tensor, bias, spec: tuple, dst: torch.Tensor,
+                transposed: bool) -> Launch:
+    """The banded kernel's launch (forward: src = x, dst = y; grad input: src = dy, dst = dx)."""
+    block_c, full = _block_c(dst, spec, BAND_BLOCK_C)
+    blocks = _block_table(spec, block_c, dst.device)
+    tile = _band_tile(dst, spec, dst.shape[2])
+    bands = band_rows(weight, spec, dst.shape[1], tile["BLOCK_W"], flipped=transposed)
+    args = (src, bands, bias if bias is not None else weight, _group_table(spec, dst.device), blocks, dst,
+            *src.shape[2:], *dst.shape[2:], bands.shape[1], *src.stride(), *dst.stride())
+    meta = dict(HAS_BIAS=bias is not None, TRANSPOSED=transposed, BLOCK_C=block_c, FULL_BLOCKS=full)
+    grid = _grid(dst.shape[0], *dst.shape[2:], blocks.shape[0])
+    return plan("grouped conv band", [tile], lambda candidate: Launch(
+        _toeplitz_conv_kernel, grid(candidate), args, dict(meta, **candidate)))
+
+
+def band_grad_weight_launch(grad_out: torch.Tensor, x: torch.Tensor, n_weights: int, spec: tuple):
+    """(launch or None, dw_partial, db_partial) of the banded grad-weight kernel, grid axis 2
+    walking the kernel rows."""
+    block_c, full = _block_c(x, spec, BAND_BLOCK_C)
+    return _partial_sums_launch("grouped conv band grad weight", _toeplitz_grad_weight_kernel, grad_out, x,
+                                n_weights, spec, block_c, full, _band_tile(x, spec, grad_out.shape[2]),
+                                max(g.kernel_h for g in _groups_of(spec)), {})
 
 
 def grouped_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, spec: tuple,
@@ -328,7 +531,10 @@ def grouped_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, spec: tupl
     """Writes the convolution of ``x`` into ``out`` (either layout) and returns it. ``spec``:
     the resolved groups flattened (9 ints each); ``weight``: their packed weights."""
     if out.numel() > 0:
-        gather_launch(x, weight, bias, spec, out, stride, transposed=False).run()
+        if takes_band_path(spec, stride, x.dtype):
+            band_launch(x, weight, bias, spec, out, transposed=False).run()
+        else:
+            gather_launch(x, weight, bias, spec, out, stride, transposed=False).run()
     return out
 
 
@@ -336,9 +542,16 @@ def grouped_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
                           stride: int, grad_x: torch.Tensor):
     """Writes grad x into ``grad_x``; returns (grad_x, grad of the packed weight (fp32),
     grad bias (C,) fp32)."""
+    banded = takes_band_path(spec, stride, x.dtype)
     if grad_x.numel() > 0:
-        gather_launch(grad_out, weight, None, spec, grad_x, stride, transposed=True).run()
-    launch, dw_partial, db_partial = grad_weight_launch(grad_out, x, weight.numel(), spec, stride)
+        if banded:
+            band_launch(grad_out, weight, None, spec, grad_x, transposed=True).run()
+        else:
+            gather_launch(grad_out, weight, None, spec, grad_x, stride, transposed=True).run()
+    if banded:
+        launch, dw_partial, db_partial = band_grad_weight_launch(grad_out, x, weight.numel(), spec)
+    else:
+        launch, dw_partial, db_partial = grad_weight_launch(grad_out, x, weight.numel(), spec, stride)
     if launch is not None:
         launch.run()
     return grad_x, dw_partial.sum(0), db_partial.sum(0)

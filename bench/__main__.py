@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from bench.cases import (ATTN_SHAPES, CONV_SHAPES, DEPTHWISE_LAYERS, GROUPED_MODULES, Case, attention_cases,
-                         conv_cases, cosine_attention_cases, depthwise_cases, fwd_bwd, grouped_conv_cases, rotate)
+from bench.cases import (ATTN_SHAPES, CONV_SHAPES, DEPTHWISE_LAYERS, GROUPED_MODULES, REL_POS_SHAPES, Case,
+                         attention_cases, conv_cases, cosine_attention_cases, depthwise_cases, fwd_bwd,
+                         grouped_conv_cases, rel_pos_cases, rotate)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,6 +40,20 @@ def time_ms(fn, device: torch.device) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def peak_mb(fn, device: torch.device):
+    """Memory one call of ``fn`` allocates at its peak beyond what was allocated before (MB):
+    what a variant needs for itself, its saved activations included. None on the CPU, where
+    the caching allocator's statistics do not exist."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -84,9 +99,11 @@ def run_case(case: Case, device: torch.device, bandwidth: float) -> list[dict]:
                 if direction == "fwd":
                     with torch.no_grad():
                         ms = time_ms(rotate(case.inputs, fn), device)
+                        peak = peak_mb(rotate(case.inputs, fn), device)
                 else:
                     ms = time_ms(rotate(case.inputs, fn), device)
-                row.update(ms=ms, floor_fraction=floor_ms / ms if gpu else None)
+                    peak = peak_mb(rotate(case.inputs, fn), device)
+                row.update(ms=ms, floor_fraction=floor_ms / ms if gpu else None, peak_mb=peak)
             except Exception as exc:  # a peer the installed torch cannot run: say why
                 row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             rows.append(row)
@@ -281,16 +298,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += [f"**{meta['caveat']}**", ""]
     lines += [
              "| op | shape | dtype | layout | dir | variant | ms | floor ms | floor fraction | vs best peer "
-             "| rel. err vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MB | rel. err vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.4f}" if r.get("ms") is not None else f"skipped ({r.get('note', '')})"
         floor = f"{r['floor_ms']:.4f}" if r.get("floor_ms") is not None else "-"
         frac = f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") is not None else "-"
         speed = f"{r['speedup_vs_best_peer']:.2f}x" if r.get("speedup_vs_best_peer") else "-"
         err = f"{r['rel_err_vs_eager']:.1e}" if r.get("rel_err_vs_eager") is not None else "-"
+        peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['layout']} | {r['direction']} "
-                     f"| {r['variant']} | {ms} | {floor} | {frac} | {speed} | {err} |")
+                     f"| {r['variant']} | {ms} | {floor} | {frac} | {speed} | {peak} | {err} |")
     return "\n".join(lines) + "\n"
 
 
@@ -360,10 +378,12 @@ def run_folder(meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--op", choices=["conv", "grouped", "depthwise", "attention", "model", "extraction", "swin", "convnets",
+    p.add_argument("--op", choices=["conv", "grouped", "depthwise", "attention", "rel_pos", "model", "extraction", "swin", "convnets",
                                     "all"],
                    default="all", help="what to time: conv (channel-wise dilated conv), grouped (timm's "
-                   "grouped depthwise modules), attention (plain and cosine window attention), model "
+                   "grouped depthwise modules), depthwise (single depthwise layers vs F.conv2d), attention "
+                   "(plain and cosine window attention), rel_pos (SAM's global attention with the decomposed "
+                   "relative position, with peak memory), model "
                    "(ULTRON-S, GPU), extraction (ULTRON-S retrieval descriptors at 512x512, images/s), "
                    "swin / convnets (whole timm models), all (default)")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick",
@@ -408,6 +428,8 @@ def main(argv=None) -> int:
         builders.append((depthwise_cases, DEPTHWISE_LAYERS))
     if args.op in ("attention", "all"):
         builders += [(attention_cases, ATTN_SHAPES), (cosine_attention_cases, ATTN_SHAPES)]
+    if args.op in ("rel_pos", "all"):
+        builders.append((rel_pos_cases, REL_POS_SHAPES))
     also = [DTYPES[name] for name in args.also_dtypes.split(",") if name] if gpu else []
     for case_dtype, count in [(dtype, None)] + [(d, 1) for d in also if d != dtype]:
         for build, table in builders:

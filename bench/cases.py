@@ -32,6 +32,9 @@ ATTN_SHAPES = {  # (B, H, W, heads, D, window) or (B, T, H, W, heads, D, (wt, wh
     "tiny": [(2, 14, 14, 2, 16, 7), (1, 16, 16, 1, 32, 8), (1, 4, 8, 8, 1, 16, (2, 4, 4))],
 }
 DILATIONS = (1, 3, 6)
+# SAM / ViTDet global attention with the decomposed relative position: (B, H, W, heads, D),
+# the whole grid one window. SAM-B's global blocks at 1024x1024 (a 64x64 grid).
+REL_POS_SHAPES = {"quick": [(4, 64, 64, 12, 64)], "tiny": [(1, 6, 7, 2, 16), (2, 5, 4, 1, 32)]}
 # timm modules whose split + depthwise convs + cat becomes one grouped depthwise conv: (label,
 # timm model, which module, batch, image size). The module's input shape is read from the
 # model itself (a forward hook), so the shapes are the real model's.
@@ -257,6 +260,86 @@ def attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.d
 
 def cosine_attention_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
     return attention_cases(shapes, dtype, device, cosine=True)
+
+
+def rel_pos_cases(shapes: Sequence[tuple], dtype: torch.dtype, device: torch.device) -> list[Case]:
+    """Global attention with SAM's decomposed relative position (entries of REL_POS_SHAPES):
+    timm's own way (the (B*heads, N, N) bias materialised, then SDPA with it as the mask),
+    eager softmax with the same bias, FlexAttention with the per-query rows captured by a
+    score_mod (on a GPU), against window_attention(rel_pos=...) on each backend. Every variant
+    takes (B, H, W, heads, D) q, k, v and both tables, and returns the (B, H, W, heads, D)
+    output; the bench reports each one's peak memory beside its time."""
+    cases = []
+    backends = [b for b, why in uk.available_backends(device).items() if why == "available"]
+    for b, h, w, heads, d in shapes:
+        n = h * w
+        elt = torch.tensor([], dtype=dtype).element_size()
+        act = b * n * heads * d * elt
+
+        def make(b=b, h=h, w=w, heads=heads, d=d):
+            qkv = torch.randn(b, h, w, 3, heads, d, device=device, dtype=dtype)
+            tables = [torch.randn(2 * size - 1, d, device=device, dtype=dtype) * 0.05 for size in (h, w)]
+            return [t.requires_grad_() for t in (*qkv.unbind(3), *tables)]
+
+        case = Case("window_attention rel_pos (global)", f"B{b} {h}x{w} h{heads} d{d}", dtype, "-", 4 * act, 12 * act)
+        case.inputs = [[t.detach().requires_grad_() for t in s] for s in _input_sets(make, 3 * act, device)]
+
+        def heads_first(t, n=n):
+            """(B, H, W, heads, D) -> (B, heads, N, D)."""
+            return t.flatten(1, 2).transpose(1, 2)
+
+        def grid_last(out, h=h, w=w):
+            """(B, heads, N, D) -> (B, H, W, heads, D)."""
+            return out.transpose(1, 2).unflatten(1, (h, w))
+
+        def per_query_rows(q, rel_h, rel_w, h=h, w=w):
+            """timm's get_decomposed_rel_pos_bias terms: each query's products with the
+            relative rows of its key rows (B, heads, H, W, H) and key columns (..., W)."""
+            rows_h = rel_h[torch.arange(h, device=q.device)[:, None] - torch.arange(h, device=q.device) + h - 1]
+            rows_w = rel_w[torch.arange(w, device=q.device)[:, None] - torch.arange(w, device=q.device) + w - 1]
+            r_q = q.permute(0, 3, 1, 2, 4)  # (B, heads, H, W, D)
+            return (torch.einsum("bnhwc,hkc->bnhwk", r_q, rows_h), torch.einsum("bnhwc,wkc->bnhwk", r_q, rows_w))
+
+        def mask(q, rel_h, rel_w, n=n, per_query_rows=per_query_rows):
+            """The (B, heads, N, N) bias timm materialises for SDPA."""
+            along_h, along_w = per_query_rows(q, rel_h, rel_w)
+            return (along_h[..., :, None] + along_w[..., None, :]).reshape(q.shape[0], q.shape[3], n, n)
+
+        # The helpers are bound as defaults too: the variants run after this loop has moved on.
+        def timm_sdpa(q, k, v, rel_h, rel_w, mask=mask, heads_first=heads_first, grid_last=grid_last):
+            bias = mask(q, rel_h, rel_w).to(q.dtype)
+            return grid_last(F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
+                                                            attn_mask=bias))
+
+        def eager(q, k, v, rel_h, rel_w, d=d, mask=mask, heads_first=heads_first, grid_last=grid_last):
+            scores = heads_first(q) @ heads_first(k).transpose(-1, -2) * d ** -0.5 + mask(q, rel_h, rel_w)
+            return grid_last(scores.float().softmax(-1).to(q.dtype) @ heads_first(v))
+
+        def ours(backend, h=h, w=w):
+            return lambda q, k, v, rel_h, rel_w: uk.window_attention(q, k, v, (h, w), 0, None, None,
+                                                                     rel_pos=(rel_h, rel_w), backend=backend)
+
+        case.variants.update({"peer: eager": eager, "peer: timm SDPA + mask": timm_sdpa})
+        if device.type == "cuda":
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+            except ImportError:  # an older torch: no FlexAttention peer
+                flex_attention = None
+            if flex_attention is not None:
+                def flex_peer(q, k, v, rel_h, rel_w, w=w, per_query_rows=per_query_rows, heads_first=heads_first,
+                              grid_last=grid_last):
+                    along_h, along_w = (t.flatten(2, 3) for t in per_query_rows(q, rel_h, rel_w))
+
+                    def score_mod(score, bi, hi, qi, ki):
+                        return score + along_h[bi, hi, qi, ki // w] + along_w[bi, hi, qi, ki % w]
+                    return grid_last(flex_attention(heads_first(q), heads_first(k), heads_first(v),
+                                                    score_mod=score_mod))
+
+                case.variants["peer: FlexAttention (compiled)"] = torch.compile(flex_peer)
+                case.compiled.add("peer: FlexAttention (compiled)")
+        case.variants.update({f"ours: {name}": ours(name) for name in backends})
+        cases.append(case)
+    return cases
 
 
 def _first_module(model: torch.nn.Module, which: str) -> torch.nn.Module:

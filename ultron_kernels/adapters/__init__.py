@@ -88,7 +88,7 @@ def restore(module: nn.Module) -> Optional[str]:
 
 
 def adapters() -> list[Adapter]:
-    from ultron_kernels.adapters import depthwise, ours, timm_conv, timm_swin, torchvision_swin
+    from ultron_kernels.adapters import depthwise, ours, timm_conv, timm_sam, timm_swin, torchvision_swin
 
-    return (ours.ADAPTERS + timm_swin.ADAPTERS + torchvision_swin.ADAPTERS + timm_conv.ADAPTERS
-            + depthwise.ADAPTERS)
+    return (ours.ADAPTERS + timm_swin.ADAPTERS + timm_sam.ADAPTERS + torchvision_swin.ADAPTERS
+            + timm_conv.ADAPTERS + depthwise.ADAPTERS)

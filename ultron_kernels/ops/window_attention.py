@@ -331,12 +331,17 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     return None
 
 
+# The backends that run rel_pos (SAM's decomposed relative position); the fused kernels for it
+# are still to come (they keep per-query rows instead of an N x N bias).
+REL_POS_BACKENDS = ("reference",)
+
+
 def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias_grad: bool,
                   extras: bool, rel_pos: bool = False):
     def reason(backend: str) -> Optional[str]:
         if backend != "reference" and q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
-        if backend != "reference" and rel_pos:
+        if rel_pos and backend not in REL_POS_BACKENDS:
             return "the decomposed relative position (rel_pos) runs on the reference backend only"
         return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras)
     return reason

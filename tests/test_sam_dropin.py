@@ -1,0 +1,90 @@
+"""swap_in on timm's Segment Anything encoder (vision_transformer_sam), built for real in a
+small config that keeps SAM's structure: window 14 on a 20 x 20 grid (not divisible by 14, so
+the windowed blocks pad) and two global blocks, every constant-initialised parameter moved off
+its constant first (the rel-pos tables start at zero, which would hide a wrong bias). Output,
+input gradient and every parameter gradient equal the untouched model's in float64; state
+dicts load both ways; tables of another length are resized as timm resizes them; and the
+report says why attention is left alone where the op cannot take it."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ultron_kernels as uk
+from helpers import assert_checkpoints_load_both_ways, assert_parity, randomise_constants, swap_convnet_and_compare
+
+timm = pytest.importorskip("timm")
+sam = pytest.importorskip("timm.models.vision_transformer_sam")
+
+SIZE = 320  # a 20 x 20 grid of 16-pixel patches
+
+
+def _samvit():
+    torch.manual_seed(0)
+    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=SIZE, embed_dim=32, depth=4,
+                              num_heads=2, window_size=14, global_attn_indexes=(1, 3), neck_chans=16,
+                              num_classes=10, global_pool="avg")
+    return randomise_constants(model.eval())
+
+
+def test_swapped_samvit_matches_the_original():
+    original = _samvit()
+    assert [b.window_size for b in original.blocks] == [14, 0, 14, 0]
+    report = swap_convnet_and_compare(original, "reference", SIZE)
+    assert [path for path, _, _ in report.swapped] == [f"blocks.{i}.attn" for i in range(4)], str(report)
+    assert not report.skipped, str(report)
+    notes = [note for _, _, note in report.swapped]
+    assert "14x14 windows" in notes[0] and "20x20 windows" in notes[1], notes
+
+
+def test_state_dicts_load_both_ways_and_swap_out_restores():
+    original = _samvit()
+    swapped = copy.deepcopy(original)
+    report = uk.swap_in(swapped, "reference")
+    other = _samvit()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert_checkpoints_load_both_ways(original, swapped, other, SIZE)
+    assert uk.swap_out(swapped) == [path for path, _, _ in report.swapped]
+
+
+def test_tables_of_another_length_are_resized_as_timm_resizes_them():
+    """Tables made for 7 x 9 windows, called on a 5 x 6 input: timm interpolates them per call
+    (get_rel_pos); so does the adapter, before the op."""
+    torch.manual_seed(0)
+    attn = randomise_constants(sam.Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 9))).double()
+    swapped = copy.deepcopy(attn)
+    assert uk.swap_in(swapped, "reference").swapped
+    x = torch.randn(2, 5, 6, 32, dtype=torch.float64)
+    grad = torch.randn(2, 5, 6, 32, dtype=torch.float64)
+    results = []
+    for module in (attn, swapped):
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        results.append((out, *torch.autograd.grad(out, (inputs, module.rel_pos_h, module.rel_pos_w), grad)))
+    for name, got, want in zip(("out", "dx", "d rel_pos_h", "d rel_pos_w"), results[1], results[0]):
+        assert_parity(name, got, want, torch.float32)
+
+
+def test_what_is_left_alone_says_why():
+    torch.manual_seed(0)
+    plain = nn.ModuleDict({
+        "rel_pos": sam.Attention(32, num_heads=2, use_rel_pos=True, input_size=(4, 4)),
+        "qk_norm": sam.Attention(32, num_heads=2, qk_norm=True, use_rel_pos=True, input_size=(4, 4)),
+        "none": sam.Attention(32, num_heads=2),
+        "rope": sam.Attention(32, num_heads=2),
+    })
+    plain["rope"].rope = nn.Identity()  # stands for timm's rotary embedding module
+    for backend, converted in (("reference", ["rel_pos"]), ("auto", []), ("triton", []), ("cuda", [])):
+        model = copy.deepcopy(plain)
+        report = uk.swap_in(model, backend)
+        assert [path for path, _, _ in report.swapped] == converted, (backend, str(report))
+        reasons = {path: why for path, _, why in report.skipped}
+        assert "not the op's cosine qk_norm" in reasons["qk_norm"]
+        assert "timm's SDPA already runs this attention fused" in reasons["none"]
+        assert "(RoPE) is not supported" in reasons["rope"]
+        if backend != "reference":
+            assert f"no fused kernel yet), so on {backend!r} timm's SDPA path is kept" in reasons["rel_pos"]

@@ -448,10 +448,15 @@ __global__ void __launch_bounds__(kThreads) grad_weight_partial_kernel(
 // (i, 4q .. 4q + 3) of its channel's kernel (kh * ceil(kw / 4) <= 248 threads for 31x31) and
 // sums them over the whole chunk in registers: along a tile row, its four x values slide by
 // one column per output, so each dy value (a broadcast) and one new x value feed four FMAs.
-// Each weight is summed by one thread in a fixed order: no reduction, no atomics.
+// Each weight is summed by one thread in a fixed order; the bias gradient, shared by the
+// threads as they stage dy, is one tree at the end: no atomics, and no thread does the
+// bias's adds beside its taps.
 constexpr int kGwTileH = 8;
 constexpr int kTapsPerThread = 4;
 constexpr int kLargeKernelTaps = 81;  // 9x9 and up, as the Triton path
+static_assert(kGwTileH * kTileW == kThreads, "each thread stages one dy value per tile and owns one bias share");
+// Its launch bounds name 4 blocks (64 registers): with the thread count alone, ptxas held the
+// 16-bit instances at 40 registers and spilled.
 
 // Floats per staged x row: the tile's columns, the taps and the last owner's three extra
 // columns; odd, so that the four kernel rows a warp covers read four different banks.
@@ -460,7 +465,7 @@ __host__ __device__ __forceinline__ int large_window_stride(int kw) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_weight_large_kernel(
+__global__ void __launch_bounds__(kThreads, 4) grad_weight_large_kernel(
     const T* __restrict__ grad_out, const T* __restrict__ x, const Group* __restrict__ groups,
     const int* __restrict__ group_of, float* __restrict__ dw_partial, float* __restrict__ db_partial,
     int64_t n_weights, int64_t rows, int64_t rows_per_chunk, ConvShape s) {
@@ -490,8 +495,10 @@ __global__ void __launch_bounds__(kThreads) grad_weight_large_kernel(
     for (int x0 = 0; x0 < s.dst_w; x0 += kTileW) {
       for (int e = tid; e < kGwTileH * kTileW; e += kThreads) {
         const int ty = e / kTileW, tx = x0 + e % kTileW;
-        dy_tile[e] = ty < n && tx < s.dst_w ? static_cast<float>(dy_plane[static_cast<int64_t>(oy + ty) * s.dst_w + tx])
-                                            : 0.f;
+        const float grad = ty < n && tx < s.dst_w
+                               ? static_cast<float>(dy_plane[static_cast<int64_t>(oy + ty) * s.dst_w + tx]) : 0.f;
+        dy_tile[e] = grad;
+        acc_bias += grad;  // each thread's share of the bias gradient, summed over the block at the end
       }
       for (int e = tid; e < window_rows * stride; e += kThreads) {
         const int sy = oy - g.pad_top + e / stride, sx = x0 - g.pad_left + e % stride;
@@ -499,8 +506,6 @@ __global__ void __launch_bounds__(kThreads) grad_weight_large_kernel(
                         ? static_cast<float>(x_plane[static_cast<int64_t>(sy) * s.src_w + sx]) : 0.f;
       }
       __syncthreads();
-      if (tid == 0)  // the bias gradient in the same fixed order (a few adds per tile)
-        for (int e = 0; e < n * kTileW; ++e) acc_bias += dy_tile[e];
       if (owner) {
         for (int ty = 0; ty < n; ++ty) {
           const float* line = window + (ty + i * g.dh) * stride + j0;
@@ -529,7 +534,14 @@ __global__ void __launch_bounds__(kThreads) grad_weight_large_kernel(
       if (j0 + q < g.kw)
         dw_partial[blockIdx.x * n_weights + g.weight_offset + (i * g.kw + j0 + q) * g.channels + (c - g.first)] = acc[q];
   }
-  if (tid == 0) db_partial[blockIdx.x * s.C + c] = acc_bias;
+  // The bias gradient: the threads' shares in a fixed tree order (the last sync above freed dy_tile).
+  dy_tile[tid] = acc_bias;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (tid < half) dy_tile[tid] += dy_tile[tid + half];
+    __syncthreads();
+  }
+  if (tid == 0) db_partial[blockIdx.x * s.C + c] = dy_tile[0];
 }
 
 // The layout decision is always taken from x: a tensor with 1x1 spatial size or one channel

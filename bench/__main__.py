@@ -206,6 +206,15 @@ CONVNET_MODELS = {
               ("efficientnet_b0", {}, 128, 224, dict(depthwise=True, channels_last=True))],
     "tiny": [("inception_next_atto", dict(num_classes=10), 2, 32, dict(depthwise=True, channels_last=True))],
 }
+# Segment Anything's image encoder (timm's samvit: 14 x 14 windows and four global blocks over
+# the 64 x 64 grid of a 1024-pixel image), with a pooled classifier head so that a training
+# step has a loss; tiny: one windowed and one global block on a padded 5 x 5 grid.
+SAM_MODELS = {
+    "quick": [("samvit_base_patch16", dict(num_classes=10, global_pool="avg"), 4, 1024)],
+    "tiny": [("samvit_base_patch16", dict(img_size=80, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                                          global_attn_indexes=(1,), neck_chans=16, num_classes=10,
+                                          global_pool="avg"), 1, 80)],
+}
 
 
 def create_model(name: str, kwargs: dict) -> torch.nn.Module:
@@ -280,7 +289,7 @@ def timm_model_rows(device: torch.device, models: list, backends: Optional[list[
                            variant=variant, rel_err_vs_eager=err,
                            note=f"{swapped} modules swapped" if backend else "")
                 try:
-                    row["ms"] = time_ms(fn, device)
+                    row.update(ms=time_ms(fn, device), peak_mb=peak_mb(fn, device))
                 except Exception as exc:
                     row.update(ms=None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                 per_model.append(row)
@@ -379,13 +388,14 @@ def run_folder(meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--op", choices=["conv", "grouped", "depthwise", "attention", "rel_pos", "model", "extraction", "swin", "convnets",
-                                    "all"],
+                                    "sam", "all"],
                    default="all", help="what to time: conv (channel-wise dilated conv), grouped (timm's "
                    "grouped depthwise modules), depthwise (single depthwise layers vs F.conv2d), attention "
                    "(plain and cosine window attention), rel_pos (SAM's global attention with the decomposed "
                    "relative position, with peak memory), model "
                    "(ULTRON-S, GPU), extraction (ULTRON-S retrieval descriptors at 512x512, images/s), "
-                   "swin / convnets (whole timm models), all (default)")
+                   "swin / convnets / sam (whole timm models: Swin, the depthwise CNNs, SAM-B's image "
+                   "encoder at 1024x1024), all (default)")
     p.add_argument("--preset", choices=["quick", "tiny"], default="quick",
                    help="quick: the real model shapes (GPU; default); tiny: small shapes that check the "
                    "harness in seconds (what a machine without a GPU always runs)")
@@ -445,6 +455,8 @@ def main(argv=None) -> int:
         rows += timm_model_rows(device, SWIN_MODELS[preset])
     if args.op in ("convnets", "all"):
         rows += timm_model_rows(device, CONVNET_MODELS[preset])
+    if args.op in ("sam", "all"):
+        rows += timm_model_rows(device, SAM_MODELS[preset])
     save(rows, meta, out_dir, args.out, with_plots=True)
     print(markdown([r for r in rows if r.get("ms") is not None], meta)[-6000:])
     print(f"results in {os.path.relpath(out_dir)}")

@@ -122,7 +122,8 @@ def test_every_headline_row_has_a_prediction_in_the_notes():
     from bench.lease import ROWS
 
     predictions = gpu_lease.read_predictions(gpu_lease.NOTES)
-    directions = {"swin-t": ("inference", "train step"), "ultron-s": ("inference", "train step")}
+    whole_models = ("swin-t", "ultron-s", "sam-b")
+    directions = {row: ("inference", "train step") for row in whole_models}
     for row_id in ROWS:
         for direction in directions.get(row_id, ("fwd", "fwd+bwd")):
             assert any(r == row_id and d == direction for r, _, d in predictions), (row_id, direction)

@@ -21,22 +21,30 @@ sam = pytest.importorskip("timm.models.vision_transformer_sam")
 SIZE = 320  # a 20 x 20 grid of 16-pixel patches
 
 
-def _samvit():
+def _samvit(size: int = SIZE, depth: int = 4):
+    """Blocks alternate windowed and global (global_attn_indexes 1, 3, ...)."""
     torch.manual_seed(0)
-    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=SIZE, embed_dim=32, depth=4,
-                              num_heads=2, window_size=14, global_attn_indexes=(1, 3), neck_chans=16,
+    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=size, embed_dim=32, depth=depth,
+                              num_heads=2, window_size=14, global_attn_indexes=tuple(range(1, depth, 2)), neck_chans=16,
                               num_classes=10, global_pool="avg")
     return randomise_constants(model.eval())
 
 
-def test_swapped_samvit_matches_the_original():
-    original = _samvit()
-    assert [b.window_size for b in original.blocks] == [14, 0, 14, 0]
-    report = swap_convnet_and_compare(original, "reference", SIZE)
-    assert [path for path, _, _ in report.swapped] == [f"blocks.{i}.attn" for i in range(4)], str(report)
+@pytest.mark.parametrize("backend,size,depth", [("reference", SIZE, 4), ("triton", 256, 2)])
+def test_swapped_samvit_matches_the_original(backend, size, depth):
+    """float64 on the reference; float32 on Triton (its interpreter on the CPU, so a 16 x 16
+    grid, still padded to two windows a side, and one block of each kind): the windowed
+    blocks' 196-token windows and the global blocks' 256 tokens span several key blocks."""
+    if uk.available_backends("cpu").get(backend) != "available":
+        pytest.skip(f"{backend} does not run here")
+    original = _samvit(size, depth)
+    assert [b.window_size for b in original.blocks] == [14, 0] * (depth // 2)
+    report = swap_convnet_and_compare(original, backend, size)
+    assert [path for path, _, _ in report.swapped] == [f"blocks.{i}.attn" for i in range(depth)], str(report)
     assert not report.skipped, str(report)
     notes = [note for _, _, note in report.swapped]
-    assert "14x14 windows" in notes[0] and "20x20 windows" in notes[1], notes
+    grid = size // 16
+    assert "14x14 windows" in notes[0] and f"{grid}x{grid} windows" in notes[1], notes
 
 
 def test_state_dicts_load_both_ways_and_swap_out_restores():
@@ -78,13 +86,28 @@ def test_what_is_left_alone_says_why():
         "rope": sam.Attention(32, num_heads=2),
     })
     plain["rope"].rope = nn.Identity()  # stands for timm's rotary embedding module
-    for backend, converted in (("reference", ["rel_pos"]), ("auto", []), ("triton", []), ("cuda", [])):
+    for backend in ("reference", "auto", "triton", "cuda"):
         model = copy.deepcopy(plain)
         report = uk.swap_in(model, backend)
+        converted = [] if backend == "cuda" else ["rel_pos"]
         assert [path for path, _, _ in report.swapped] == converted, (backend, str(report))
         reasons = {path: why for path, _, why in report.skipped}
         assert "not the op's cosine qk_norm" in reasons["qk_norm"]
         assert "timm's SDPA already runs this attention fused" in reasons["none"]
         assert "(RoPE) is not supported" in reasons["rope"]
-        if backend != "reference":
-            assert f"no fused kernel yet), so on {backend!r} timm's SDPA path is kept" in reasons["rel_pos"]
+        if backend == "cuda":
+            assert "(no cuda kernel for it yet), so on 'cuda' timm's SDPA path is kept" in reasons["rel_pos"]
+
+
+def test_what_triton_cannot_run_is_left_on_timms_path():
+    """SAM-H's head_dim 80 has no fused kernel, nor a global block over 4096 tokens (a
+    1536-pixel input): Triton leaves them with the limit named; "auto" converts them (its
+    per-call choice is then the reference, which keeps timm's memory)."""
+    plain = nn.ModuleDict({"sam-h": sam.Attention(160, num_heads=2, use_rel_pos=True, input_size=(4, 4)),
+                           "96x96": sam.Attention(32, num_heads=2, use_rel_pos=True, input_size=(96, 96))})
+    report = uk.swap_in(copy.deepcopy(plain), "triton")
+    reasons = {path: why for path, _, why in report.skipped}
+    assert "head_dim 80 is not one of the fused head dims" in reasons["sam-h"]
+    assert "window (96, 96) has 9216 tokens" in reasons["96x96"]
+    assert not report.swapped
+    assert [path for path, _, _ in uk.swap_in(copy.deepcopy(plain), "auto").swapped] == ["sam-h", "96x96"]

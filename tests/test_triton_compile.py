@@ -74,6 +74,18 @@ def test_large_kernel_convs_run_on_tensor_cores_without_spilling(compiled):
             assert r["mma"] > 0 and r["local_bytes"] == 0 and r["blocks_per_sm"] >= 1, (sm, r)
 
 
+def test_rel_pos_attention_runs_on_tensor_cores_without_spilling(compiled):
+    """SAM's decomposed relative position (global 64 x 64 and 14 x 14 windows): the forward,
+    dq and dk/dv kernels keep nothing in local memory and a block per SM at least; in 16-bit
+    they run on mma (fp32 dots are IEEE here, as on the CPU)."""
+    for sm in ARCHS:
+        rel_pos = [r for (arch, name), r in compiled.items() if arch == sm and "relpos" in name]
+        assert len(rel_pos) == 12, sm
+        for r in rel_pos:
+            assert r["local_bytes"] == 0 and r["blocks_per_sm"] >= 1, (sm, r)
+            assert r["mma"] > 0 or " fp32 " in r["name"], (sm, r)
+
+
 def test_no_launch_regresses_against_the_snapshot(compiled):
     current = {f"sm_{arch} {name}": {key: r[key] for key in
                                      ("config", "shared_bytes", "registers", "stack_bytes",

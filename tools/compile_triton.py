@@ -106,6 +106,26 @@ def _attention_cases():
             if len(launches) == 2:  # windows of several blocks: the dq kernel runs first
                 yield f"attention bwd-dq {tag}", launches[0]
             yield f"attention bwd {tag}", launches[-1]
+    # SAM / ViTDet's decomposed relative position (each query's table products gathered; their
+    # gradient summed per key row and column by one-hot dots): SAM's global block over its
+    # 64 x 64 grid and its 14 x 14 windows with pad vectors, in bf16 (SAM's training dtype)
+    # and fp32, at SAM's head dim 64 and at 128.
+    for dtype_name, dtype, d, window, padded in (("bf16", torch.bfloat16, 64, (64, 64), False),
+                                                 ("bf16", torch.bfloat16, 64, (14, 14), True),
+                                                 ("bf16", torch.bfloat16, 128, (14, 14), False),
+                                                 ("fp32", torch.float32, 64, (64, 64), False)):
+        heads = 2
+        q, k, v = (torch.empty(1, *window, heads, d, dtype=dtype) for _ in range(3))
+        rows = torch.empty(1, *window, heads, 2 * window[0] - 1 + 2 * window[1] - 1)
+        pad = torch.empty(heads, d, dtype=dtype) if padded else None
+        variant = attn.Variant(0.125, k_pad=pad, v_pad=pad, rel_rows=rows)
+        tag = f"{dtype_name} d{d} window{window[0]}x{window[1]} relpos" + (" pad" if padded else "")
+        launch, out, lse, = attn.forward_launch(q, k, v, None, 0, window, (0, 0), variant)
+        yield f"attention fwd {tag}", launch
+        launches = attn.backward_launch(out, q, k, v, lse, None, 0, window, (0, 0), variant,
+                                        bias_grad=False, pad_grad=padded)[0]
+        yield f"attention bwd-dq {tag}", launches[0]
+        yield f"attention bwd {tag}", launches[-1]
 
 
 def _conv_cases():

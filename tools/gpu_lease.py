@@ -477,6 +477,13 @@ def _ms(r) -> str:
     return f"{r['ms']:.4g} ({name})"
 
 
+def _peak_mb(line: dict) -> str:
+    """Peak memory (MB) of ours and of the best peer, as ``ours / peer``."""
+    def mb(r):
+        return f"{r['peak_mb']:.0f}" if r and r.get("peak_mb") is not None else "-"
+    return f"{mb(line['ours'])} / {mb(line['peer'])}"
+
+
 def _x(value) -> str:
     return f"{value:.2f}" if value is not None else "-"
 
@@ -495,17 +502,19 @@ def summary(results: dict, predictions: dict) -> str:
                     if r["variant"].startswith("ours") and r.get("first_call_ms") and r.get("ms"))
     out += [f"Compile and autotune (first calls of our kernels, over their steady time, all rows): "
             f"{compile_s:.1f} s; autotuning capped at {AUTOTUNE_CONFIGS} configurations per kernel and key.", ""]
-    out += ["| row | layout | dir | ours ms | x floor | best peer ms | x vs peer | predicted (x floor <=, x peer >=) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += ["| row | layout | dir | ours ms | x floor | best peer ms | x vs peer | peak MB ours / peer | "
+            "predicted (x floor <=, x peer >=) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for line in summary_rows(results, predictions):
         if "status" in line:
-            out.append(f"| {line['row']} | | | {line['status'][:120]} | | | | | |")
+            out.append(f"| {line['row']} | | | {line['status'][:120]} | | | | | | |")
             continue
         p = line["prediction"]
         predicted = f"{_x(p['floor']) if p and p['floor'] else '-'}, {_x(p['peer']) if p and p['peer'] else '-'}" \
             if p else "-"
         out.append(f"| {line['row']} | {line['layout']} | {line['direction']} | {_ms(line['ours'])} | "
-                   f"{_x(line['x_floor'])} | {_ms(line['peer'])} | {_x(line['x_peer'])} | {predicted} | {line['verdict']} |")
+                   f"{_x(line['x_floor'])} | {_ms(line['peer'])} | {_x(line['x_peer'])} | {_peak_mb(line)} | "
+                   f"{predicted} | {line['verdict']} |")
     out += ["", "| step | status | seconds | box | note |", "|---|---|---|---|---|"]
     for step in results["steps"]:
         note = str(step.get("note", "")).replace("|", "/").replace("\n", " ")[:160]

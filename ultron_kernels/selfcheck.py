@@ -120,6 +120,19 @@ def _attention_case(dtype, device, backend):
                 (q, k, v, table), grad, dtype, device)
 
 
+def _rel_pos_case(dtype, device, backend):
+    """SAM's decomposed relative position: a global block over a 9x11 grid (two key blocks of
+    the Triton kernels), 2 heads of 32."""
+    from ultron_kernels import window_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 11, 2, 32, generator=gen) for _ in range(3))
+    tables = [torch.randn(2 * size - 1, 32, generator=gen) * 0.2 for size in (9, 11)]
+    grad = torch.randn(1, 9, 11, 2, 32, generator=gen)
+    return _run(lambda q, k, v, *t: window_attention(q, k, v, (9, 11), rel_pos=tuple(t), backend=backend),
+                (q, k, v, *tables), grad, dtype, device)
+
+
 def _conv_case(dtype, device, backend):
     """3x3 depthwise, dilations 1/2/3 over channel groups, stride 1, odd sizes."""
     from ultron_kernels import channelwise_dilated_conv2d
@@ -156,14 +169,24 @@ def _run(op: Callable, inputs, grad, dtype, device):
     return [out.detach(), *grads]
 
 
-OPS = {"window_attention": _attention_case, "channelwise_dilated_conv2d": _conv_case,
-       "grouped_depthwise_conv2d": _grouped_conv_case}
+OPS = {"window_attention": _attention_case, "window_attention rel_pos": _rel_pos_case,
+       "channelwise_dilated_conv2d": _conv_case, "grouped_depthwise_conv2d": _grouped_conv_case}
 SHAPES = {"window_attention": "B2 9x11 (partial windows) heads 2 D32, window 7 shift 3, table bias",
+          "window_attention rel_pos": "B1 9x11 heads 2 D32, one 9x11 window, SAM's decomposed rel_pos",
           "channelwise_dilated_conv2d": "B2 C12 13x11, k3, dilations 1/2/3 per 4 channels, bias",
           "grouped_depthwise_conv2d": "B1 C16 9x7: identity 3, 3x3 x4, 1x7 x3, 7x1 x3, 4x4 tf_same x3"}
 OUTPUT_NAMES = {"window_attention": ("out", "dq", "dk", "dv", "dbias"),
+                "window_attention rel_pos": ("out", "dq", "dk", "dv", "drel_pos_h", "drel_pos_w"),
                 "channelwise_dilated_conv2d": ("out", "dx", "dweight", "dbias"),
                 "grouped_depthwise_conv2d": ("out", "dx", "dw_3x3", "dw_1x7", "dw_7x1", "dw_4x4")}
+
+
+def runs_on(op_name: str, backend: str) -> bool:
+    """Whether ``backend`` runs the check ``op_name`` (a backend without a kernel for an
+    option yet gets no row for it)."""
+    from ultron_kernels.ops.window_attention import REL_POS_BACKENDS
+
+    return op_name != "window_attention rel_pos" or backend in REL_POS_BACKENDS
 
 
 def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:
@@ -174,6 +197,8 @@ def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:
     for op_name, case in OPS.items():
         expected = case(torch.float64, torch.device("cpu"), "reference")
         for backend in backends:
+            if not runs_on(op_name, backend):
+                continue
             for dtype_name, dtype in DTYPES.items():
                 row = {"backend": backend, "op": op_name, "dtype": dtype_name, "device": str(device),
                        "shape": SHAPES[op_name]}

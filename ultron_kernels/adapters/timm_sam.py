@@ -9,10 +9,12 @@ the norm: the projection's bias) and are not masked; the op computes exactly tha
 gets the same inputs. Tables of another length than 2 * size - 1 are resized with timm's own
 ``get_rel_pos``, as timm does per call.
 
-Converted only where the op runs the decomposed relative position on the chosen backend
-(today the reference: ``swap_in(model, "reference")``; on "auto" and the fused backends the
-report says why timm's path is kept); the RoPE and LayerNorm-qk-norm variants are left alone
-with the reason.
+Converted where the op runs the decomposed relative position on the chosen backend: the
+reference, Triton (which keeps each query's products with the table rows, never the N x N
+bias) and "auto" (Triton on a GPU that has it; else the reference, which keeps no more in
+memory than timm's own path). On "cuda" the report says why timm's path is kept, as for a
+window or head dim the Triton kernels do not run; the RoPE and LayerNorm-qk-norm variants are
+left alone with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultron_kernels.adapters import Adapter, Unsupported, class_named, set_fused
-from ultron_kernels.ops.window_attention import REL_POS_BACKENDS, window_attention
+from ultron_kernels.adapters.swin import conversion_device
+from ultron_kernels.ops.window_attention import REL_POS_BACKENDS, fused_shape_reason, window_attention
 
 
 def _table(table, size: int):
@@ -52,13 +55,16 @@ def _convert(attn: nn.Module, backend: str):
     if attn.attn_drop.p > 0:
         raise Unsupported(f"attention dropout {attn.attn_drop.p} > 0 (not implemented in the fused op): "
                           "left on timm's path")
-    if backend not in REL_POS_BACKENDS:
-        # "auto" included: it would take the reference on every device, which keeps more in
-        # memory than timm's SDPA on a GPU.
+    if backend not in REL_POS_BACKENDS + ("auto",):
         raise Unsupported(f"the decomposed relative position runs on the {' / '.join(REL_POS_BACKENDS)} "
-                          f"backend only (no fused kernel yet), so on {backend!r} timm's SDPA path is kept")
-    set_fused(attn, {"forward": _forward}, __name__, backend)
+                          f"backends (no {backend} kernel for it yet), so on {backend!r} timm's SDPA path is kept")
+    # The block's windows (or, in a global block, its grid) are the tables' size.
     size = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2
+    why = fused_shape_reason(backend, size, attn.head_dim,
+                             conversion_device(attn, backend))
+    if why:
+        raise Unsupported(f"{why}: left on timm's SDPA path")
+    set_fused(attn, {"forward": _forward}, __name__, backend)
     return attn, f"decomposed relative position, tables for {size[0]}x{size[1]} windows: one {backend} " \
                  "window_attention call per (H, W) input"
 

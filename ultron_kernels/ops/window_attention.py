@@ -16,7 +16,7 @@ import torch
 from ultron_kernels import _cuda
 from ultron_kernels.backends import select_backend
 from ultron_kernels.ops._common import (autocast_inputs, check_int32_sizes, check_same_device_and_dtype,
-                                        check_tensor)
+                                        check_tensor, no_autocast)
 from ultron_kernels.reference.window_attention import window_attention_reference
 
 OP_NAME = "window_attention"
@@ -76,19 +76,22 @@ def _bias_gradient(dense_grad: torch.Tensor, bias: torch.Tensor, kind: int,
 #
 # scale is a float32 (heads,) tensor, or None for the float scale_value (the common case: the
 # Triton kernels then take it as an argument, not a load); k_pad and v_pad are (heads, D) in
-# q's dtype or None; roll_first is timm's roll-then-pad order.
+# q's dtype or None; roll_first is timm's roll-then-pad order; rel_rows is the decomposed
+# relative position's per-query rows (rel_pos_rows) or None.
 
 @torch.library.custom_op("ultron_kernels::window_attention_fwd", mutates_args=())
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                    bias_kind: int, window: list[int], shift: list[int],
                    scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
                    k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor], roll_first: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str, rel_rows: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from ultron_kernels.triton.window_attention import window_attention_forward
         return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift),
                                         _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad,
-                                        roll_first)
+                                        roll_first, rel_rows)
+    _check_no_rel_rows(backend, rel_rows)
     return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale,
                                                          scale_value, qk_norm, k_pad, v_pad, roll_first)
 
@@ -97,9 +100,14 @@ def _triton_scale(scale: Optional[torch.Tensor], scale_value: float):
     return scale_value if scale is None else scale
 
 
+def _check_no_rel_rows(backend: str, rel_rows: Optional[torch.Tensor]) -> None:
+    if rel_rows is not None:  # the public op routes rel_pos away from it (REL_POS_BACKENDS)
+        raise ValueError(f"rel_rows: the {backend} backend does not run the decomposed relative position")
+
+
 @_fused_forward.register_fake
 def _(q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
-      backend):
+      backend, rel_rows=None):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32))
 
 
@@ -110,10 +118,12 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                     scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
                     k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
                     roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad); a gradient not asked for is empty. No
-    saved output is needed: both backends sum the softmax term from P and dP in fp32."""
+                    backend: str, rel_rows: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel_rows); a gradient not asked for is
+    empty (drel_rows whenever rel_rows is given). No saved output is needed: both backends
+    sum the softmax term from P and dP in fp32."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
@@ -121,12 +131,13 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grads = window_attention_backward(
             grad_out, q, k, v, lse, bias, bias_kind, tuple(window), tuple(shift),
             _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
-            scale_grad, pad_grad)
+            scale_grad, pad_grad, rel_rows)
     else:
-        grads = _cuda.cuda_ops(q.device).window_attention_bwd(
+        _check_no_rel_rows(backend, rel_rows)
+        grads = (*_cuda.cuda_ops(q.device).window_attention_bwd(
             grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-            k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad)
-    dq, dk, dv, dense, dscale, dk_pad, dv_pad = grads
+            k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad), None)
+    dq, dk, dv, dense, dscale, dk_pad, dv_pad, drel = grads
 
     def none():  # a gradient not asked for; outputs may not alias each other
         return q.new_empty((0,))
@@ -136,25 +147,26 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         dk_pad, dv_pad = dk_pad.to(k_pad.dtype), dv_pad.to(v_pad.dtype)
     else:
         dk_pad, dv_pad = none(), none()
-    return dq, dk, dv, dbias, (dscale if scale_grad else none()), dk_pad, dv_pad
+    drel = drel if rel_rows is not None else none()
+    return dq, dk, dv, dbias, (dscale if scale_grad else none()), dk_pad, dv_pad, drel
 
 
 @_fused_backward.register_fake
 def _(grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-      k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend):
+      k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows=None):
     def grad_like(t, wanted):
         return torch.empty_like(t) if wanted else q.new_empty((0,))
 
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
             grad_like(bias, bias_grad), grad_like(scale, scale_grad), grad_like(k_pad, pad_grad),
-            grad_like(v_pad, pad_grad))
+            grad_like(v_pad, pad_grad), grad_like(rel_rows, rel_rows is not None))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
-     backend) = inputs
+     backend, rel_rows) = inputs
     _, lse = output
-    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, lse)  # not the output
+    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows)  # not the output
     needs = ctx.needs_input_grad
     ctx.grads = (bias is not None and needs[3], scale is not None and needs[7],
                  k_pad is not None and (needs[10] or needs[11]))
@@ -162,15 +174,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, scale, k_pad, v_pad, lse = ctx.saved_tensors
+    q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows = ctx.saved_tensors
     bias_kind, window, shift, scale_value, qk_norm, roll_first, backend = ctx.args
     bias_grad, scale_grad, pad_grad = ctx.grads
-    dq, dk, dv, dbias, dscale, dk_pad, dv_pad = _fused_backward(
+    dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel = _fused_backward(
         grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-        k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend)
+        k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows)
     return (dq, dk, dv, dbias if bias_grad else None, None, None, None,
             dscale if scale_grad else None, None, None, dk_pad if pad_grad else None,
-            dv_pad if pad_grad else None, None, None)
+            dv_pad if pad_grad else None, None, None,
+            drel if rel_rows is not None and ctx.needs_input_grad[14] else None)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -331,9 +344,20 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     return None
 
 
-# The backends that run rel_pos (SAM's decomposed relative position); the fused kernels for it
-# are still to come (they keep per-query rows instead of an N x N bias).
-REL_POS_BACKENDS = ("reference",)
+# The backends that run rel_pos (SAM's decomposed relative position). The Triton kernels take
+# each query's products with the table rows (rel_pos_rows) instead of an N x N bias.
+REL_POS_BACKENDS = ("reference", "triton")
+
+
+def rel_pos_rows(q: torch.Tensor, rel_pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Each query's products with every row of both tables, in q's dtype (what timm forms its
+    bias in), shaped like q with 2wh - 1 + 2ww - 1 columns for D: q . rel_pos_h[o], then
+    q . rel_pos_w[o]. The kernels gather the bias from them; autograd carries their gradient
+    to q and the tables. One matmul (fp32 accumulation), outside autocast: q already has the
+    autocast dtype, the tables are cast to it."""
+    tables = torch.cat([t.to(q.dtype) for t in rel_pos]).t()
+    with no_autocast(q.device.type):
+        return torch.matmul(q, tables)
 
 
 def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias_grad: bool,
@@ -342,7 +366,8 @@ def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias
         if backend != "reference" and q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
         if rel_pos and backend not in REL_POS_BACKENDS:
-            return "the decomposed relative position (rel_pos) runs on the reference backend only"
+            return (f"the decomposed relative position (rel_pos) runs on the "
+                    f"{' and '.join(REL_POS_BACKENDS)} backends only")
         return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras)
     return reason
 
@@ -380,7 +405,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
             SAM / ViTDet's decomposed relative position, bias[i, j] = q_i . rel_pos_h[y_i - y_j
             + wh - 1] + q_i . rel_pos_w[x_i - x_j + ww - 1] ((y, x) in-window coordinates),
             from q as given and added unscaled, as timm's ``get_decomposed_rel_pos_bias``;
-            gradients flow to q and both tables. Reference backend; not with ``qk_norm``.
+            gradients flow to q and both tables. Reference and Triton backends (the N x N
+            bias is never formed there: each query's (2wh - 1 + 2ww - 1) products with the
+            table rows are); not with ``qk_norm``.
         shift_order: "pad_then_roll" (torchvision, mmdet) or "roll_then_pad" (timm: the
             unpadded grid is rolled, then padded). The same on grids divisible by the window.
         backend: "auto", "reference", "triton" or "cuda".
@@ -409,6 +436,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
                                           pads, roll_first, rel_pos=rel_pos)
     value = 0.0 if per_head is not None else scale
     per_head = per_head.float().contiguous() if per_head is not None else None
+    rows = None if rel_pos is None else rel_pos_rows(q, rel_pos)
     out, _ = _fused_forward(q, k, v, rel_pos_bias, kind, list(window), list(shift), per_head, value,
-                            qk_norm, k_pad, v_pad, roll_first, chosen)
+                            qk_norm, k_pad, v_pad, roll_first, chosen, rows)
     return out

@@ -53,12 +53,13 @@ def dense_bias(rel_pos_bias: Optional[torch.Tensor], window, heads: int) -> Opti
 
 
 def decomposed_bias(q_windows: torch.Tensor, rel_pos: tuple[torch.Tensor, torch.Tensor],
-                    window) -> torch.Tensor:
+                    window, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """SAM / ViTDet's decomposed relative position bias of (..., N, D) query windows of a
     (1, wh, ww) window: bias[i, j] = q_i . Rh[y_i - y_j + wh - 1] + q_i . Rw[x_i - x_j + ww - 1],
-    (y, x) in-window coordinates, as (..., N, N). Each query's products with every table row
-    ((..., N, 2wh - 1) and (..., N, 2ww - 1)) are formed, then gathered per key row and column:
-    the (N, N, D) gathered tables are never made."""
+    (y, x) in-window coordinates, as (..., N, N) in ``dtype`` (default q's). Each query's
+    products with every table row ((..., N, 2wh - 1) and (..., N, 2ww - 1)) are formed in q's
+    dtype, then gathered per key row and column: the (N, N, D) gathered tables are never
+    made, and the one (..., N, N) tensor is formed in ``dtype`` directly."""
     _, wh, ww = window
     device = q_windows.device
     biases = []
@@ -66,7 +67,7 @@ def decomposed_bias(q_windows: torch.Tensor, rel_pos: tuple[torch.Tensor, torch.
                                (rel_pos[1], ww, torch.arange(wh * ww, device=device) % ww)):
         per_offset = q_windows @ table.to(q_windows.dtype).t()           # (..., N, 2 size - 1)
         offsets = coord[:, None] - torch.arange(size, device=device)[None, :] + size - 1
-        biases.append(per_offset.gather(-1, offsets.expand(*per_offset.shape[:-1], size)))
+        biases.append(per_offset.gather(-1, offsets.expand(*per_offset.shape[:-1], size)).to(dtype))
     return (biases[0][..., :, None] + biases[1][..., None, :]).flatten(-2)
 
 
@@ -112,18 +113,26 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     image = torch.zeros(padded, dtype=torch.bool, device=q.device)
     image[:frames, :height, :width] = True
 
+    # A roll or a pad that moves nothing is skipped: each would be a copy of q, k and v (and
+    # of their gradients) held for the backward.
+    def roll(t: torch.Tensor, shifts) -> torch.Tensor:
+        return torch.roll(t, shifts, dims) if any(shifts) else t
+
+    def pad_grid(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, pad) if padded != sizes else t
+
     def arrange(t: torch.Tensor) -> torch.Tensor:  # the image -> the rolled, padded grid
         if roll_first:
-            return F.pad(torch.roll(t, back, dims), pad)
-        return torch.roll(F.pad(t, pad), back, dims)
+            return pad_grid(roll(t, back))
+        return roll(pad_grid(t), back)
 
     def restore(t: torch.Tensor) -> torch.Tensor:
         """(B, nWt, nWh, nWw, heads, N, X) windows -> (B, T, H, W, heads, X) on the image."""
         t = t.reshape(batch, tp // wt, hp // wh, wp // ww, heads, wt, wh, ww, t.shape[-1])
         t = t.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(batch, tp, hp, wp, heads, t.shape[-1])
         if roll_first:
-            return torch.roll(t[:, :frames, :height, :width], tuple(shift), dims)
-        return torch.roll(t, tuple(shift), dims)[:, :frames, :height, :width]
+            return roll(t[:, :frames, :height, :width], tuple(shift))
+        return roll(t, tuple(shift))[:, :frames, :height, :width]
 
     # Scores, softmax and P.V in fp32 for 16-bit inputs, as the kernels accumulate: large
     # but finite fp16 inputs must not overflow to inf here either.
@@ -137,9 +146,6 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         k = torch.where(in_image, k, pad_kv[0].to(compute))
         v = torch.where(in_image, v, pad_kv[1].to(compute))
         keys = torch.ones_like(valid)
-    decomposed = None if rel_pos is None else decomposed_bias(_partition(q, window), rel_pos, window)
-    if qk_norm:
-        q, k = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS)
     labels = (region_labels(tp, wt, shift[0])[:, None, None] * 9
               + region_labels(hp, wh, shift[1])[None, :, None] * 3
               + region_labels(wp, ww, shift[2])[None, None, :]).to(q.device)
@@ -147,20 +153,42 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     def windows_of(grid: torch.Tensor) -> torch.Tensor:  # (Tp, Hp, Wp) -> (nWt, nWh, nWw, N)
         return _partition(grid[None, :, :, :, None, None], window)[0, :, :, :, 0, :, 0]
 
-    valid_w, keys_w, labels_w = windows_of(valid), windows_of(keys), windows_of(labels)
-    allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & keys_w[..., None, :]
-    # Padded queries attend anywhere (their outputs are dropped): keeps every row finite.
-    allowed = allowed | ~valid_w[..., :, None]
+    def allowed_pairs() -> torch.Tensor:  # (nWt, nWh, nWw, N, N)
+        valid_w, keys_w, labels_w = windows_of(valid), windows_of(keys), windows_of(labels)
+        allowed = (labels_w[..., :, None] == labels_w[..., None, :]) & keys_w[..., None, :]
+        # Padded queries attend anywhere (their outputs are dropped): keeps every row finite.
+        return allowed | ~valid_w[..., :, None]
 
     if isinstance(scale, torch.Tensor):
         scale = scale.to(compute).view(heads, 1, 1)
+    decomposed = None
+    if rel_pos is not None:  # from q as given: rel_pos excludes qk_norm
+        q_windows = _partition(q, window)
+        if rel_pos_bias is None and not return_lse:
+            # As timm computes it, so that the reference keeps no more in memory than timm's
+            # own path: the decomposed bias is SDPA's additive mask, in the inputs' dtype (a
+            # float32 mask would be twice a 16-bit one). It is masked only where some pair is
+            # not allowed (a shift, or padded keys without pad_kv; never in SAM's blocks). No
+            # row is fully masked: every real query is a key of its own region.
+            mask = decomposed_bias(q_windows, rel_pos, window, out_dtype)
+            if any(shift) or (pad_kv is None and padded != sizes):
+                mask = mask.masked_fill(~allowed_pairs()[None, :, :, :, None], float("-inf"))
+            per_head = isinstance(scale, torch.Tensor)
+            q_windows = q_windows * scale if per_head else q_windows
+            out = F.scaled_dot_product_attention(
+                *(t.to(out_dtype).flatten(0, 3) for t in (q_windows, _partition(k, window), _partition(v, window))),
+                attn_mask=mask.flatten(0, 3), scale=1.0 if per_head else scale)
+            return restore(out.reshape(q_windows.shape)).contiguous()
+        decomposed = decomposed_bias(q_windows, rel_pos, window)
+    if qk_norm:
+        q, k = F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS)
     scores = _partition(q, window) @ _partition(k, window).transpose(-1, -2) * scale
     bias = dense_bias(rel_pos_bias, window, heads)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     if decomposed is not None:
         scores = scores + decomposed
-    scores = scores.masked_fill(~allowed[None, :, :, :, None], float("-inf"))
+    scores = scores.masked_fill(~allowed_pairs()[None, :, :, :, None], float("-inf"))
     # A query whose every key is masked (a -inf bias) gets output 0 and zero gradients, as on
     # the fused backends; its scores are made finite first so no NaN enters the softmax or
     # its backward.

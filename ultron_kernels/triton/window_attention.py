@@ -140,6 +140,62 @@ def _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
 
 
 @triton.jit
+def _rel_pos_tile(rel_ptr, rel_rows, tq, tk, k_block, real_q, key_in, WH: tl.constexpr,
+                  WW: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """SAM / ViTDet's decomposed relative position bias (fp32) of a query block against a key
+    block. Each query has one row of its products with the tables (q_i . Rh[o] for
+    o < 2WH - 1, then q_i . Rw[o]) at ``rel_rows``; the bias gathers it at the key's in-window
+    row and column offsets. 2D windows only (WT = 1). ROW_BLOCKS: each key block is one
+    window row (row k_block; SAM's 64 x 64 global blocks), so the row term is one value per
+    query."""
+    dx = (tq % WW)[:, None] - (tk % WW)[None, :] + WW - 1 + (2 * WH - 1)
+    both = real_q[:, None] & key_in[None, :]
+    rows = rel_ptr + rel_rows[:, None]
+    along_w = tl.load(rows + dx, mask=both, other=0.0).to(tl.float32)
+    if ROW_BLOCKS:
+        along_h = tl.load(rel_ptr + rel_rows + ((tq // WW) % WH) - k_block + WH - 1, mask=real_q, other=0.0)
+        return along_w + along_h.to(tl.float32)[:, None]
+    else:
+        dy = ((tq // WW) % WH)[:, None] - ((tk // WW) % WH)[None, :] + WH - 1
+        return tl.load(rows + dy, mask=both, other=0.0).to(tl.float32) + along_w
+
+
+@triton.jit
+def _rel_pos_sums(ds, tk, k_block, dtype, WH: tl.constexpr, WW: tl.constexpr, RH: tl.constexpr,
+                  RW: tl.constexpr, PRECISION: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """Each query's dS summed over the key block's tokens of each in-window key row (BLOCK, RH)
+    and key column (BLOCK, RW). No atomics: the query's program owns its sums. With
+    ROW_BLOCKS (the block is window row k_block, RW = BLOCK) they are dS's row sums, in column
+    k_block, and dS itself, in fp32; else dots with one-hot matrices, on the tensor cores in
+    16-bit (dS rounded to ``dtype`` as for dq): (RH + RW) / D of a q.k dot's work."""
+    if ROW_BLOCKS:
+        return tl.where(tl.arange(0, RH)[None, :] == k_block, tl.sum(ds, 1)[:, None], 0.0), ds
+    inside = (tk < WH * WW)[:, None]
+    rows = ((tk // WW) % WH)[:, None] == tl.arange(0, RH)[None, :]
+    cols = (tk % WW)[:, None] == tl.arange(0, RW)[None, :]
+    ds = ds.to(dtype)
+    # The one-hot matrices go through fp32: the interpreter casts a bool to bf16 as the raw
+    # bits 0x0001 (a denormal), not 1.0.
+    return (tl.dot(ds, tl.where(rows & inside, 1.0, 0.0).to(dtype), input_precision=PRECISION),
+            tl.dot(ds, tl.where(cols & inside, 1.0, 0.0).to(dtype), input_precision=PRECISION))
+
+
+@triton.jit
+def _store_rel_pos_grad(drel_ptr, rel_rows, sum_rows, sum_cols, tq, real_q, WH: tl.constexpr,
+                        WW: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
+    """The gradient of each query's table products from its dS sums (fp32, rounded once to
+    the rows' dtype): the key row r is the offset ty - r + WH - 1 of query row ty (each offset
+    once per query); offsets no key reaches keep the buffer's zeros."""
+    r = tl.arange(0, RH)
+    c = tl.arange(0, RW)
+    rows = drel_ptr + rel_rows[:, None]
+    tl.store(rows + (((tq // WW) % WH)[:, None] - r[None, :] + WH - 1),
+             sum_rows.to(drel_ptr.dtype.element_ty), mask=real_q[:, None] & (r < WH)[None, :])
+    tl.store(rows + ((tq % WW)[:, None] - c[None, :] + WW - 1 + (2 * WH - 1)),
+             sum_cols.to(drel_ptr.dtype.element_ty), mask=real_q[:, None] & (c < WW)[None, :])
+
+
+@triton.jit
 def _program_run(n_windows, windows_per_program, NUM_BLOCKS: tl.constexpr):
     """Program (run, block) along axis 0, head along axis 1: the run's first and last+1
     window, its token block and its head."""
@@ -177,14 +233,16 @@ def _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k, key_ok,
 
 @triton.jit
 def _window_attn_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, rel_ptr, o_ptr, lse_ptr,
         T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
         sob, sot, soh, sow, son, slb, slt, slh, slw, sln, sbias0, sbias1, sbias2,
+        srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
-        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
+        ROW_BLOCKS: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     # Program (run, q_block): query block q_block of a run of windows, one head.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
@@ -194,6 +252,7 @@ def _window_attn_fwd_kernel(
         batch, tq, zq, yq, xq, real_q, inside_q, region_q = _token_coords(
             window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
         q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D)
+        rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
         inv_q = scale
         if QK_NORM:
             inv_q, live_q = _inverse_norm(q)
@@ -210,6 +269,8 @@ def _window_attn_fwd_kernel(
                 inv_k, live_k = _inverse_norm(k)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WT, WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
+            if REL_POS:
+                bias += _rel_pos_tile(rel_ptr, rel_rows, tq, tk, k_block, real_q, inside_k, WH, WW, ROW_BLOCKS)
             c, s = _scores(q, k, inv_q, inv_k, scale, bias, region_q, region_k,
                            inside_k if HAS_PAD else real_k, QK_NORM, PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -273,15 +334,18 @@ def _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM: tl.constexpr):
 
 @triton.jit
 def _window_attn_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr,
-        dq_ptr, delta_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, rel_ptr, lse_ptr, do_ptr,
+        dq_ptr, delta_ptr, drel_ptr,
         T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
         slb, slt, slh, slw, sln, sdob, sdot, sdoh, sdow, sdon, sdqb, sdqt, sdqh, sdqw, sdqn, sbias0, sbias1, sbias2,
+        srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
-        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
+        ROW_BLOCKS: tl.constexpr,
+        RH: tl.constexpr, RW: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     # Windows of several blocks. Program (run, q_block): dq of one query block of a run of
     # windows, one head, in two passes over the key blocks: the first sums the softmax term
@@ -295,9 +359,12 @@ def _window_attn_bwd_dq_kernel(
         q, do, lse, inv_q, live_q = _query_rows(
             q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
             sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
+        rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
         delta = tl.zeros((BLOCK,), dtype=tl.float32)
         dq = tl.zeros((BLOCK, D), dtype=tl.float32)
         dc_q = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_j ds_ij c_ij per query
+        ds_rows = tl.zeros((BLOCK, RH), dtype=tl.float32)  # sum of ds per key row (REL_POS)
+        ds_cols = tl.zeros((BLOCK, RW), dtype=tl.float32)  # and per key column
         for sweep in tl.static_range(2):                 # 0: delta, 1: dq
             for k_block in range(NUM_BLOCKS):
                 _, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
@@ -309,6 +376,8 @@ def _window_attn_bwd_dq_kernel(
                     inv_k, live_k = _inverse_norm(k)
                 bias = _bias_tile(bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                                   WT, WH, WW, BIAS_KIND, BLOCK)
+                if REL_POS:
+                    bias += _rel_pos_tile(rel_ptr, rel_rows, tq, tk, k_block, real_q, inside_k, WH, WW, ROW_BLOCKS)
                 c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
                                           region_q, region_k, inside_k if HAS_PAD else real_k,
                                           QK_NORM, PRECISION)
@@ -321,6 +390,12 @@ def _window_attn_bwd_dq_kernel(
                         dq += tl.dot((ds * inv_k[None, :]).to(k.dtype), k, input_precision=PRECISION)
                     else:
                         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                    if REL_POS:
+                        part_rows, part_cols = _rel_pos_sums(ds, tk, k_block, k.dtype, WH, WW, RH, RW, PRECISION, ROW_BLOCKS)
+                        ds_rows += part_rows
+                        ds_cols += part_cols
+        if REL_POS:
+            _store_rel_pos_grad(drel_ptr, rel_rows, ds_rows, ds_cols, tq, real_q, WH, WW, RH, RW)
         dq = _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM)
         dq_offs = _row_offsets(batch, zq, yq, xq, head, sdqb, sdqt, sdqh, sdqw, sdqn)[:, None] + tl.arange(0, D)[None, :]
         tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
@@ -330,16 +405,18 @@ def _window_attn_bwd_dq_kernel(
 
 @triton.jit
 def _window_attn_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, lse_ptr, do_ptr, delta_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, rel_ptr, lse_ptr, do_ptr, delta_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dscale_ptr, dpad_ptr, drel_ptr,
         T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, n_windows, windows_per_program, scale_value,
         sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
         slb, slt, slh, slw, sln, sdob, sdot, sdoh, sdow, sdon, sdkb, sdkt, sdkh, sdkw, sdkn, sbias0, sbias1, sbias2,
+        srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
-        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr,
-        BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
+        QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
+        ROW_BLOCKS: tl.constexpr,
+        RH: tl.constexpr, RW: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
         PAD_GRAD: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         PRECISION: tl.constexpr):
     # Program (run, k_block): dk and dv of one key block of a run of windows, one head.
@@ -375,8 +452,11 @@ def _window_attn_bwd_kernel(
             q, do, lse, inv_q, live_q = _query_rows(
                 q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
                 sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
+            rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WT, WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
+            if REL_POS:
+                bias += _rel_pos_tile(rel_ptr, rel_rows, tq, tk, k_block, real_q, inside_k, WH, WW, ROW_BLOCKS)
             c, p, dp = _probabilities(q, k, v, do, lse, inv_q, inv_k, scale, bias, real_q,
                                       region_q, region_k, inside_k if HAS_PAD else real_k,
                                       QK_NORM, PRECISION)
@@ -401,6 +481,9 @@ def _window_attn_bwd_kernel(
                 dq = _finish_gradient(dq, tl.sum(ds * c, 1), q, inv_q, live_q, scale, QK_NORM)
                 dq_offs = _row_offsets(batch, zq, yq, xq, head, sdkb, sdkt, sdkh, sdkw, sdkn)[:, None] + tl.arange(0, D)[None, :]
                 tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+                if REL_POS:
+                    ds_rows, ds_cols = _rel_pos_sums(ds, tk, k_block, k.dtype, WH, WW, RH, RW, PRECISION, ROW_BLOCKS)
+                    _store_rel_pos_grad(drel_ptr, rel_rows, ds_rows, ds_cols, tq, real_q, WH, WW, RH, RW)
                 if BIAS_GRAD:
                     ds_run += ds
             elif BIAS_GRAD:
@@ -443,7 +526,7 @@ _FWD_WARPS_STAGES = [(4, 2), (8, 2), (4, 3), (2, 2), (8, 3), (4, 1), (2, 3), (8,
 _window_attn_fwd_autotuned = autotune(
     "window attention forward", _window_attn_fwd_kernel, [triton.Config({}, num_warps=w, num_stages=st) for w, st in _FWD_WARPS_STAGES],
     key=["T", "H", "W", "WT", "WH", "WW", "ST", "SH", "SW", "D", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
-         "ROLL_FIRST", "PRECISION"])
+         "ROLL_FIRST", "REL_POS", "ROW_BLOCKS", "PRECISION"])
 
 
 def launch_candidates(head_dim: int, tokens: int, backward: bool) -> list[dict]:
@@ -479,6 +562,11 @@ def _volumes(window, shift, *tensors):
     return ((1, *window), (0, *shift), *(t.unsqueeze(1) for t in tensors))
 
 
+def _volume(rel_rows: torch.Tensor) -> torch.Tensor:
+    """The per-query rows of a 2D call (rel_pos is 2D only) as the T = 1 volume."""
+    return rel_rows.unsqueeze(1)
+
+
 def _geometry(q: torch.Tensor, window, shift):
     """q: the (B, T, H, W, heads, D) volume; window and shift: 3D."""
     batch, frames, height, width = q.shape[:4]
@@ -497,29 +585,40 @@ def _meta(q: torch.Tensor, window, shift, bias_kind: int, variant: "Variant",
     return dict(WT=window[0], WH=window[1], WW=window[2], ST=shift[0], SH=shift[1], SW=shift[2],
                 D=q.shape[-1], BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
                 QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
-                ROLL_FIRST=variant.roll_first,
+                ROLL_FIRST=variant.roll_first, REL_POS=variant.rel_rows is not None,
+                # rel_pos: each key block one window row (a 2D window BLOCK tokens wide)
+                ROW_BLOCKS=variant.rel_rows is not None and window[2] == candidate["BLOCK"],
                 NUM_BLOCKS=triton.cdiv(math.prod(window), candidate["BLOCK"]),
                 PRECISION="tf32" if tf32 else "ieee", **candidate)
 
 
 class Variant(NamedTuple):
     """The op's per-call options the kernels take: the scale (a float, or a (heads,) float32
-    tensor), cosine attention, the pad vectors ((heads, D) in q's dtype, or None) and timm's
-    roll-then-pad order."""
+    tensor), cosine attention, the pad vectors ((heads, D) in q's dtype, or None), timm's
+    roll-then-pad order and the decomposed relative position's per-query rows (q's dtype,
+    shaped like q with 2wh - 1 + 2ww - 1 columns for D: q . rel_pos_h[o], then q . rel_pos_w[o];
+    contiguous) or None."""
     scale: Union[float, torch.Tensor]
     qk_norm: bool = False
     k_pad: Optional[torch.Tensor] = None
     v_pad: Optional[torch.Tensor] = None
     roll_first: bool = False
+    rel_rows: Optional[torch.Tensor] = None
 
     @property
     def per_head_scale(self) -> bool:
         return isinstance(self.scale, torch.Tensor)
 
     def pointers(self, q: torch.Tensor) -> tuple:
-        """scale, k_pad, v_pad pointer arguments (q stands in for an absent one)."""
-        return (self.scale if self.per_head_scale else q, q if self.k_pad is None else self.k_pad,
-                q if self.v_pad is None else self.v_pad)
+        """scale, k_pad, v_pad, rel_rows pointer arguments (q stands in for an absent one)."""
+        return (self.scale if self.per_head_scale else q,
+                *(q if t is None else t for t in (self.k_pad, self.v_pad, self.rel_rows)))
+
+    def rel_strides(self) -> tuple[int, ...]:
+        """Batch, frame, row, column and head strides of the per-query rows (zeros without)."""
+        if self.rel_rows is None:
+            return (0,) * 5
+        return _strides5(_volume(self.rel_rows))
 
     @property
     def scale_value(self) -> float:
@@ -562,7 +661,7 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), out_v, lse_v,
                 *_geometry_args(geo, per_program, variant.scale_value),
                 *_strides5(q), *_strides5(k), *_strides5(v), *_strides5(out_v), *lse_v.stride(),
-                *_bias_strides(bias))
+                *_bias_strides(bias), *variant.rel_strides())
         return Launch(_window_attn_fwd_kernel, grid, args, meta)
 
     candidates = launch_candidates(head_dim, math.prod(window), backward=False)
@@ -577,12 +676,14 @@ def forward_launch(q, k, v, bias, bias_kind: int, window, shift, variant: Varian
 
 def window_attention_forward(q, k, v, bias, bias_kind: int, window, shift,
                              scale: Union[float, torch.Tensor],
-                             qk_norm: bool, k_pad, v_pad, roll_first: bool):
-    """Returns (out shaped like q, contiguous; lse shaped like q without D, float32)."""
+                             qk_norm: bool, k_pad, v_pad, roll_first: bool,
+                             rel_rows: Optional[torch.Tensor] = None):
+    """Returns (out shaped like q, contiguous; lse shaped like q without D, float32).
+    rel_rows: the decomposed relative position's per-query rows (Variant), or None."""
     if q.numel() == 0:
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty(q.shape[:-1], dtype=torch.float32))
-    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
+    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first, rel_rows)
     launch, out, lse = forward_launch(q, k, v, bias, bias_kind, window, shift, variant)
     launch.run()
     return out, lse
@@ -611,9 +712,12 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
     run, not yet run: one kernel for windows of one block; for larger windows the dq kernel
     (which also stores delta) then the dk/dv kernel. buffers: dq, dk, dv (shaped like q), and
     the partials of the bias (one per run of windows), scale and pad gradients (None where
-    not asked for)."""
+    not asked for), and with the decomposed relative position the gradient of its per-query
+    rows (shaped and typed like them; each query's program writes its row's reachable
+    offsets once, the rest stays zero)."""
     heads, head_dim = q.shape[-2:]
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    drel = None if variant.rel_rows is None else torch.zeros_like(variant.rel_rows)
     delta = torch.empty_like(lse)
     window, shift, q, k, v, lse, grad_out, delta_v, dq_v, dk_v, dv_v = _volumes(
         window, shift, q, k, v, lse, grad_out, delta, dq, dk, dv)
@@ -623,7 +727,10 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
 
     def build(candidate: dict) -> Launch:
         meta = dict(_meta(q, window, shift, bias_kind, variant, candidate), BIAS_GRAD=bias_grad,
-                    SCALE_GRAD=scale_grad, PAD_GRAD=pad_grad)
+                    SCALE_GRAD=scale_grad, PAD_GRAD=pad_grad,
+                    # the dS sums per key row and column: a tl.dot's width, 16 at least
+                    RH=max(16, triton.next_power_of_2(window[1])),
+                    RW=max(16, triton.next_power_of_2(window[2])))
         blocks = meta["NUM_BLOCKS"]
         per_program = _windows_per_program(geo["n_windows"], heads * blocks, q.device,
                                            programs_per_sm=4)
@@ -639,11 +746,11 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
         dpad = torch.empty((runs * blocks, heads, 2, head_dim), **partial) if pad_grad else None
         common = (*_geometry_args(geo, per_program, variant.scale_value),
                   *_strides5(q), *_strides5(k), *_strides5(v), *lse.stride(),
-                  *_strides5(grad_out), *_strides5(dq_v), *_bias_strides(bias))
+                  *_strides5(grad_out), *_strides5(dq_v), *_bias_strides(bias), *variant.rel_strides())
         buffers[candidate["BLOCK"]] = dbias, dscale, dpad, common
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
-                delta_v, dq_v, dk_v, dv_v, *(t if t is not None else lse for t in (dbias, dscale, dpad)),
-                *common)
+                delta_v, dq_v, dk_v, dv_v,
+                *(t if t is not None else lse for t in (dbias, dscale, dpad, drel)), *common)
         return Launch(_window_attn_bwd_kernel, (runs * blocks, heads), args, meta)
 
     launch = plan("window attention backward", launch_candidates(head_dim, tokens, backward=True),
@@ -653,21 +760,22 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
         meta = {name: value for name, value in launch.meta.items()
                 if name not in ("BIAS_GRAD", "SCALE_GRAD", "PAD_GRAD")}
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
-                dq_v, delta_v, *buffers[launch.meta["BLOCK"]][3])
+                dq_v, delta_v, lse if drel is None else drel, *buffers[launch.meta["BLOCK"]][3])
         launches.insert(0, Launch(_window_attn_bwd_dq_kernel, launch.grid, args, meta))
     dbias, dscale, dpad, _ = buffers[launch.meta["BLOCK"]]
     if dbias is not None:
         dbias.zero_()
-    return launches, (dq, dk, dv, dbias, dscale, dpad)
+    return launches, (dq, dk, dv, dbias, dscale, dpad, drel)
 
 
 def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                               scale: Union[float, torch.Tensor], qk_norm: bool, k_pad, v_pad,
-                              roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool):
-    """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad): dbias the (heads, N, N) float32
-    dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32; each None
-    when not asked for. No saved output is needed. Partials are summed in a fixed order:
-    deterministic."""
+                              roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
+                              rel_rows: Optional[torch.Tensor] = None):
+    """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel_rows): dbias the (heads, N, N)
+    float32 dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32, each
+    None when not asked for; drel_rows the gradient of ``rel_rows`` (None without). No saved
+    output is needed. Partials are summed in a fixed order: deterministic."""
     heads, head_dim = q.shape[-2:]
     if q.numel() == 0:
         tokens = math.prod(window)
@@ -675,13 +783,14 @@ def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, wind
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 zeros((heads, tokens, tokens)) if bias_grad else None,
                 zeros((heads,)) if scale_grad else None,
-                *((zeros((heads, head_dim)),) * 2 if pad_grad else (None, None)))
-    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first)
-    launches, (dq, dk, dv, dbias, dscale, dpad) = backward_launch(
+                *((zeros((heads, head_dim)),) * 2 if pad_grad else (None, None)),
+                None if rel_rows is None else torch.zeros_like(rel_rows))
+    variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first, rel_rows)
+    launches, (dq, dk, dv, dbias, dscale, dpad, drel) = backward_launch(
         grad_out, q, k, v, lse, bias, bias_kind, window, shift, variant, bias_grad,
         scale_grad, pad_grad)
     for launch in launches:
         launch.run()
     dpad = (dpad[:, :, 0].sum(0), dpad[:, :, 1].sum(0)) if dpad is not None else (None, None)
     return (dq, dk, dv, dbias.sum(0) if dbias is not None else None,
-            dscale.sum(0) if dscale is not None else None, *dpad)
+            dscale.sum(0) if dscale is not None else None, *dpad, drel)

@@ -69,8 +69,8 @@ MIN_BOX_S = 5           # a step with less than this left is skipped, not starte
 AUTOTUNE_CONFIGS = "3"
 # The GPU tests in order of value: the ops' parity first, the whole models last.
 GPU_TEST_FILES = ["test_window_attention.py", "test_grouped_depthwise_conv.py", "test_dilated_conv.py",
-                  "test_window_attention_variants.py", "test_edge_inputs.py", "test_backends.py",
-                  "test_model.py", "test_swin_dropin.py", "test_timm_conv_dropin.py"]
+                  "test_window_attention_variants.py", "test_decomposed_rel_pos.py", "test_edge_inputs.py",
+                  "test_backends.py", "test_model.py", "test_swin_dropin.py", "test_timm_conv_dropin.py"]
 
 
 class Lease:

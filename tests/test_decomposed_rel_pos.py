@@ -14,6 +14,7 @@ import torch
 
 import ultron_kernels as uk
 from ultron_kernels.ops.window_attention import REL_POS_BACKENDS, _fused_forward, rel_pos_rows
+from ultron_kernels.reference.window_attention import window_attention_reference
 from ultron_kernels.testing import parity
 from helpers import ROOT, assert_parity, assert_parity_or_as_conditioned, backend_cases, poisoned_outputs
 
@@ -240,6 +241,24 @@ def test_fused_backends_name_what_they_do_not_run(device, backend):
     tables = (torch.randn(7, 16, device=device), torch.randn(7, 16, device=device))
     with pytest.raises(uk.BackendUnavailableError, match=r"decomposed relative position \(rel_pos\)"):
         uk.window_attention(q, q, q, 4, rel_pos=tables, backend=backend)
+
+
+@pytest.mark.parametrize("roll_first", [False, True])
+def test_reference_mask_path_matches_its_explicit_softmax(roll_first):
+    """The reference computes rel_pos as timm does (the bias as SDPA's mask); with
+    return_lse it takes its explicit softmax. Both agree, gradients included, on a shifted
+    grid padded without pad vectors (pairs masked across regions and padded keys)."""
+    leaves = [torch.randn(2, 9, 10, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    tables = [torch.randn(2 * s - 1, 8, dtype=torch.float64, requires_grad=True) for s in (4, 4)]
+    results = []
+    for return_lse in (False, True):
+        out = window_attention_reference(*leaves, (4, 4), (2, 1), None, 0.3, False, None, roll_first,
+                                         return_lse, rel_pos=tuple(tables))
+        out = out[0] if return_lse else out
+        g = torch.ones_like(out).cumsum(1) / 10
+        results.append((out, *torch.autograd.grad(out, [*leaves, *tables], g)))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "drel_pos_h", "drel_pos_w"), *results):
+        assert_parity(name, a, b, torch.float64)
 
 
 def test_reference_keeps_no_more_memory_than_timm():

@@ -101,11 +101,11 @@ def _attention_cases():
                 variant = attn.Variant(torch.empty(heads), qk_norm=True, k_pad=pad, v_pad=pad, roll_first=True)
             launch, out, lse, = attn.forward_launch(q, k, v, bias, bias_kind, window, shift, variant)
             yield f"attention fwd {tag}", launch
-            launches = attn.backward_launch(out, q, k, v, lse, bias, bias_kind, window, shift, variant,
-                                            bias_grad=bias_kind != 0, scale_grad=cosine, pad_grad=cosine)[0]
-            if len(launches) == 2:  # windows of several blocks: the dq kernel runs first
-                yield f"attention bwd-dq {tag}", launches[0]
-            yield f"attention bwd {tag}", launches[-1]
+            # As the op runs it: the forward's output given where no scale gradient or cosine
+            # attention needs the softmax term summed from the tiles (the pre-pass then runs).
+            yield from _backward_launches(tag, attn.backward_launch(
+                out, q, k, v, lse, bias, bias_kind, window, shift, variant, bias_grad=bias_kind != 0,
+                scale_grad=cosine, pad_grad=cosine, out=None if cosine else out)[0])
     # SAM / ViTDet's decomposed relative position (each query's table products gathered; their
     # gradient summed per key row and column by one-hot dots): SAM's global block over its
     # 64 x 64 grid and its 14 x 14 windows with pad vectors, in bf16 (SAM's training dtype)
@@ -122,10 +122,19 @@ def _attention_cases():
         tag = f"{dtype_name} d{d} window{window[0]}x{window[1]} relpos" + (" pad" if padded else "")
         launch, out, lse, = attn.forward_launch(q, k, v, None, 0, window, (0, 0), variant)
         yield f"attention fwd {tag}", launch
-        launches = attn.backward_launch(out, q, k, v, lse, None, 0, window, (0, 0), variant,
-                                        bias_grad=False, pad_grad=padded)[0]
-        yield f"attention bwd-dq {tag}", launches[0]
-        yield f"attention bwd {tag}", launches[-1]
+        yield from _backward_launches(tag, attn.backward_launch(
+            out, q, k, v, lse, None, 0, window, (0, 0), variant, bias_grad=False, pad_grad=padded, out=out)[0])
+
+
+def _backward_launches(tag: str, launches: list):
+    """(name, launch) of each backward kernel: windows of several blocks run the dq kernel
+    first (after the softmax-term pre-pass, when it runs), then the dk/dv kernel."""
+    from ultron_kernels.triton import window_attention as attn
+
+    names = {attn._softmax_term_kernel: "bwd-delta", attn._window_attn_bwd_dq_kernel: "bwd-dq",
+             attn._window_attn_bwd_kernel: "bwd"}
+    for launch in launches:
+        yield f"attention {names[launch.kernel]} {tag}", launch
 
 
 def _conv_cases():

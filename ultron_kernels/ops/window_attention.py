@@ -118,12 +118,14 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                     scale: Optional[torch.Tensor], scale_value: float, qk_norm: bool,
                     k_pad: Optional[torch.Tensor], v_pad: Optional[torch.Tensor],
                     roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
-                    backend: str, rel_rows: Optional[torch.Tensor] = None
+                    backend: str, rel_rows: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel_rows); a gradient not asked for is
-    empty (drel_rows whenever rel_rows is given). No saved output is needed: both backends
-    sum the softmax term from P and dP in fp32."""
+    empty (drel_rows whenever rel_rows is given). ``out``, the forward's output, is given to
+    the Triton backend where no scale gradient or cosine attention needs the softmax term
+    summed from P and dP (_delta_from_output); otherwise both backends sum it in fp32."""
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     if backend == "triton":
@@ -131,7 +133,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grads = window_attention_backward(
             grad_out, q, k, v, lse, bias, bias_kind, tuple(window), tuple(shift),
             _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
-            scale_grad, pad_grad, rel_rows)
+            scale_grad, pad_grad, rel_rows, out)
     else:
         _check_no_rel_rows(backend, rel_rows)
         grads = (*_cuda.cuda_ops(q.device).window_attention_bwd(
@@ -153,7 +155,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @_fused_backward.register_fake
 def _(grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-      k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows=None):
+      k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows=None, out=None):
     def grad_like(t, wanted):
         return torch.empty_like(t) if wanted else q.new_empty((0,))
 
@@ -162,24 +164,33 @@ def _(grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value
             grad_like(v_pad, pad_grad), grad_like(rel_rows, rel_rows is not None))
 
 
+def _delta_from_output(backend: str, qk_norm: bool, scale_grad: bool) -> bool:
+    """Whether the backward takes the softmax term from dO . O (the saved 16-bit output), as
+    FlashAttention does: on Triton, where it saves a sweep over the keys of windows of several
+    blocks, unless a cancelling sum needs it from P and dP in fp32 (the scale gradient; the
+    cosine attention's dq and dk terms)."""
+    return backend == "triton" and not qk_norm and not scale_grad
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, bias_kind, window, shift, scale, scale_value, qk_norm, k_pad, v_pad, roll_first,
      backend, rel_rows) = inputs
-    _, lse = output
-    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows)  # not the output
+    out, lse = output
     needs = ctx.needs_input_grad
     ctx.grads = (bias is not None and needs[3], scale is not None and needs[7],
                  k_pad is not None and (needs[10] or needs[11]))
+    keep = out if _delta_from_output(backend, qk_norm, ctx.grads[1]) else None
+    ctx.save_for_backward(q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows, keep)
     ctx.args = (bias_kind, window, shift, scale_value, qk_norm, roll_first, backend)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows = ctx.saved_tensors
+    q, k, v, bias, scale, k_pad, v_pad, lse, rel_rows, out = ctx.saved_tensors
     bias_kind, window, shift, scale_value, qk_norm, roll_first, backend = ctx.args
     bias_grad, scale_grad, pad_grad = ctx.grads
     dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel = _fused_backward(
         grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-        k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows)
+        k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, backend, rel_rows, out)
     return (dq, dk, dv, dbias if bias_grad else None, None, None, None,
             dscale if scale_grad else None, None, None, dk_pad if pad_grad else None,
             dv_pad if pad_grad else None, None, None,

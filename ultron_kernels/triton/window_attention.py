@@ -9,12 +9,15 @@ shifted-window region mask and the relative-position-bias gather are index arith
 the kernel: no padded, rolled or partitioned copies, and q/k/v may be strided views of a
 packed qkv tensor.
 
-Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores
-and needs no saved output: the softmax term delta_i = sum_j P_ij dP_ij is summed in fp32.
+Forward saves the output and a float32 logsumexp per query. Backward recomputes the scores;
+with a scale gradient or cosine attention it needs no saved output: the softmax term
+delta_i = sum_j P_ij dP_ij is summed in fp32 from the tiles (a 16-bit output would enter the
+scale gradient's cancelling sum). Otherwise a window of several blocks takes delta from
+dO . O in a pre-pass, as FlashAttention does, saving the dq kernel's first sweep.
 Each program of the dk/dv kernel owns one key block of a run of windows, so dk/dv need no
 atomics; a window of one block is whole in its tile, which gives delta and dq there too; a
 larger window first runs a dq kernel (one query block per program, two passes over the key
-blocks: delta, then dq). The bias gradient is accumulated per run of windows then reduced
+blocks: delta, then dq; one pass when the pre-pass gave delta). The bias gradient is accumulated per run of windows then reduced
 in a fixed order: deterministic.
 """
 
@@ -333,6 +336,18 @@ def _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM: tl.constexpr):
 
 
 @triton.jit
+def _softmax_term_kernel(o_ptr, do_ptr, delta_ptr, rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """delta = sum_d dO * O per (token, head) row, in fp32 from the 16-bit rows
+    (FlashAttention's backward pre-pass): O and dO contiguous, delta shaped like the lse."""
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    live = r < rows
+    o = tl.load(o_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, tl.sum(o * do, 1), mask=live)
+
+
+@triton.jit
 def _window_attn_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, scale_ptr, kpad_ptr, vpad_ptr, rel_ptr, lse_ptr, do_ptr,
         dq_ptr, delta_ptr, drel_ptr,
@@ -345,12 +360,14 @@ def _window_attn_bwd_dq_kernel(
         D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
         ROW_BLOCKS: tl.constexpr,
-        RH: tl.constexpr, RW: tl.constexpr,
+        RH: tl.constexpr, RW: tl.constexpr, DELTA_GIVEN: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     # Windows of several blocks. Program (run, q_block): dq of one query block of a run of
     # windows, one head, in two passes over the key blocks: the first sums the softmax term
     # delta_i = sum_j p_ij dp_ij in fp32 (no saved output is read: its 16-bit rounding would
-    # enter a cancelling sum), the second accumulates dq. delta is stored for the dk/dv kernel.
+    # enter the scale gradient's cancelling sum), the second accumulates dq. delta is stored
+    # for the dk/dv kernel. DELTA_GIVEN (no scale gradient, no cosine attention): the launcher
+    # computed delta from dO . O as FlashAttention does, and only the second pass runs.
     _, q_block, head, first, last = _program_run(n_windows, windows_per_program, NUM_BLOCKS)
     scale = _head_scale(scale_ptr, scale_value, head, PER_HEAD_SCALE)
     for window in range(first, last):
@@ -360,12 +377,16 @@ def _window_attn_bwd_dq_kernel(
             q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
             sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
         rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
-        delta = tl.zeros((BLOCK,), dtype=tl.float32)
+        delta_offs = _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln)
+        if DELTA_GIVEN:
+            delta = tl.load(delta_ptr + delta_offs, mask=real_q, other=0.0)
+        else:
+            delta = tl.zeros((BLOCK,), dtype=tl.float32)
         dq = tl.zeros((BLOCK, D), dtype=tl.float32)
         dc_q = tl.zeros((BLOCK,), dtype=tl.float32)      # sum_j ds_ij c_ij per query
         ds_rows = tl.zeros((BLOCK, RH), dtype=tl.float32)  # sum of ds per key row (REL_POS)
         ds_cols = tl.zeros((BLOCK, RW), dtype=tl.float32)  # and per key column
-        for sweep in tl.static_range(2):                 # 0: delta, 1: dq
+        for sweep in tl.static_range(1 if DELTA_GIVEN else 0, 2):  # 0: delta, 1: dq
             for k_block in range(NUM_BLOCKS):
                 _, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
                     window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
@@ -399,8 +420,8 @@ def _window_attn_bwd_dq_kernel(
         dq = _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM)
         dq_offs = _row_offsets(batch, zq, yq, xq, head, sdqb, sdqt, sdqh, sdqw, sdqn)[:, None] + tl.arange(0, D)[None, :]
         tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
-        tl.store(delta_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln),
-                 delta, mask=real_q)
+        if not DELTA_GIVEN:
+            tl.store(delta_ptr + delta_offs, delta, mask=real_q)
 
 
 @triton.jit
@@ -705,12 +726,19 @@ def _windows_per_program(n_windows: int, parallel: int, device: torch.device,
 BIAS_PARTIALS_BYTES = 256 * 2 ** 20
 
 
+# Rows of the softmax-term pre-pass per program.
+SOFTMAX_TERM_ROWS = 64
+
+
 def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                     variant: Variant, bias_grad: bool, scale_grad: bool = False,
-                    pad_grad: bool = False):
+                    pad_grad: bool = False, out: Optional[torch.Tensor] = None):
     """(launches, buffers): the backward's kernels for the device, in the order they must
     run, not yet run: one kernel for windows of one block; for larger windows the dq kernel
-    (which also stores delta) then the dk/dv kernel. buffers: dq, dk, dv (shaped like q), and
+    (which also stores delta) then the dk/dv kernel. With ``out`` (the forward's output,
+    given when there is no scale gradient and no cosine attention, where delta enters no
+    cancelling sum), a larger window's delta comes from dO . O in a pre-pass instead, and the
+    dq kernel sweeps the keys once instead of twice. buffers: dq, dk, dv (shaped like q), and
     the partials of the bias (one per run of windows), scale and pad gradients (None where
     not asked for), and with the decomposed relative position the gradient of its per-query
     rows (shaped and typed like them; each query's program writes its row's reachable
@@ -757,11 +785,18 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                   build)
     launches = [launch]
     if launch.meta["NUM_BLOCKS"] > 1:
+        delta_given = out is not None
         meta = {name: value for name, value in launch.meta.items()
                 if name not in ("BIAS_GRAD", "SCALE_GRAD", "PAD_GRAD")}
         args = (q, k, v, bias if bias is not None else q, *variant.pointers(q), lse, grad_out,
                 dq_v, delta_v, lse if drel is None else drel, *buffers[launch.meta["BLOCK"]][3])
-        launches.insert(0, Launch(_window_attn_bwd_dq_kernel, launch.grid, args, meta))
+        launches.insert(0, Launch(_window_attn_bwd_dq_kernel, launch.grid, args,
+                                  dict(meta, DELTA_GIVEN=delta_given)))
+        if delta_given:
+            rows = delta.numel()
+            launches.insert(0, Launch(_softmax_term_kernel, (triton.cdiv(rows, SOFTMAX_TERM_ROWS),),
+                                      (out.contiguous(), grad_out.contiguous(), delta, rows),
+                                      dict(D=head_dim, BLOCK_ROWS=SOFTMAX_TERM_ROWS, num_warps=4)))
     dbias, dscale, dpad, _ = buffers[launch.meta["BLOCK"]]
     if dbias is not None:
         dbias.zero_()
@@ -771,11 +806,13 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
 def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
                               scale: Union[float, torch.Tensor], qk_norm: bool, k_pad, v_pad,
                               roll_first: bool, bias_grad: bool, scale_grad: bool, pad_grad: bool,
-                              rel_rows: Optional[torch.Tensor] = None):
+                              rel_rows: Optional[torch.Tensor] = None,
+                              out: Optional[torch.Tensor] = None):
     """Returns (dq, dk, dv, dbias, dscale, dk_pad, dv_pad, drel_rows): dbias the (heads, N, N)
     float32 dense bias gradient, dscale (heads,) and the pad gradients (heads, D) float32, each
-    None when not asked for; drel_rows the gradient of ``rel_rows`` (None without). No saved
-    output is needed. Partials are summed in a fixed order: deterministic."""
+    None when not asked for; drel_rows the gradient of ``rel_rows`` (None without). ``out``:
+    the forward's output, for delta from dO . O (backward_launch); without it no saved output
+    is needed. Partials are summed in a fixed order: deterministic."""
     heads, head_dim = q.shape[-2:]
     if q.numel() == 0:
         tokens = math.prod(window)
@@ -788,7 +825,7 @@ def window_attention_backward(grad_out, q, k, v, lse, bias, bias_kind: int, wind
     variant = Variant(scale, qk_norm, k_pad, v_pad, roll_first, rel_rows)
     launches, (dq, dk, dv, dbias, dscale, dpad, drel) = backward_launch(
         grad_out, q, k, v, lse, bias, bias_kind, window, shift, variant, bias_grad,
-        scale_grad, pad_grad)
+        scale_grad, pad_grad, out)
     for launch in launches:
         launch.run()
     dpad = (dpad[:, :, 0].sum(0), dpad[:, :, 1].sum(0)) if dpad is not None else (None, None)

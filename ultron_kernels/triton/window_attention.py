@@ -583,11 +583,6 @@ def _volumes(window, shift, *tensors):
     return ((1, *window), (0, *shift), *(t.unsqueeze(1) for t in tensors))
 
 
-def _volume(rel_rows: torch.Tensor) -> torch.Tensor:
-    """The per-query rows of a 2D call (rel_pos is 2D only) as the T = 1 volume."""
-    return rel_rows.unsqueeze(1)
-
-
 def _geometry(q: torch.Tensor, window, shift):
     """q: the (B, T, H, W, heads, D) volume; window and shift: 3D."""
     batch, frames, height, width = q.shape[:4]
@@ -636,10 +631,11 @@ class Variant(NamedTuple):
                 *(q if t is None else t for t in (self.k_pad, self.v_pad, self.rel_rows)))
 
     def rel_strides(self) -> tuple[int, ...]:
-        """Batch, frame, row, column and head strides of the per-query rows (zeros without)."""
+        """Batch, frame, row, column and head strides of the per-query rows (zeros without):
+        rel_pos is 2D only, so the rows are a T = 1 volume."""
         if self.rel_rows is None:
             return (0,) * 5
-        return _strides5(_volume(self.rel_rows))
+        return _strides5(self.rel_rows.unsqueeze(1))
 
     @property
     def scale_value(self) -> float:

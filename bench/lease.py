@@ -115,7 +115,11 @@ def _swin_t(s: Setting) -> list[dict]:
 
 
 def _sam_b(s: Setting) -> list[dict]:
-    return timm_model_rows(s.device, SAM_MODELS["tiny" if s.rehearse else "quick"], modes=(s.mode,))
+    """Timm's encoder against it swapped onto Triton. The CUDA backend's rel_pos runs on its
+    CUDA-core fallback kernels (NOTES v0.12: about 0.3 s per global block's fwd+bwd); a
+    training step of them would take most of the row's time box, and the sam-global row
+    measures them already."""
+    return timm_model_rows(s.device, SAM_MODELS["tiny" if s.rehearse else "quick"], ["triton"], modes=(s.mode,))
 
 
 def _ultron_s(s: Setting) -> list[dict]:

@@ -45,11 +45,12 @@ TORCH_LIBRARY(ULTRON_OPS_NAMESPACE, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, int bias_kind, "
         "int[] window, int[] shift, Tensor? scale, float scale_value, bool qk_norm, Tensor? k_pad, Tensor? v_pad, "
-        "bool roll_first) -> (Tensor, Tensor)");
+        "bool roll_first, Tensor? rel_rows=None) -> (Tensor, Tensor)");
   m.def("window_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor lse, Tensor? bias, int bias_kind, int[] window, int[] shift, Tensor? scale, float scale_value, "
         "bool qk_norm, Tensor? k_pad, Tensor? v_pad, bool roll_first, bool bias_grad, "
-        "bool scale_grad, bool pad_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool scale_grad, bool pad_grad, Tensor? rel_rows=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
 #ifdef ULTRON_KERNELS_CUDA_ARCHS
   // The TORCH_CUDA_ARCH_LIST this binary was built with (e.g. "8.0;8.6;8.9;9.0+PTX"): which
   // GPUs have a kernel image in it.

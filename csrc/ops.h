@@ -21,11 +21,14 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
     at::IntArrayRef shift, const std::optional<at::Tensor>& scale, double scale_value, bool qk_norm,
-    const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad, bool roll_first);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad, bool roll_first,
+    const std::optional<at::Tensor>& rel_rows = std::nullopt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+window_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, const std::optional<at::Tensor>& bias,
     int64_t bias_kind, at::IntArrayRef window, at::IntArrayRef shift, const std::optional<at::Tensor>& scale,
     double scale_value, bool qk_norm, const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
-    bool roll_first, bool bias_grad, bool scale_grad, bool pad_grad);
+    bool roll_first, bool bias_grad, bool scale_grad, bool pad_grad,
+    const std::optional<at::Tensor>& rel_rows = std::nullopt);
 }  // namespace ultron

@@ -270,11 +270,11 @@ def _qkv(shape=(1, 8, 8, 2, 16), dtype=torch.float32):
 def _attn_fwd(**change):
     q, k, v = _qkv()
     args = dict(q=q, k=k, v=v, bias=torch.randn(49, 2), bias_kind=1, window=[4, 4], shift=[0, 0],
-                scale=torch.full((2,), 0.25), k_pad=None, v_pad=None)
+                scale=torch.full((2,), 0.25), k_pad=None, v_pad=None, rel_rows=None)
     args.update(change)
     return sim_ops().window_attention_fwd(args["q"], args["k"], args["v"], args["bias"], args["bias_kind"],
                                           args["window"], args["shift"], args["scale"], 0.0, False, args["k_pad"],
-                                          args["v_pad"], False)
+                                          args["v_pad"], False, args["rel_rows"])
 
 
 SPEC = [4, 3, 3, 1, 1, 1, 1, 1, 1]  # one group: 4 channels, 3x3, dilation 1, padding 1
@@ -306,6 +306,18 @@ RAW_BAD = [
      r"k_pad must have shape \(heads, head_dim\) = \(2, 16\)"),
     ("pad dtype", lambda: _attn_fwd(k_pad=torch.zeros(2, 16, dtype=torch.float64),
                                     v_pad=torch.zeros(2, 16, dtype=torch.float64)), TypeError, "must have q's dtype"),
+    # SAM's decomposed relative position: (1, 8, 8, 2) like q, (2*4 - 1) + (2*4 - 1) = 14 columns.
+    ("rel_rows columns", lambda: _attn_fwd(rel_rows=torch.randn(1, 8, 8, 2, 13)), ValueError,
+     r"rel_rows \(rel_pos's per-query rows\) must have sizes \[1, 8, 8, 2, 14\]"),
+    ("rel_rows of another batch", lambda: _attn_fwd(rel_rows=torch.randn(2, 8, 8, 2, 14)), ValueError,
+     "rel_rows .* must have sizes"),
+    ("rel_rows dtype", lambda: _attn_fwd(rel_rows=torch.randn(1, 8, 8, 2, 14, dtype=torch.float64)), TypeError,
+     "rel_rows must have q's dtype Float, got Double"),
+    ("rel_rows with a 3D window", lambda: _attn_fwd(q=torch.randn(1, 2, 8, 8, 2, 16), k=torch.randn(1, 2, 8, 8, 2, 16),
+                                                     v=torch.randn(1, 2, 8, 8, 2, 16), window=[2, 4, 4],
+                                                     shift=[0, 0, 0], bias=None, bias_kind=0,
+                                                     rel_rows=torch.randn(1, 2, 8, 8, 2, 14)),
+     ValueError, "rel_rows .* is defined for 2D windows; q is 6-D"),
     ("H past int32", lambda: _attn_fwd(q=torch.empty(0, 2**31, 1, 2, 16), k=torch.empty(0, 2**31, 1, 2, 16),
                                        v=torch.empty(0, 2**31, 1, 2, 16), bias=None, bias_kind=0),
      ValueError, "H = 2147483648 does not fit"),

@@ -1,7 +1,7 @@
 """window_attention's decomposed relative position (SAM / ViTDet, issue #23): the reference
 backend against timm's own attention (global and windowed blocks, padded grids), the q
-gradient that only the bias carries, bad input; the fused backends that run it (parity of
-every gradient, determinism, opcheck, compile, autocast) and those that name why not."""
+gradient that only the bias carries, bad input; the fused backends, Triton and CUDA (parity
+of every gradient, determinism, opcheck, compile, autocast, the raw CUDA op's own checks)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ultron_kernels as uk
-from ultron_kernels.ops.window_attention import REL_POS_BACKENDS, _fused_forward, rel_pos_rows
+from ultron_kernels.ops.window_attention import _fused_forward, rel_pos_rows
 from ultron_kernels.reference.window_attention import window_attention_reference
 from ultron_kernels.testing import parity
 from helpers import ROOT, assert_parity, assert_parity_or_as_conditioned, backend_cases, poisoned_outputs
@@ -114,8 +114,7 @@ def test_16_bit_inputs_with_float32_tables():
     assert_parity("out", got, want, torch.bfloat16)
 
 
-RUNS_REL_POS = [c for c in backend_cases(include_reference=False) if c.values[1] in REL_POS_BACKENDS]
-DECLINES_REL_POS = [c for c in backend_cases(include_reference=False) if c.values[1] not in REL_POS_BACKENDS]
+FUSED = backend_cases(include_reference=False)
 
 FUSED_SHAPES = [  # (B, H, W, heads, D), window, shift, pad_kv, table bias too
     ((2, 5, 6, 2, 16), (5, 6), 0, False, False),       # a global block: one tile
@@ -148,17 +147,10 @@ def call_op(leaves, window, shift, backend):
                                shift_order="roll_then_pad", backend=backend)
 
 
-@pytest.mark.parametrize("device,backend", RUNS_REL_POS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("shape,window,shift,pad,table", FUSED_SHAPES, ids=lambda v: str(v).replace(" ", ""))
-def test_fused_parity(device, backend, dtype, shape, window, shift, pad, table):
-    """Output and every gradient (q, k, v, both tables, the pad vectors, a table bias) against
-    the float64 reference: fp32 within 1e-5 relative, 16-bit within its tolerances or twice
-    plain PyTorch's own error on the same inputs; outputs poisoned. Windows 64 wide take the
-    kernels' row-block path (each key block one window row: dS's row sums, no one-hot dots)."""
-    if dtype != torch.float32 and shape[3] * shape[1] * shape[2] > 400 and device == "cpu":
-        pytest.skip("the interpreter's time: 16-bit runs the one- and two-block windows")
-    leaves = fused_leaves(shape, window, dtype, device, pad, table)
+def assert_fused_matches_float64(leaves, window, shift, backend, dtype):
+    """Runs the op and its backward with poisoned outputs and checks the output and every
+    gradient against the float64 reference (16-bit: its tolerances or twice plain PyTorch's
+    own error on the same inputs). Returns (output, gradients) and their float64 values."""
     with poisoned_outputs():
         out = call_op(leaves, window, shift, backend)
         grad_out = torch.randn_like(out)
@@ -172,12 +164,54 @@ def test_fused_parity(device, backend, dtype, shape, window, shift, pad, table):
     for (name, leaf), got, wanted, own in zip(leaves.items(), grads, want, eager):
         assert got.dtype == leaf.dtype, name
         assert_parity_or_as_conditioned(f"d{name}", got, wanted, dtype, lambda: own)
+    return (out, grads), (expected, want)
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,window,shift,pad,table", FUSED_SHAPES, ids=lambda v: str(v).replace(" ", ""))
+def test_fused_parity(device, backend, dtype, shape, window, shift, pad, table):
+    """Output and every gradient (q, k, v, both tables, the pad vectors, a table bias) against
+    the float64 reference: fp32 within 1e-5 relative, 16-bit within its tolerances or twice
+    plain PyTorch's own error on the same inputs; outputs poisoned. Windows 64 wide take the
+    kernels' row-block path (each key block one window row: dS's row sums, no one-hot dots)."""
+    if dtype != torch.float32 and shape[3] * shape[1] * shape[2] > 400 and (device, backend) == ("cpu", "triton"):
+        pytest.skip("the interpreter's time: 16-bit runs the one- and two-block windows")
+    leaves = fused_leaves(shape, window, dtype, device, pad, table)
+    (out, grads), (expected, want) = assert_fused_matches_float64(leaves, window, shift, backend, dtype)
     if dtype == torch.float32:  # the issue's bar, tighter than float32's general tolerance
         for name, got, wanted in [("out", out, expected), *zip((f"d{n}" for n in leaves), grads, want)]:
             assert parity(got, wanted, dtype).relative <= 1e-5, name
 
 
-@pytest.mark.parametrize("device,backend", RUNS_REL_POS)
+CUDA_PATHS = [  # simulated arch, (B, H, W, heads, D), window, shift, pad_kv, the kernels that run
+    ("90", (1, 9, 10, 2, 16), (4, 4), 0, True, ("window_attn_fwd_kernel", "window_attn_bwd_kernel")),
+    ("86", (1, 20, 19, 2, 64), (17, 17), (5, 8), True,
+     ("window_attn_fwd_streamed_kernel", "window_attn_bwd_dq_streamed_kernel", "window_attn_bwd_dkdv_streamed_kernel")),
+    ("86", (1, 3, 70, 1, 64), (3, 64), 0, False,
+     ("window_attn_fwd_streamed_kernel", "window_attn_bwd_dq_streamed_kernel", "window_attn_bwd_dkdv_streamed_kernel")),
+]
+
+
+@pytest.mark.skipif(uk.available_backends("cpu").get("cuda") != "available", reason="no CUDA simulation here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch,shape,window,shift,pad,kernels", CUDA_PATHS, ids=["simt", "streamed", "streamed-64-wide"])
+def test_cuda_kernel_paths(arch, shape, window, shift, pad, kernels, dtype, monkeypatch):
+    """The CUDA simulation on each kernel family that runs rel_pos: 16-bit windows of up to 128
+    tokens take the SIMT kernels, not the tensor-core ones (which have no rel_pos); windows
+    whose tiles overflow a simulated sm_86 stream 32-token tiles (289 tokens shifted and padded:
+    key tiles that straddle window rows; a window 64 wide: two tiles per row). Every gradient
+    against float64, outputs poisoned."""
+    monkeypatch.setenv("ULTRON_KERNELS_CUDA_SIM_ARCH", arch)
+    ops = torch.ops.ultron_kernels_cuda_sim
+    leaves = fused_leaves(shape, window, dtype, "cpu", pad, False)
+    ops.take_launch_log()
+    assert_fused_matches_float64(leaves, window, shift, "cuda", dtype)
+    ran = [line.split("<")[0] for line in ops.take_launch_log()]
+    assert ran == list(kernels), ran
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_fused_q_gradient_through_the_bias_alone(device, backend):
     """k = 0: the scores are the bias alone, so q's gradient comes only through the kernels'
     per-query rows and their gradient (float32, against timm's get_decomposed_rel_pos_bias)."""
@@ -201,7 +235,7 @@ def test_fused_q_gradient_through_the_bias_alone(device, backend):
         assert_parity(name, a, b, torch.float32)
 
 
-@pytest.mark.parametrize("device,backend", RUNS_REL_POS)
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_fused_backward_is_deterministic(device, backend):
     """The per-query dS sums are owned by one program each: no atomics, the same bits twice
     (a window of two key blocks: the dq kernel's path)."""
@@ -214,7 +248,7 @@ def test_fused_backward_is_deterministic(device, backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device,backend", RUNS_REL_POS)
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_fused_rel_pos_opcheck_and_compile(device, backend):
     """The custom op with per-query rows passes opcheck; the public op under
     torch.compile(fullgraph=True) and autocast matches the float64 reference."""
@@ -233,14 +267,6 @@ def test_fused_rel_pos_opcheck_and_compile(device, backend):
     want = uk.window_attention(*exact, (5, 6), 0, None, 0.25, rel_pos=tuple(t.double() for t in tables),
                                backend="reference")
     assert_parity("autocast out", out, want, torch.bfloat16)
-
-
-@pytest.mark.parametrize("device,backend", DECLINES_REL_POS)
-def test_fused_backends_name_what_they_do_not_run(device, backend):
-    q = torch.randn(1, 4, 4, 1, 16, device=device)
-    tables = (torch.randn(7, 16, device=device), torch.randn(7, 16, device=device))
-    with pytest.raises(uk.BackendUnavailableError, match=r"decomposed relative position \(rel_pos\)"):
-        uk.window_attention(q, q, q, 4, rel_pos=tables, backend=backend)
 
 
 @pytest.mark.parametrize("roll_first", [False, True])

@@ -30,11 +30,12 @@ def _samvit(size: int = SIZE, depth: int = 4):
     return randomise_constants(model.eval())
 
 
-@pytest.mark.parametrize("backend,size,depth", [("reference", SIZE, 4), ("triton", 256, 2)])
+@pytest.mark.parametrize("backend,size,depth", [("reference", SIZE, 4), ("triton", 256, 2), ("cuda", 256, 2)])
 def test_swapped_samvit_matches_the_original(backend, size, depth):
-    """float64 on the reference; float32 on Triton (its interpreter on the CPU, so a 16 x 16
-    grid, still padded to two windows a side, and one block of each kind): the windowed
-    blocks' 196-token windows and the global blocks' 256 tokens span several key blocks."""
+    """float64 on the reference; float32 on Triton and CUDA (the interpreter and the host
+    simulation on the CPU, so a 16 x 16 grid, still padded to two windows a side, and one
+    block of each kind): the windowed blocks' 196-token windows and the global blocks' 256
+    tokens span several key blocks (Triton) and take the SIMT kernels (CUDA)."""
     if uk.available_backends("cpu").get(backend) != "available":
         pytest.skip(f"{backend} does not run here")
     original = _samvit(size, depth)
@@ -89,14 +90,11 @@ def test_what_is_left_alone_says_why():
     for backend in ("reference", "auto", "triton", "cuda"):
         model = copy.deepcopy(plain)
         report = uk.swap_in(model, backend)
-        converted = [] if backend == "cuda" else ["rel_pos"]
-        assert [path for path, _, _ in report.swapped] == converted, (backend, str(report))
+        assert [path for path, _, _ in report.swapped] == ["rel_pos"], (backend, str(report))
         reasons = {path: why for path, _, why in report.skipped}
         assert "not the op's cosine qk_norm" in reasons["qk_norm"]
         assert "timm's SDPA already runs this attention fused" in reasons["none"]
         assert "(RoPE) is not supported" in reasons["rope"]
-        if backend == "cuda":
-            assert "(no cuda kernel for it yet), so on 'cuda' timm's SDPA path is kept" in reasons["rel_pos"]
 
 
 def test_what_triton_cannot_run_is_left_on_timms_path():

@@ -31,9 +31,7 @@ def test_selfcheck_command_on_this_machine(tmp_path):
     assert runnable == sorted(name for name, why in uk.available_backends(report["device"]).items()
                               if why == "available")
     checked = {(r["backend"], r["op"], r["dtype"]) for r in report["checks"]}
-    assert checked == {(b, op, dt) for b in runnable for op in selfcheck.OPS for dt in selfcheck.DTYPES
-                       if selfcheck.runs_on(op, b)}
-    assert ("triton", "window_attention rel_pos", "bf16") in checked
+    assert checked == {(b, op, dt) for b in runnable for op in selfcheck.OPS for dt in selfcheck.DTYPES}
     if not torch.cuda.is_available():
         assert runnable == ["cuda", "reference", "triton"]  # interpreter and simulation
         assert report["bench"].startswith("timings need a GPU")

@@ -181,14 +181,6 @@ OUTPUT_NAMES = {"window_attention": ("out", "dq", "dk", "dv", "dbias"),
                 "grouped_depthwise_conv2d": ("out", "dx", "dw_3x3", "dw_1x7", "dw_7x1", "dw_4x4")}
 
 
-def runs_on(op_name: str, backend: str) -> bool:
-    """Whether ``backend`` runs the check ``op_name`` (a backend without a kernel for an
-    option yet gets no row for it)."""
-    from ultron_kernels.ops.window_attention import REL_POS_BACKENDS
-
-    return op_name != "window_attention rel_pos" or backend in REL_POS_BACKENDS
-
-
 def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:
     """One row per (backend, op, dtype): the worst output or gradient against float64."""
     from ultron_kernels.testing import parity
@@ -197,8 +189,6 @@ def parity_checks(device: torch.device, backends: list[str]) -> list[dict]:
     for op_name, case in OPS.items():
         expected = case(torch.float64, torch.device("cpu"), "reference")
         for backend in backends:
-            if not runs_on(op_name, backend):
-                continue
             for dtype_name, dtype in DTYPES.items():
                 row = {"backend": backend, "op": op_name, "dtype": dtype_name, "device": str(device),
                        "shape": SHAPES[op_name]}

@@ -67,6 +67,37 @@ __device__ __forceinline__ float head_scale(const Options<T>& opt, int head) {
   return opt.scale != nullptr ? opt.scale[head] : opt.scale_value;
 }
 
+// SAM / ViTDet's decomposed relative position (2D windows): each query's products with the
+// rows of both tables, q . rel_pos_h[o] for o < 2wh - 1, then q . rel_pos_w[o], as a
+// (B, H, W, heads, R) tensor in q's dtype (R = 2wh - 1 + 2ww - 1, the host makes it
+// contiguous), formed by PyTorch before the call. The pair (i, j) adds two of query i's
+// entries: at its row offset and at its column offset (rel_row_entry, rel_col_entry). The
+// backward's grad has the rows' shape in float32, zero-filled by the host: entry o of query
+// i gathers dS_ij over the keys j at that offset, each entry by one owner in a fixed order.
+template <typename T>
+struct RelPos {
+  const T* rows;  // nullptr: no decomposed relative position
+  Strides s;      // of rows and of grad
+  float* grad;    // backward: the rows' gradient; nullptr in the forward
+};
+
+__device__ __forceinline__ int rel_columns(const Geometry& g) { return 2 * g.wh - 1 + 2 * g.ww - 1; }
+
+// In-window tokens i and j (row-major in a wh x ww window): the entry of i's row that their
+// row offset selects, and the one their column offset selects.
+__device__ __forceinline__ int rel_row_entry(const Geometry& g, int i, int j) {
+  return i / g.ww - j / g.ww + g.wh - 1;
+}
+__device__ __forceinline__ int rel_col_entry(const Geometry& g, int i, int j) {
+  return 2 * g.wh - 1 + i % g.ww - j % g.ww + g.ww - 1;
+}
+
+// The decomposed bias of the pair (i, j), from query i's row (global T or staged float).
+template <typename E>
+__device__ __forceinline__ float rel_bias(const E* row, const Geometry& g, int i, int j) {
+  return static_cast<float>(row[rel_row_entry(g, i, j)]) + static_cast<float>(row[rel_col_entry(g, i, j)]);
+}
+
 // Per-row values the backward keeps for the options (SIMT and tensor-core kernels): the
 // inverse norms and 'live' flags of the normalised q and k rows, and sum_j dS_ij C_ij and
 // sum_i dS_ij C_ij (C: the q.k products, cosines with qk_norm), which the scale gradient

@@ -36,7 +36,7 @@ template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
-    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, Options<T> opt) {
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, Options<T> opt, RelPos<T> rel) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int n = g.tokens, dim = g.head_dim, ld = dim + 1;
   float* ks = smem;
@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
       for (int d = lane; d < dim; d += 32) qrow[d] *= r;
     }
     __syncwarp();
+    const T* rel_row = rel.rows != nullptr ? rel.rows + offset(rel.s, ti, head) : nullptr;
     float row_max = -FLT_MAX;
     for (int j = lane; j < n; j += 32) {
       const Token tj = token_of<kVideo>(g, window, j);
@@ -78,6 +79,7 @@ __global__ void __launch_bounds__(kFwdThreads, 8) window_attn_fwd_kernel(
         float dot = 0.f;
         for (int d = 0; d < dim; ++d) dot += qrow[d] * ks[j * ld + d];
         s = dot * scale + bias_at(bias, bias_kind, g, head, i, j, ti.table, tj.table);
+        if (rel_row != nullptr) s += rel_bias(rel_row, g, i, j);
       }
       probs[j] = s;
       row_max = fmaxf(row_max, s);
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dq, T* __restrict__ dk,
     T* __restrict__ dv, float* __restrict__ dbias_partial, Geometry g, Strides sq, Strides sk,
     Strides sv, Strides sl, Strides sdo, Strides sgrad, Options<T> opt,
-    ExtraGrads extra, int64_t windows, int windows_per_block) {
+    ExtraGrads extra, RelPos<T> rel, int64_t windows, int windows_per_block) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int n = g.tokens, dim = g.head_dim, ld = dim + 1, lp = n + 1;
   const bool extras = g.qk_norm || extra.dscale != nullptr;
@@ -126,9 +128,12 @@ __global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
   float* row_delta = row_lse + n;
   const RowExtras rx(row_delta + n, n);  // 6n floats, only with extras
   float* dbias = row_delta + n + (extras ? 6 * n : 0);  // n*n, only when dbias_partial != nullptr
+  // Each query's decomposed-bias row (rel_columns floats; 0 for padding), with rel_pos.
+  float* rel_rows = dbias + (dbias_partial != nullptr ? n * n : 0);
+  const int rc = rel.rows != nullptr ? rel_columns(g) : 0;
   // Per token of the window: its packed info (pack_token) and table coordinate, so that the
   // n x n pair loop does no index arithmetic.
-  int* infos = reinterpret_cast<int*>(dbias + (dbias_partial != nullptr ? n * n : 0));
+  int* infos = reinterpret_cast<int*>(rel_rows + n * rc);
   int* tables = infos + n;
   const int head = blockIdx.y;
   const float scale = head_scale(opt, head);
@@ -149,6 +154,10 @@ __global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
       infos[i] = pack_token(g, ti);
       tables[i] = ti.table;
     }
+    for (int e = threadIdx.x; e < n * rc; e += blockDim.x) {
+      const Token ti = token_of<kVideo>(g, window, e / rc);
+      rel_rows[e] = ti.real ? static_cast<float>(rel.rows[offset(rel.s, ti, head) + e % rc]) : 0.f;
+    }
     __syncthreads();
     if (g.qk_norm) {  // float rows: normalised in place
       row_inverse_norms(qs, ld, n, dim, rx.inv_q, rx.live_q, float_of);
@@ -165,7 +174,8 @@ __global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
           c += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        const float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, tables[i], tables[j]);
+        float s = c * scale + bias_at(bias, bias_kind, g, head, i, j, tables[i], tables[j]);
+        if (rc > 0) s += rel_bias(rel_rows + i * rc, g, i, j);
         if (s > -INFINITY) p = __expf(s - row_lse[i]);  // a -inf bias masks the pair (lse may be -inf too)
       }
       ps[i * lp + j] = p;
@@ -190,6 +200,24 @@ __global__ void __launch_bounds__(kBwdThreads, 3) window_attn_bwd_kernel(
       if (dbias_partial != nullptr) dbias[e] += ds;  // each (i, j) has one owner thread
     }
     __syncthreads();
+    // The decomposed bias rows' gradient: entry o of query t sums dS over the keys of one
+    // window row (o < 2wh - 1) or one window column; one thread per entry, in key order.
+    for (int e = threadIdx.x; e < n * rc; e += blockDim.x) {
+      const int t = e / rc, o = e % rc;
+      const Token tt = token_of<kVideo>(g, window, t);
+      if (!tt.real) continue;
+      const int row_entries = 2 * g.wh - 1;
+      const int key_row = t / g.ww - (o - (g.wh - 1));  // of rel_row_entry(g, t, j) == o
+      const int key_col = t % g.ww - (o - row_entries - (g.ww - 1));  // of rel_col_entry(g, t, j) == o
+      float sum = 0.f;
+      if (o < row_entries) {
+        if (key_row >= 0 && key_row < g.wh)
+          for (int c = 0; c < g.ww; ++c) sum += dss[t * lp + key_row * g.ww + c];
+      } else if (key_col >= 0 && key_col < g.ww) {
+        for (int r = 0; r < g.wh; ++r) sum += dss[t * lp + r * g.ww + key_col];
+      }
+      rel.grad[offset(rel.s, tt, head) + o] = sum;
+    }
     if (extras) {  // row and column sums of dS * C, each by one thread in a fixed order
       for (int t = threadIdx.x; t < n; t += blockDim.x) {
         float row = 0.f, col = 0.f;

@@ -27,41 +27,70 @@ constexpr int kStreamFwd = 0, kStreamDq = 1, kStreamDkdv = 2;
 // Launch bounds name a block count too (4 and 2: at most 128 registers): with the thread
 // count alone, ptxas kept these kernels at 56-64 registers and spilled (sm_75 to sm_90).
 
-// Dynamic shared memory of one streamed kernel (every region is 4-byte floats or ints):
+// Dynamic shared memory of one streamed kernel (4-byte floats or ints, then 8-byte ints):
 //  forward: Q, K, V tiles; the output accumulator; per query row max, sum and two norm
-//           scratch values; one row of probabilities per warp; four ints per token of a tile;
+//           scratch values; one row of probabilities per warp; the tile infos;
 //  dq:      Q, dO, K, V tiles; the dq accumulator; seven values per row; the warps' rows of
-//           dS; four ints per token;
-//  dk/dv:   Q, dO, K, V tiles; P, dS and dS*C tiles; seven values per row; four ints per token.
+//           dS; the tile infos;
+//  dk/dv:   Q, dO, K, V tiles; P, dS and dS*C tiles; seven values per row; the tile infos.
+// The tile infos (TileInfos): four ints per token of a tile, and one int64 per query token.
 __host__ __device__ inline size_t streamed_smem_bytes(int head_dim, int kernel) {
   const size_t tile = kStreamTile, rows = tile * (head_dim + 1), warps_rows = kStreamThreads;
+  const size_t infos = 4 * tile + 2 * tile;
   size_t floats = 0;
-  if (kernel == kStreamFwd) floats = 3 * rows + tile * head_dim + 4 * tile + warps_rows + 4 * tile;
-  if (kernel == kStreamDq) floats = 4 * rows + tile * head_dim + 7 * tile + warps_rows + 4 * tile;
-  if (kernel == kStreamDkdv) floats = 4 * rows + 3 * tile * (tile + 1) + 7 * tile + 4 * tile;
+  if (kernel == kStreamFwd) floats = 3 * rows + tile * head_dim + 4 * tile + warps_rows + infos;
+  if (kernel == kStreamDq) floats = 4 * rows + tile * head_dim + 7 * tile + warps_rows + infos;
+  if (kernel == kStreamDkdv) floats = 4 * rows + 3 * tile * (tile + 1) + 7 * tile + infos;
   return sizeof(float) * floats;
 }
 
-// Per token of a tile: its packed info (pack_token) and table coordinate.
-template <bool kVideo>
-__device__ void tile_infos(const Geometry& g, int64_t window, int first, int* info, int* table) {
+// Per token of a tile: its packed info (pack_token) and table coordinate; for a query tile
+// with the decomposed relative position, also where its row starts in rel (rel_offset).
+template <bool kVideo, typename T>
+__device__ void tile_infos(const Geometry& g, int64_t window, int first, int* info, int* table,
+                           const RelPos<T>& rel, int head, int64_t* rel_offset) {
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
     const Token t = token_of<kVideo>(g, window, first + r);
     info[r] = pack_token(g, t);
     table[r] = t.table;
+    if (rel_offset != nullptr) rel_offset[r] = rel.rows != nullptr && t.real ? offset(rel.s, t, head) : 0;
   }
 }
 
 __device__ __forceinline__ bool is_query(int info) { return info >= 0 && info < kPadKey; }
 
-// The four int rows every streamed kernel keeps at the end of its shared memory: the packed
-// info and table coordinate of each token of its query tile and of its key tile.
+// What every streamed kernel keeps at the end of its shared memory: the packed info and
+// table coordinate of each token of its query tile and of its key tile, and where each
+// query's decomposed-bias row starts (RelPos; the region is 8-byte aligned: every region
+// before it is a multiple of 32 floats).
 struct TileInfos {
   int *q_info, *q_table, *k_info, *k_table;
+  int64_t* q_rel;
   __device__ explicit TileInfos(float* base)
       : q_info(reinterpret_cast<int*>(base)), q_table(q_info + kStreamTile), k_info(q_table + kStreamTile),
-        k_table(k_info + kStreamTile) {}
+        k_table(k_info + kStreamTile), q_rel(reinterpret_cast<int64_t*>(k_table + kStreamTile)) {}
 };
+
+// The decomposed-relative-position gradient of query i (its row: grad) from dS of one key
+// tile (ds: this lane's key first_k + lane; ds_row: the warp's 32 values in shared memory,
+// read after a __syncwarp). Row entries: one warp sum per window row the tile touches, added
+// by lane 0; column entries: lane l sums the tile's keys in the column of key first_k + l
+// (keys l, l + ww, ...; every key when ww >= 32). Each entry has one owner per tile and the
+// tiles come in order: deterministic.
+__device__ __forceinline__ void add_rel_grad(float* grad, const Geometry& g, int i, int first_k, float ds,
+                                             const float* ds_row, int lane) {
+  const int last = min(first_k + kStreamTile, g.tokens) - 1;
+  const int j = first_k + lane;
+  for (int key_row = first_k / g.ww; key_row <= last / g.ww; ++key_row) {
+    const float sum = warp_sum(j <= last && j / g.ww == key_row ? ds : 0.f);
+    if (lane == 0) grad[rel_row_entry(g, i, key_row * g.ww)] += sum;
+  }
+  if (lane < g.ww && j <= last) {
+    float sum = 0.f;
+    for (int u = lane; first_k + u <= last && u < kStreamTile; u += g.ww) sum += ds_row[u];
+    grad[rel_col_entry(g, i, j)] += sum;
+  }
+}
 
 // A key tile (K and V rows, padding rows with the head's pad vectors) and its infos.
 template <bool kVideo, typename T>
@@ -71,7 +100,7 @@ __device__ void load_key_tile(float* ks, float* vs, int* info, int* table, const
   const int dim = g.head_dim;
   load_rows<kVideo>(ks, k, sk, g, window, head, g.has_pad ? opt.k_pad + head * dim : nullptr, first, kStreamTile);
   load_rows<kVideo>(vs, v, sv, g, window, head, g.has_pad ? opt.v_pad + head * dim : nullptr, first, kStreamTile);
-  tile_infos<kVideo>(g, window, first, info, table);
+  tile_infos<kVideo>(g, window, first, info, table, RelPos<T>{}, head, nullptr);
 }
 
 // Cosine attention: a tile's rows normalised in place, with their inverse norms and 'live'
@@ -100,7 +129,8 @@ template <typename T, bool kVideo>
 __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ out, float* __restrict__ lse,
-    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, Options<T> opt, int q_tiles) {
+    Geometry g, Strides sq, Strides sk, Strides sv, Strides so, Strides sl, Options<T> opt, RelPos<T> rel,
+    int q_tiles) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int dim = g.head_dim, ld = dim + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -119,7 +149,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
   const int head = blockIdx.y;
   const float scale = head_scale(opt, head);
   load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-  tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
+  tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table, rel, head, infos.q_rel);
   for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
     row_max[r] = -INFINITY;
     row_sum[r] = 0.f;
@@ -140,6 +170,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_fwd_streamed_ke
         for (int d = 0; d < dim; ++d) dot += qs[r * ld + d] * ks[lane * ld + d];
         s = dot * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, infos.q_table[r],
                                   infos.k_table[lane]);
+        if (rel.rows != nullptr) s += rel_bias(rel.rows + infos.q_rel[r], g, first_q + r, first_k + lane);
       }
       // Online softmax: the row's max so far, and its sum and accumulator rescaled to it.
       // A row with no allowed key yet keeps max -inf, sum 0 and accumulator 0.
@@ -181,7 +212,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
     const float* __restrict__ lse, const T* __restrict__ grad_out, const float* __restrict__ bias, int bias_kind,
     T* __restrict__ dq, float* __restrict__ delta, float* __restrict__ dbias_partial, Geometry g, Strides sq,
     Strides sk, Strides sv, Strides sl, Strides sdo, Strides sgrad, Options<T> opt, float* __restrict__ dscale,
-    int64_t windows, int windows_per_block, int q_tiles) {
+    RelPos<T> rel, int64_t windows, int windows_per_block, int q_tiles) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int dim = g.head_dim, ld = dim + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -214,7 +245,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
     __syncthreads();  // the previous window's rows are written out
     load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
     load_rows<kVideo>(dos, grad_out, sdo, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
+    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table, rel, head, infos.q_rel);
     for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
       const Token t = token_of<kVideo>(g, window, first_q + r);
       row_lse[r] = t.real ? lse[offset(sl, t, head)] : 0.f;
@@ -236,8 +267,9 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
               c += qs[r * ld + d] * ks[lane * ld + d];
               dp += dos[r * ld + d] * vs[lane * ld + d];
             }
-            const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, infos.q_table[r],
-                                                infos.k_table[lane]);
+            float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + r, first_k + lane, infos.q_table[r],
+                                          infos.k_table[lane]);
+            if (rel.rows != nullptr) s += rel_bias(rel.rows + infos.q_rel[r], g, first_q + r, first_k + lane);
             if (s > -INFINITY) p = __expf(s - row_lse[r]);  // a -inf bias masks the pair
           }
           if (pass == 0) {
@@ -254,6 +286,7 @@ __global__ void __launch_bounds__(kStreamThreads, 4) window_attn_bwd_dq_streamed
             run_dbias[static_cast<int64_t>(first_q + r) * g.tokens + first_k + lane] += ds;
           ds_row[lane] = ds;
           __syncwarp();
+          if (rel.grad != nullptr) add_rel_grad(rel.grad + infos.q_rel[r], g, first_q + r, first_k, ds, ds_row, lane);
           for (int d = lane; d < dim; d += 32) {
             float a = acc[r * dim + d];
             for (int j = 0; j < kStreamTile; ++j) a += ds_row[j] * ks[j * ld + d];
@@ -291,7 +324,7 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
     const float* __restrict__ lse, const float* __restrict__ delta, const T* __restrict__ grad_out,
     const float* __restrict__ bias, int bias_kind, T* __restrict__ dk, T* __restrict__ dv, Geometry g,
     Strides sq, Strides sk, Strides sv, Strides sl, Strides sdo, Strides sgrad, Options<T> opt,
-    float* __restrict__ dpad, int k_tiles) {
+    float* __restrict__ dpad, RelPos<T> rel, int k_tiles) {
   ULTRON_DYNAMIC_SMEM(float, smem);
   const int dim = g.head_dim, ld = dim + 1, lp = kStreamTile + 1;
   float* ks = smem;
@@ -328,7 +361,7 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
     __syncthreads();
     load_rows<kVideo>(qs, q, sq, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
     load_rows<kVideo>(dos, grad_out, sdo, g, window, head, static_cast<const T*>(nullptr), first_q, kStreamTile);
-    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table);
+    tile_infos<kVideo>(g, window, first_q, infos.q_info, infos.q_table, rel, head, infos.q_rel);
     for (int r = threadIdx.x; r < kStreamTile; r += blockDim.x) {
       const Token t = token_of<kVideo>(g, window, first_q + r);
       row_lse[r] = t.real ? lse[offset(sl, t, head)] : 0.f;
@@ -348,8 +381,9 @@ __global__ void __launch_bounds__(kStreamDkdvThreads, 2) window_attn_bwd_dkdv_st
           c += qs[i * ld + d] * ks[j * ld + d];
           dp += dos[i * ld + d] * vs[j * ld + d];
         }
-        const float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + i, first_k + j, infos.q_table[i],
-                                            infos.k_table[j]);
+        float s = c * scale + bias_at(bias, bias_kind, g, head, first_q + i, first_k + j, infos.q_table[i],
+                                      infos.k_table[j]);
+        if (rel.rows != nullptr) s += rel_bias(rel.rows + infos.q_rel[i], g, first_q + i, first_k + j);
         if (s > -INFINITY) p = __expf(s - row_lse[i]);
         ds = p * (dp - row_delta[i]);
       }

@@ -12,6 +12,10 @@
 // (q and k rows normalised in shared memory after loading: no normalised copy in global
 // memory), padded keys that take per-head vectors (with their gradients) and timm's
 // roll-then-pad order. The scale and pad-vector gradients are per-block partials too.
+// SAM's decomposed relative position arrives as each query's products with the table rows
+// (RelPos, formed by PyTorch): the kernels gather the bias from them and the backward writes
+// their gradient; it runs on the SIMT and streamed kernels (SAM's windows of 196 tokens and
+// its global blocks are theirs anyway).
 #include "streamed.cuh"
 #include "tensor_core.cuh"
 
@@ -115,15 +119,43 @@ at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t kind, const
   return bias->to(at::kFloat).contiguous();
 }
 
+// The decomposed relative position's per-query rows (RelPos), in volume form: q's shape with
+// (2wh - 1) + (2ww - 1) columns for head_dim, q's dtype and device, 2D windows; contiguous
+// (the matmul that forms them makes them so: no copy). Undefined without them.
+at::Tensor checked_rel_rows(const std::optional<at::Tensor>& rel_rows, const at::Tensor& q_in, const Geometry& g) {
+  if (!rel_rows.has_value()) return at::Tensor();
+  const at::Tensor& r = *rel_rows;
+  check_device(r, "rel_rows");
+  TORCH_CHECK_VALUE(q_in.dim() == 5, "rel_rows (the decomposed relative position, rel_pos) is defined for 2D "
+                    "windows; q is ", q_in.dim(), "-D");
+  std::vector<int64_t> expected(q_in.sizes().begin(), q_in.sizes().end());
+  expected.back() = int64_t(2 * g.wh - 1) + (2 * g.ww - 1);
+  TORCH_CHECK_VALUE(r.sizes() == at::IntArrayRef(expected), "rel_rows (rel_pos's per-query rows) must have sizes ",
+                    at::IntArrayRef(expected), " (q's, with (2wh - 1) + (2ww - 1) columns for head_dim), got ",
+                    r.sizes());
+  TORCH_CHECK_TYPE(r.scalar_type() == q_in.scalar_type(), "rel_rows must have q's dtype ", q_in.scalar_type(),
+                   ", got ", r.scalar_type());
+  TORCH_CHECK_VALUE(r.device() == q_in.device(), "rel_rows is on ", r.device(), ", q on ", q_in.device());
+  return r.contiguous().unsqueeze(1);
+}
+
+// The kernels' view of the rows (and of their float32 gradient, which has their layout).
+template <typename T>
+RelPos<T> rel_view(const at::Tensor& rows, const at::Tensor& grad = at::Tensor()) {
+  if (!rows.defined()) return RelPos<T>{nullptr, Strides{0, 0, 0, 0}, nullptr};
+  return RelPos<T>{rows.data_ptr<T>(), strides_of(rows), grad.defined() ? grad.data_ptr<float>() : nullptr};
+}
+
 size_t fwd_smem_bytes(const Geometry& g) {
   return sizeof(float) * (2 * g.tokens * (g.head_dim + 1) + (kFwdThreads / 32) * (g.tokens + g.head_dim));
 }
 
-// extras: cosine attention or a scale gradient (dS * C and six RowExtras rows).
-size_t bwd_smem_bytes(const Geometry& g, bool bias_grad, bool extras) {
-  const size_t n = g.tokens;
+// extras: cosine attention or a scale gradient (dS * C and six RowExtras rows); rel: the
+// decomposed relative position (each token's row staged).
+size_t bwd_smem_bytes(const Geometry& g, bool bias_grad, bool extras, bool rel) {
+  const size_t n = g.tokens, rel_columns = rel ? (2 * g.wh - 1) + (2 * g.ww - 1) : 0;
   return sizeof(float) * (4 * n * (g.head_dim + 1) + (extras ? 3 : 2) * n * (n + 1) + 2 * n +
-                          (extras ? 6 * n : 0) + (bias_grad ? n * n : 0) + 2 * n);
+                          (extras ? 6 * n : 0) + (bias_grad ? n * n : 0) + n * rel_columns + 2 * n);
 }
 
 // The options as the kernels read them. scale: (heads,) floating -> float, contiguous; without
@@ -241,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& bias, int64_t bias_kind, at::IntArrayRef window,
     at::IntArrayRef shift, const std::optional<at::Tensor>& scale, double scale_value, bool qk_norm,
-    const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad, bool roll_first) {
+    const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad, bool roll_first,
+    const std::optional<at::Tensor>& rel_rows) {
   check_qkv(q_in, k_in, v_in, window);
   const DeviceGuard guard(q_in.device());
   const bool video = q_in.dim() == 6;
@@ -252,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   g.roll_first = roll_first;
   g.has_pad = opt.k_pad.defined();
   const at::Tensor b = float_bias(bias, bias_kind, q, g);
+  const at::Tensor rel = checked_rel_rows(rel_rows, q_in, g);
   at::Tensor out_in = at::empty(q_in.sizes(), q.options());
   at::Tensor lse_in = at::empty(q_in.sizes().slice(0, q_in.dim() - 1), q.options().dtype(at::kFloat));
   const at::Tensor out = as_volume(out_in, video), lse = as_volume(lse_in, video);
@@ -263,8 +297,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
   const int kind = static_cast<int>(b.defined() ? bias_kind : 0);
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, false, bias_ptr != nullptr, false, qk_norm).bytes;
   const bool half = q.scalar_type() == at::kHalf;
-  const bool tensor_cores = half ? tensor_core_path<window_attn_fwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
-                                 : tensor_core_path<window_attn_fwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
+  const bool tensor_cores =
+      !rel.defined() && (half ? tensor_core_path<window_attn_fwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
+                              : tensor_core_path<window_attn_fwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem));
   if (tensor_cores) {
     // Runs of windows per block, about two waves of blocks: the staged bias is reused
     // across the run.
@@ -295,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
         launch<window_attn_fwd_streamed_kernel<T, decltype(frames)::value>>(
             grid, kStreamThreads, streamed_smem_bytes(g.head_dim, kStreamFwd), q.data_ptr<T>(), k.data_ptr<T>(),
             v.data_ptr<T>(), bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
-            strides_of(k), strides_of(v), strides_of(out), strides_of(lse), opt.view<T>(), q_tiles);
+            strides_of(k), strides_of(v), strides_of(out), strides_of(lse), opt.view<T>(), rel_view<T>(rel),
+            q_tiles);
       });
     });
     return {out_in, lse_in};
@@ -307,18 +343,19 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(
       launch<window_attn_fwd_kernel<T, decltype(frames)::value>>(grid, kFwdThreads, smem, q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
                                         bias_ptr, kind, out.data_ptr<T>(), lse.data_ptr<float>(), g, strides_of(q),
                                         strides_of(k), strides_of(v), strides_of(out), strides_of(lse),
-                                        opt.view<T>());
+                                        opt.view<T>(), rel_view<T>(rel));
     });
   });
   return {out_in, lse_in};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+window_attention_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& bias,
     int64_t bias_kind, at::IntArrayRef window, at::IntArrayRef shift, const std::optional<at::Tensor>& scale,
     double scale_value, bool qk_norm, const std::optional<at::Tensor>& k_pad, const std::optional<at::Tensor>& v_pad,
-    bool roll_first, bool bias_grad, bool scale_grad, bool pad_grad) {
+    bool roll_first, bool bias_grad, bool scale_grad, bool pad_grad, const std::optional<at::Tensor>& rel_rows) {
   check_qkv(q_in, k_in, v_in, window);
   check_device(grad_out_in, "grad_out");
   check_device(lse_in, "lse");
@@ -339,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   g.roll_first = roll_first;
   g.has_pad = opt.k_pad.defined();
   const at::Tensor b = float_bias(bias, bias_kind, q, g);
+  const at::Tensor rel = checked_rel_rows(rel_rows, q_in, g);
   TORCH_CHECK_VALUE(!bias_grad || b.defined(), "bias_grad needs a bias");
   TORCH_CHECK_VALUE(!pad_grad || g.has_pad, "pad_grad needs k_pad and v_pad");
   TORCH_CHECK_VALUE(!scale_grad || scale.has_value(), "scale_grad needs a scale tensor");
@@ -353,9 +391,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool extras = qk_norm || scale_grad;
   const size_t tc_smem = tc_layout(g.tokens, g.head_dim, true, bias_ptr != nullptr, bias_grad, extras).bytes;
   const bool half = q.scalar_type() == at::kHalf;
-  const bool tensor_cores = half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
-                                 : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem);
-  const size_t smem = bwd_smem_bytes(g, bias_grad, extras);
+  const bool tensor_cores =
+      !rel.defined() && (half ? tensor_core_path<window_attn_bwd_tc_kernel<at::Half, false>>(q, g, tc_smem)
+                              : tensor_core_path<window_attn_bwd_tc_kernel<at::BFloat16, false>>(q, g, tc_smem));
+  const size_t smem = bwd_smem_bytes(g, bias_grad, extras, rel.defined());
   const bool streamed = !tensor_cores && static_cast<int64_t>(smem) > current_device().smem_optin;
   if (streamed) check_streamed(g, {kStreamDq, kStreamDkdv}, smem, "window_attention_bwd");
   // Tiles per window on the streamed path (one otherwise): its blocks and scale partials
@@ -375,11 +414,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dscale = scale_grad ? at::zeros({std::max<int64_t>(windows * tiles, 1), g.heads}, partial)
                                  : at::empty({0}, partial);
   at::Tensor dpad = pad_grad ? at::zeros({pad_partials, g.heads, 2, g.head_dim}, partial) : at::empty({0}, partial);
+  // The rows' gradient: the streamed dq kernel adds to it tile by tile.
+  const at::Tensor drel = rel.defined() ? at::zeros(rel.sizes(), partial) : at::Tensor();
   // The per-block partials summed in a fixed order: deterministic.
   auto result = [&] {
     return std::make_tuple(dq_in, dk_in, dv_in, bias_grad ? dbias.sum(0) : dbias, scale_grad ? dscale.sum(0) : dscale,
                            pad_grad ? dpad.select(2, 0).sum(0) : at::empty({0}, partial),
-                           pad_grad ? dpad.select(2, 1).sum(0) : at::empty({0}, partial));
+                           pad_grad ? dpad.select(2, 1).sum(0) : at::empty({0}, partial),
+                           rel.defined() ? drel.squeeze(1).to(q.scalar_type()) : at::empty({0}, q.options()));
   };
   if (runs == 0 || q.numel() == 0) {
     dq_in.zero_();
@@ -403,12 +445,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             dq_grid, kStreamThreads, streamed_smem_bytes(g.head_dim, kStreamDq), q.data_ptr<T>(), k.data_ptr<T>(),
             v.data_ptr<T>(), lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr, kind, dq.data_ptr<T>(),
             delta.data_ptr<float>(), dbias_ptr, g, strides_of(q), strides_of(k), strides_of(v), strides_of(lse),
-            strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dscale, windows, per_block, tiles);
+            strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dscale, rel_view<T>(rel, drel), windows,
+            per_block, tiles);
         launch<window_attn_bwd_dkdv_streamed_kernel<T, kVideo>>(
             dkdv_grid, kStreamDkdvThreads, streamed_smem_bytes(g.head_dim, kStreamDkdv), q.data_ptr<T>(),
             k.data_ptr<T>(), v.data_ptr<T>(), lse.data_ptr<float>(), delta.data_ptr<float>(), grad_out.data_ptr<T>(),
             bias_ptr, kind, dk.data_ptr<T>(), dv.data_ptr<T>(), g, strides_of(q), strides_of(k), strides_of(v),
-            strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dpad, tiles);
+            strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra.dpad, rel_view<T>(rel),
+            tiles);
       });
     });
     return result();
@@ -436,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         lse.data_ptr<float>(), grad_out.data_ptr<T>(), bias_ptr,
                                         kind, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), dbias_ptr, g,
                                         strides_of(q), strides_of(k), strides_of(v), strides_of(lse), strides_of(grad_out), strides_of(dq), opt.view<T>(), extra,
-                                        windows, per_block);
+                                        rel_view<T>(rel, drel), windows, per_block);
     });
   });
   return result();

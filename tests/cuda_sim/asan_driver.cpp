@@ -43,9 +43,10 @@ void dilated(std::vector<int64_t> shape, int64_t k, std::vector<int64_t> rates, 
 }
 
 // cosine: Swin V2's options (qk_norm, a per-head scale with its gradient, pad vectors with
-// theirs, timm's roll-then-pad order).
+// theirs, timm's roll-then-pad order); rel: SAM's decomposed relative position (its rows).
 void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, std::vector<int64_t> window,
-               std::vector<int64_t> shift, int64_t bias_kind, at::ScalarType dtype, bool cosine = false) {
+               std::vector<int64_t> shift, int64_t bias_kind, at::ScalarType dtype, bool cosine = false,
+               bool rel = false) {
   auto opts = at::TensorOptions().dtype(dtype);
   std::vector<int64_t> full = shape;
   full.push_back(head_dim + row_pad);
@@ -61,10 +62,17 @@ void attention(std::vector<int64_t> shape, int64_t head_dim, int64_t row_pad, st
     k_pad = at::randn({heads, head_dim}, opts);
     v_pad = at::randn({heads, head_dim}, opts);
   }
+  std::optional<at::Tensor> rel_rows;
+  if (rel) {
+    std::vector<int64_t> rows = shape;
+    rows.push_back(2 * window[0] - 1 + 2 * window[1] - 1);
+    rel_rows = at::randn(rows, opts);
+  }
   auto [out, lse] = ultron::window_attention_fwd(qkv[0], qkv[1], qkv[2], bias, bias_kind, window, shift, scale,
-                                                 0.0, cosine, k_pad, v_pad, cosine);
+                                                 0.0, cosine, k_pad, v_pad, cosine, rel_rows);
   ultron::window_attention_bwd(at::randn_like(out), qkv[0], qkv[1], qkv[2], lse, bias, bias_kind, window,
-                               shift, scale, 0.0, cosine, k_pad, v_pad, cosine, bias_kind != 0, cosine, cosine);
+                               shift, scale, 0.0, cosine, k_pad, v_pad, cosine, bias_kind != 0, cosine, cosine,
+                               rel_rows);
 }
 
 }  // namespace
@@ -95,6 +103,8 @@ int main() {
     attention({1, 13, 12, 2}, 16, 0, {12, 12}, {1, 2}, 0, dtype);    // 144 tokens: SIMT
     attention({1, 5, 3, 1}, 32, 0, {7, 7}, {0, 0}, 1, dtype);        // smaller than a window
     attention({2, 9, 11, 2}, 16, 0, {4, 4}, {2, 1}, 1, dtype, true);  // Swin V2 options (fp32: SIMT)
+    attention({1, 9, 10, 2}, 16, 0, {4, 4}, {0, 0}, 0, dtype, false, true);  // rel_pos, padded: SIMT
+    attention({1, 3, 70, 1}, 16, 0, {3, 64}, {0, 0}, 0, dtype, false, true);  // rel_pos, streamed
   }
   setenv("ULTRON_KERNELS_CUDA_SIM_SMS", "1", 1);                     // runs of windows per block
   attention({3, 14, 21, 2}, 16, 0, {7, 7}, {3, 3}, 1, at::kBFloat16);

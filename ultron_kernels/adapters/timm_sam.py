@@ -9,12 +9,11 @@ the norm: the projection's bias) and are not masked; the op computes exactly tha
 gets the same inputs. Tables of another length than 2 * size - 1 are resized with timm's own
 ``get_rel_pos``, as timm does per call.
 
-Converted where the op runs the decomposed relative position on the chosen backend: the
-reference, Triton (which keeps each query's products with the table rows, never the N x N
-bias) and "auto" (Triton on a GPU that has it; else the reference, which keeps no more in
-memory than timm's own path). On "cuda" the report says why timm's path is kept, as for a
-window or head dim the Triton kernels do not run; the RoPE and LayerNorm-qk-norm variants are
-left alone with the reason.
+Converted on every backend: the fused ones (Triton, CUDA) keep each query's products with the
+table rows, never the N x N bias; "auto" takes Triton on a GPU that has it, else the
+reference, which keeps no more in memory than timm's own path. A window or head dim the
+chosen kernels do not run is left on timm's path with the limit named, as are the RoPE and
+LayerNorm-qk-norm variants.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import nn
 
 from ultron_kernels.adapters import Adapter, Unsupported, class_named, set_fused
 from ultron_kernels.adapters.swin import conversion_device
-from ultron_kernels.ops.window_attention import REL_POS_BACKENDS, fused_shape_reason, window_attention
+from ultron_kernels.ops.window_attention import fused_shape_reason, window_attention
 
 
 def _table(table, size: int):
@@ -55,13 +54,9 @@ def _convert(attn: nn.Module, backend: str):
     if attn.attn_drop.p > 0:
         raise Unsupported(f"attention dropout {attn.attn_drop.p} > 0 (not implemented in the fused op): "
                           "left on timm's path")
-    if backend not in REL_POS_BACKENDS + ("auto",):
-        raise Unsupported(f"the decomposed relative position runs on the {' / '.join(REL_POS_BACKENDS)} "
-                          f"backends (no {backend} kernel for it yet), so on {backend!r} timm's SDPA path is kept")
     # The block's windows (or, in a global block, its grid) are the tables' size.
     size = (attn.rel_pos_h.shape[0] + 1) // 2, (attn.rel_pos_w.shape[0] + 1) // 2
-    why = fused_shape_reason(backend, size, attn.head_dim,
-                             conversion_device(attn, backend))
+    why = fused_shape_reason(backend, size, attn.head_dim, conversion_device(attn, backend), rel_pos=True)
     if why:
         raise Unsupported(f"{why}: left on timm's SDPA path")
     set_fused(attn, {"forward": _forward}, __name__, backend)

@@ -91,18 +91,13 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
         return window_attention_forward(q, k, v, bias, bias_kind, tuple(window), tuple(shift),
                                         _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad,
                                         roll_first, rel_rows)
-    _check_no_rel_rows(backend, rel_rows)
     return _cuda.cuda_ops(q.device).window_attention_fwd(q, k, v, bias, bias_kind, window, shift, scale,
-                                                         scale_value, qk_norm, k_pad, v_pad, roll_first)
+                                                         scale_value, qk_norm, k_pad, v_pad, roll_first,
+                                                         rel_rows)
 
 
 def _triton_scale(scale: Optional[torch.Tensor], scale_value: float):
     return scale_value if scale is None else scale
-
-
-def _check_no_rel_rows(backend: str, rel_rows: Optional[torch.Tensor]) -> None:
-    if rel_rows is not None:  # the public op routes rel_pos away from it (REL_POS_BACKENDS)
-        raise ValueError(f"rel_rows: the {backend} backend does not run the decomposed relative position")
 
 
 @_fused_forward.register_fake
@@ -135,10 +130,9 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             _triton_scale(scale, scale_value), qk_norm, k_pad, v_pad, roll_first, bias_grad,
             scale_grad, pad_grad, rel_rows, out)
     else:
-        _check_no_rel_rows(backend, rel_rows)
-        grads = (*_cuda.cuda_ops(q.device).window_attention_bwd(
+        grads = _cuda.cuda_ops(q.device).window_attention_bwd(
             grad_out, q, k, v, lse, bias, bias_kind, window, shift, scale, scale_value, qk_norm,
-            k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad), None)
+            k_pad, v_pad, roll_first, bias_grad, scale_grad, pad_grad, rel_rows)
     dq, dk, dv, dense, dscale, dk_pad, dv_pad, drel = grads
 
     def none():  # a gradient not asked for; outputs may not alias each other
@@ -302,16 +296,18 @@ def _check_floating_on(name: str, t: torch.Tensor, device: torch.device) -> None
 
 
 def cuda_shared_memory_bytes(tokens: int, head_dim: int, backward: bool, bias_grad: bool,
-                             extras: bool = False) -> int:
+                             extras: bool = False, rel_columns: int = 0) -> int:
     """Shared memory one block of the CUDA SIMT kernels needs (csrc/window_attention: fwd
     keeps K and V plus per-warp rows, bwd keeps Q, K, V, dO, P, dS, the run's bias gradient
     and two ints per token; with ``extras`` (cosine attention or a scale gradient) also dS*C
-    and six per-row values)."""
+    and six per-row values; with the decomposed relative position each token's
+    ``rel_columns`` products with the table rows)."""
     row = head_dim + 1
     if not backward:
         return 4 * (2 * tokens * row + 4 * (tokens + head_dim))
     return 4 * (4 * tokens * row + (3 if extras else 2) * tokens * (tokens + 1) + 2 * tokens
-                + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0) + 2 * tokens)
+                + (6 * tokens if extras else 0) + (tokens * tokens if bias_grad else 0)
+                + tokens * rel_columns + 2 * tokens)
 
 
 def cuda_streamed_shared_memory_bytes(head_dim: int, backward: bool) -> int:
@@ -320,17 +316,18 @@ def cuda_streamed_shared_memory_bytes(head_dim: int, backward: bool) -> int:
     dk/dv kernels'."""
     tile, rows = CUDA_STREAM_TILE, CUDA_STREAM_TILE * (head_dim + 1)
     if not backward:
-        return 4 * (3 * rows + tile * head_dim + 8 * tile + 128)
-    return 4 * max(4 * rows + tile * head_dim + 11 * tile + 128,
-                   4 * rows + 3 * tile * (tile + 1) + 11 * tile)
+        return 4 * (3 * rows + tile * head_dim + 10 * tile + 128)
+    return 4 * max(4 * rows + tile * head_dim + 13 * tile + 128,
+                   4 * rows + 3 * tile * (tile + 1) + 13 * tile)
 
 
 def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, device: torch.device,
-                       needs_grad: bool = True, bias_grad: bool = True, extras: bool = False) -> Optional[str]:
+                       needs_grad: bool = True, bias_grad: bool = True, extras: bool = False,
+                       rel_pos: bool = False) -> Optional[str]:
     """Why ``backend`` cannot run windows of this size (2D or 3D) and head dim on ``device``
-    (with a backward when ``needs_grad``), or None. The op asks at each call; the Swin
-    adapters ask when they convert, so that a swapped model never meets a limit at its first
-    forward."""
+    (with a backward when ``needs_grad``; with the decomposed relative position when
+    ``rel_pos``), or None. The op asks at each call; the Swin and SAM adapters ask when they
+    convert, so that a swapped model never meets a limit at its first forward."""
     if backend in ("reference", "auto"):  # auto takes, per call, a backend that can run it
         return None
     if head_dim not in FUSED_HEAD_DIMS:
@@ -346,7 +343,8 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     if backend == "cuda" and device.type != "meta" and not torch.compiler.is_compiling():
         limit = _cuda.shared_memory_per_block(device)
         for backward in (False, True) if needs_grad else (False,):
-            one_tile = cuda_shared_memory_bytes(tokens, head_dim, backward, bias_grad, extras)
+            rel_columns = sum(2 * size - 1 for size in window) if rel_pos else 0
+            one_tile = cuda_shared_memory_bytes(tokens, head_dim, backward, bias_grad, extras, rel_columns)
             streamed = cuda_streamed_shared_memory_bytes(head_dim, backward)
             if one_tile > limit and streamed > limit:
                 return (f"window {tuple(window)} with head_dim {head_dim} needs {streamed} bytes "
@@ -355,15 +353,11 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     return None
 
 
-# The backends that run rel_pos (SAM's decomposed relative position). The Triton kernels take
-# each query's products with the table rows (rel_pos_rows) instead of an N x N bias.
-REL_POS_BACKENDS = ("reference", "triton")
-
-
 def rel_pos_rows(q: torch.Tensor, rel_pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Each query's products with every row of both tables, in q's dtype (what timm forms its
     bias in), shaped like q with 2wh - 1 + 2ww - 1 columns for D: q . rel_pos_h[o], then
-    q . rel_pos_w[o]. The kernels gather the bias from them; autograd carries their gradient
+    q . rel_pos_w[o]. The fused kernels (Triton and CUDA) gather the bias from them instead of
+    forming the N x N bias; autograd carries their gradient
     to q and the tables. One matmul (fp32 accumulation), outside autocast: q already has the
     autocast dtype, the tables are cast to it."""
     tables = torch.cat([t.to(q.dtype) for t in rel_pos]).t()
@@ -376,10 +370,8 @@ def _fused_reason(q: torch.Tensor, window: Sequence[int], needs_grad: bool, bias
     def reason(backend: str) -> Optional[str]:
         if backend != "reference" and q.dtype not in FUSED_DTYPES:
             return f"dtype {q.dtype} runs on the reference backend only (fused: {FUSED_DTYPES})"
-        if rel_pos and backend not in REL_POS_BACKENDS:
-            return (f"the decomposed relative position (rel_pos) runs on the "
-                    f"{' and '.join(REL_POS_BACKENDS)} backends only")
-        return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras)
+        return fused_shape_reason(backend, window, q.shape[-1], q.device, needs_grad, bias_grad, extras,
+                                  rel_pos)
     return reason
 
 
@@ -416,9 +408,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_s
             SAM / ViTDet's decomposed relative position, bias[i, j] = q_i . rel_pos_h[y_i - y_j
             + wh - 1] + q_i . rel_pos_w[x_i - x_j + ww - 1] ((y, x) in-window coordinates),
             from q as given and added unscaled, as timm's ``get_decomposed_rel_pos_bias``;
-            gradients flow to q and both tables. Reference and Triton backends (the N x N
-            bias is never formed there: each query's (2wh - 1 + 2ww - 1) products with the
-            table rows are); not with ``qk_norm``.
+            gradients flow to q and both tables. Every backend; the fused ones never form
+            the N x N bias (each query's 2wh - 1 + 2ww - 1 products with the table rows
+            instead); not with ``qk_norm``.
         shift_order: "pad_then_roll" (torchvision, mmdet) or "roll_then_pad" (timm: the
             unpadded grid is rolled, then padded). The same on grids divisible by the window.
         backend: "auto", "reference", "triton" or "cuda".

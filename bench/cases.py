@@ -33,8 +33,10 @@ ATTN_SHAPES = {  # (B, H, W, heads, D, window) or (B, T, H, W, heads, D, (wt, wh
 }
 DILATIONS = (1, 3, 6)
 # SAM / ViTDet global attention with the decomposed relative position: (B, H, W, heads, D),
-# the whole grid one window. SAM-B's global blocks at 1024x1024 (a 64x64 grid).
-REL_POS_SHAPES = {"quick": [(4, 64, 64, 12, 64)], "tiny": [(1, 6, 7, 2, 16), (2, 5, 4, 1, 32)]}
+# the whole grid one window. SAM-B's and SAM-H's (head dim 80) global blocks at 1024x1024 (a
+# 64x64 grid); the lease times the first.
+REL_POS_SHAPES = {"quick": [(4, 64, 64, 12, 64), (4, 64, 64, 16, 80)],
+                  "tiny": [(1, 6, 7, 2, 16), (2, 5, 4, 1, 32)]}
 # timm modules whose split + depthwise convs + cat becomes one grouped depthwise conv: (label,
 # timm model, which module, batch, image size). The module's input shape is read from the
 # model itself (a forward hook), so the shapes are the real model's.
@@ -42,8 +44,8 @@ GROUPED_MODULES = {
     "quick": [("MixNet-S mixed dw s1", "mixnet_s", "mixed-s1", 128, 224),
               ("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 128, 224),
               ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 128, 224)],
-    "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 2, 32),
-             ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 2, 32)],
+    "tiny": [("MixNet-S mixed dw s2", "mixnet_s", "mixed-s2", 1, 32),
+             ("InceptionNeXt-T token mixer stage 1", "inception_next_tiny", "inception", 1, 32)],
 }
 # Plain depthwise convs of the CNNs people run, one layer each: (label, B, C, H, W, kernel,
 # stride). The peer is what those models call: F.conv2d with groups=C (cuDNN on a GPU).

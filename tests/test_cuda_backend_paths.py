@@ -208,12 +208,12 @@ def test_attention_streamed_path(dtype, bias_kind, monkeypatch):
 def test_shared_memory_limit_follows_the_architecture(arch, path, monkeypatch):
     """8 x 8 windows, head_dim 128, fp32 (SIMT): the backward needs 160 KB per block as one
     tile, within sm_90's 227 KB; over sm_86's 99 KB it streams its tiles (82 KB). On sm_75's
-    64 KB even the streamed forward (67456 bytes) does not fit: the backend says so before
+    64 KB even the streamed forward (67712 bytes) does not fit: the backend says so before
     launching."""
     monkeypatch.setenv("ULTRON_KERNELS_CUDA_SIM_ARCH", arch)
     if path is None:
         q, k, v = (torch.randn(1, 8, 8, 1, 128, requires_grad=True) for _ in range(3))
-        with pytest.raises(uk.BackendUnavailableError, match="67456 bytes of shared memory per block in the CUDA "
+        with pytest.raises(uk.BackendUnavailableError, match="67712 bytes of shared memory per block in the CUDA "
                                                              "kernels' streamed tiles"):
             uk.window_attention(q, k, v, 8, 0, None, backend="cuda")
         return

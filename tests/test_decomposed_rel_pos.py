@@ -123,6 +123,8 @@ FUSED_SHAPES = [  # (B, H, W, heads, D), window, shift, pad_kv, table bias too
     ((1, 15, 19, 2, 16), (13, 17), (6, 8), True, True),  # 221 tokens, shifted, padded, + a table
     ((1, 3, 64, 1, 16), (3, 64), 0, False, False),     # a global block 64 wide: a key block per row
     ((1, 5, 70, 1, 16), (2, 64), 0, True, False),      # windows 64 wide on a padded grid
+    ((1, 9, 10, 2, 80), (4, 4), 0, True, False),       # SAM-H's head dim: tiles 128 wide, padding masked
+    ((1, 9, 11, 1, 80), (9, 11), 0, False, False),     # and over two key blocks (dq kernel, pre-pass)
 ]
 
 

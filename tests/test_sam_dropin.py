@@ -97,15 +97,41 @@ def test_what_is_left_alone_says_why():
         assert "(RoPE) is not supported" in reasons["rope"]
 
 
-def test_what_triton_cannot_run_is_left_on_timms_path():
-    """SAM-H's head_dim 80 has no fused kernel, nor a global block over 4096 tokens (a
-    1536-pixel input): Triton leaves them with the limit named; "auto" converts them (its
-    per-call choice is then the reference, which keeps timm's memory)."""
-    plain = nn.ModuleDict({"sam-h": sam.Attention(160, num_heads=2, use_rel_pos=True, input_size=(4, 4)),
+def test_what_the_fused_kernels_cannot_run_is_left_on_timms_path():
+    """A head dim over 128, and a global block over 4096 tokens (a 1536-pixel input): Triton
+    and CUDA leave them with the limit named; "auto" converts them (its per-call choice is
+    then the reference, which keeps timm's memory)."""
+    plain = nn.ModuleDict({"d160": sam.Attention(320, num_heads=2, use_rel_pos=True, input_size=(4, 4)),
                            "96x96": sam.Attention(32, num_heads=2, use_rel_pos=True, input_size=(96, 96))})
-    report = uk.swap_in(copy.deepcopy(plain), "triton")
-    reasons = {path: why for path, _, why in report.skipped}
-    assert "head_dim 80 is not one of the fused head dims" in reasons["sam-h"]
-    assert "window (96, 96) has 9216 tokens" in reasons["96x96"]
-    assert not report.swapped
-    assert [path for path, _, _ in uk.swap_in(copy.deepcopy(plain), "auto").swapped] == ["sam-h", "96x96"]
+    for backend in ("triton", "cuda"):
+        report = uk.swap_in(copy.deepcopy(plain), backend)
+        reasons = {path: why for path, _, why in report.skipped}
+        assert "head_dim 160 is over the fused kernels' 128" in reasons["d160"]
+        assert "window (96, 96) has 9216 tokens" in reasons["96x96"]
+        assert not report.swapped
+    assert [path for path, _, _ in uk.swap_in(copy.deepcopy(plain), "auto").swapped] == ["d160", "96x96"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sam_h_head_dim_runs_fused(backend):
+    """SAM-H's attention (head_dim 80: 1280 channels over 16 heads) converts on the fused
+    backends: Triton runs it in 128-wide tiles with the padding columns masked. A global block
+    over a 6 x 7 grid with two heads of 80, in float32: output, input gradient and both
+    tables' gradients against timm's own attention."""
+    if uk.available_backends("cpu").get(backend) != "available":
+        pytest.skip(f"{backend} does not run here")
+    torch.manual_seed(0)
+    attn = randomise_constants(sam.Attention(160, num_heads=2, use_rel_pos=True, input_size=(6, 7)))
+    swapped = copy.deepcopy(attn)
+    report = uk.swap_in(swapped, backend)
+    assert [path for path, _, _ in report.swapped] == [""], str(report)
+    x = torch.randn(2, 6, 7, 160)
+    grad = torch.randn(2, 6, 7, 160)
+    results = []
+    for module in (attn.double(), swapped):
+        inputs = (x.double() if module is attn else x).clone().requires_grad_()
+        out = module(inputs)
+        results.append((out, *torch.autograd.grad(out, (inputs, module.rel_pos_h, module.rel_pos_w),
+                                                  grad.to(out.dtype))))
+    for name, got, want in zip(("out", "dx", "d rel_pos_h", "d rel_pos_w"), results[1], results[0]):
+        assert_parity(name, got, want, torch.float32)

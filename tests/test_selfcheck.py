@@ -38,11 +38,15 @@ def test_selfcheck_command_on_this_machine(tmp_path):
 
 
 def test_selfcheck_fails_on_a_wrong_result(tmp_path, monkeypatch):
-    """A backend that is 1% off is a mismatch: exit code 1 and the row says which output."""
+    """A backend that is 1% off is a mismatch: exit code 1 and the row says which output.
+    (The two ops it feeds, in fp32: the command test above runs them all.)"""
     from ultron_kernels.triton import grouped_depthwise_conv
 
     forward = grouped_depthwise_conv.grouped_conv_forward
     monkeypatch.setattr(grouped_depthwise_conv, "grouped_conv_forward", lambda *a, **k: forward(*a, **k).mul_(1.01))
+    monkeypatch.setattr(selfcheck, "DTYPES", {"fp32": torch.float32})
+    monkeypatch.setattr(selfcheck, "OPS", {name: selfcheck.OPS[name]
+                                           for name in ("channelwise_dilated_conv2d", "grouped_depthwise_conv2d")})
     out = tmp_path / "report.json"
     assert selfcheck.main(["--json", str(out)]) == 1
     rows = json.loads(out.read_text())["checks"]

@@ -20,7 +20,10 @@ from ultron_kernels.ops._common import (autocast_inputs, check_int32_sizes, chec
 from ultron_kernels.reference.window_attention import window_attention_reference
 
 OP_NAME = "window_attention"
-FUSED_HEAD_DIMS = (16, 32, 64, 128)
+# Head dims of the fused backends: any up to 128 (Triton rounds its tiles up to a power of two
+# and masks the padding columns: SAM-H's 80 runs as 128; CUDA takes any width, on the tensor
+# cores for multiples of 16).
+MAX_FUSED_HEAD_DIM = 128
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tokens per window each fused backend runs: up to SAM's 64x64 whole-image attention. Windows
 # of more than one tile are streamed in blocks (Triton) or tiles (CUDA, where a window whose
@@ -330,8 +333,8 @@ def fused_shape_reason(backend: str, window: Sequence[int], head_dim: int, devic
     convert, so that a swapped model never meets a limit at its first forward."""
     if backend in ("reference", "auto"):  # auto takes, per call, a backend that can run it
         return None
-    if head_dim not in FUSED_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of the fused head dims {FUSED_HEAD_DIMS}"
+    if head_dim > MAX_FUSED_HEAD_DIM:
+        return f"head_dim {head_dim} is over the fused kernels' {MAX_FUSED_HEAD_DIM}"
     tokens = math.prod(window)
     if tokens > MAX_FUSED_WINDOW_TOKENS[backend]:
         return (f"window {tuple(window)} has {tokens} tokens; the {backend} kernels run windows of "

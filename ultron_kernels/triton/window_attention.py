@@ -80,22 +80,52 @@ def _row_offsets(batch, z, y, x, head, sb, st, sh, sw, sn):
 
 
 @triton.jit
-def _load_rows(ptr, batch, z, y, x, head, real, sb, st, sh, sw, sn, D: tl.constexpr):
+def _rows_mask(rows, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The (rows, D) mask of the given rows' head columns. D is HEAD_DIM rounded up to a
+    power of two (SAM-H's 80 -> 128); the other columns load as zeros, which no dot product
+    sees, and are never stored. Without padding no column mask is compiled."""
+    if HEAD_DIM == D:
+        return rows[:, None]
+    else:
+        return rows[:, None] & (tl.arange(0, D) < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _head_columns(D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The mask of a (D,) row's head columns: None without padding columns (a load with it
+    then takes no ``other``: the padding columns' values are unused)."""
+    if HEAD_DIM == D:
+        return None
+    else:
+        return tl.arange(0, D) < HEAD_DIM
+
+
+@triton.jit
+def _load_rows(ptr, batch, z, y, x, head, real, sb, st, sh, sw, sn, D: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs = _row_offsets(batch, z, y, x, head, sb, st, sh, sw, sn)[:, None] + tl.arange(0, D)[None, :]
-    return tl.load(ptr + offs, mask=real[:, None], other=0.0)
+    return tl.load(ptr + offs, mask=_rows_mask(real, D, HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, values, batch, z, y, x, head, real, sb, st, sh, sw, sn, D: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    offs = _row_offsets(batch, z, y, x, head, sb, st, sh, sw, sn)[:, None] + tl.arange(0, D)[None, :]
+    tl.store(ptr + offs, values.to(ptr.dtype.element_ty), mask=_rows_mask(real, D, HEAD_DIM))
 
 
 @triton.jit
 def _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, z, y, x, head, real, inside,
-             skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D: tl.constexpr, HAS_PAD: tl.constexpr):
+             skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HAS_PAD: tl.constexpr):
     """Key and value rows; padding rows are zero, or the head's pad vectors with HAS_PAD."""
-    k = _load_rows(k_ptr, batch, z, y, x, head, real, skb, skt, skh, skw, skn, D)
-    v = _load_rows(v_ptr, batch, z, y, x, head, real, svb, svt, svh, svw, svn, D)
+    k = _load_rows(k_ptr, batch, z, y, x, head, real, skb, skt, skh, skw, skn, D, HEAD_DIM)
+    v = _load_rows(v_ptr, batch, z, y, x, head, real, svb, svt, svh, svw, svn, D, HEAD_DIM)
     if HAS_PAD:
         pad = (inside & ~real)[:, None]
-        d = head * D + tl.arange(0, D)
-        k = tl.where(pad, tl.load(kpad_ptr + d)[None, :], k)
-        v = tl.where(pad, tl.load(vpad_ptr + d)[None, :], v)
+        d = head * HEAD_DIM + tl.arange(0, D)
+        cols = _head_columns(D, HEAD_DIM)
+        k = tl.where(pad, tl.load(kpad_ptr + d, mask=cols)[None, :], k)
+        v = tl.where(pad, tl.load(vpad_ptr + d, mask=cols)[None, :], v)
     return k, v
 
 
@@ -243,7 +273,7 @@ def _window_attn_fwd_kernel(
         srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        D: tl.constexpr, HEAD_DIM: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
         ROW_BLOCKS: tl.constexpr,
         BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
@@ -254,7 +284,7 @@ def _window_attn_fwd_kernel(
     for window in range(first, last):
         batch, tq, zq, yq, xq, real_q, inside_q, region_q = _token_coords(
             window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
-        q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D)
+        q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D, HEAD_DIM)
         rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
         inv_q = scale
         if QK_NORM:
@@ -266,7 +296,7 @@ def _window_attn_fwd_kernel(
             batch_k, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
                 window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
             k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k, inside_k,
-                            skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
+                            skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HEAD_DIM, HAS_PAD)
             inv_k = scale
             if QK_NORM:
                 inv_k, live_k = _inverse_norm(k)
@@ -284,9 +314,8 @@ def _window_attn_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_offs = _row_offsets(batch, zq, yq, xq, head, sob, sot, soh, sow, son)[:, None] + tl.arange(0, D)[None, :]
-        tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=real_q[:, None])
+        _store_rows(o_ptr, acc / l_safe[:, None], batch, zq, yq, xq, head, real_q, sob, sot, soh, sow, son,
+                    D, HEAD_DIM)
         # A row whose every key is masked: output 0 (l_safe), lse -inf, as on every backend.
         lse = tl.where(l_i > 0.0, m_i + tl.log(l_safe), float("-inf"))
         tl.store(lse_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln), lse, mask=real_q)
@@ -295,11 +324,11 @@ def _window_attn_fwd_kernel(
 @triton.jit
 def _query_rows(q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale,
                 sqb, sqt, sqh, sqw, sqn, sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln,
-                D: tl.constexpr, QK_NORM: tl.constexpr):
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
     """A query block's q and dO rows, logsumexp (0 for a fully masked row: its every p is 0
     anyway), inverse norm (the scale without QK_NORM) and 'norm not clamped' flag."""
-    q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D)
-    do = _load_rows(do_ptr, batch, zq, yq, xq, head, real_q, sdob, sdot, sdoh, sdow, sdon, D)
+    q = _load_rows(q_ptr, batch, zq, yq, xq, head, real_q, sqb, sqt, sqh, sqw, sqn, D, HEAD_DIM)
+    do = _load_rows(do_ptr, batch, zq, yq, xq, head, real_q, sdob, sdot, sdoh, sdow, sdon, D, HEAD_DIM)
     lse = tl.load(lse_ptr + _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln),
                   mask=real_q, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -336,15 +365,16 @@ def _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM: tl.constexpr):
 
 
 @triton.jit
-def _softmax_term_kernel(o_ptr, do_ptr, delta_ptr, rows, D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def _softmax_term_kernel(o_ptr, do_ptr, delta_ptr, rows, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_ROWS: tl.constexpr):
     """delta = sum_d dO * O per (token, head) row, in fp32 from the 16-bit rows
     (FlashAttention's backward pre-pass): O and dO contiguous, delta shaped like the lse."""
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    offs = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
-    live = r < rows
-    o = tl.load(o_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + r, tl.sum(o * do, 1), mask=live)
+    offs = r.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, D)[None, :]
+    live = _rows_mask(r < rows, D, HEAD_DIM)
+    o = tl.load(o_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, tl.sum(o * do, 1), mask=r < rows)
 
 
 @triton.jit
@@ -357,7 +387,7 @@ def _window_attn_bwd_dq_kernel(
         srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        D: tl.constexpr, HEAD_DIM: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
         ROW_BLOCKS: tl.constexpr,
         RH: tl.constexpr, RW: tl.constexpr, DELTA_GIVEN: tl.constexpr,
@@ -375,7 +405,7 @@ def _window_attn_bwd_dq_kernel(
             window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
         q, do, lse, inv_q, live_q = _query_rows(
             q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
-            sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
+            sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, HEAD_DIM, QK_NORM)
         rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
         delta_offs = _row_offsets(batch, zq, yq, xq, head, slb, slt, slh, slw, sln)
         if DELTA_GIVEN:
@@ -391,7 +421,7 @@ def _window_attn_bwd_dq_kernel(
                 _, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
                     window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
                 k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k,
-                                inside_k, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
+                                inside_k, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HEAD_DIM, HAS_PAD)
                 inv_k = scale
                 if QK_NORM:
                     inv_k, live_k = _inverse_norm(k)
@@ -418,8 +448,7 @@ def _window_attn_bwd_dq_kernel(
         if REL_POS:
             _store_rel_pos_grad(drel_ptr, rel_rows, ds_rows, ds_cols, tq, real_q, WH, WW, RH, RW)
         dq = _finish_gradient(dq, dc_q, q, inv_q, live_q, scale, QK_NORM)
-        dq_offs = _row_offsets(batch, zq, yq, xq, head, sdqb, sdqt, sdqh, sdqw, sdqn)[:, None] + tl.arange(0, D)[None, :]
-        tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+        _store_rows(dq_ptr, dq, batch, zq, yq, xq, head, real_q, sdqb, sdqt, sdqh, sdqw, sdqn, D, HEAD_DIM)
         if not DELTA_GIVEN:
             tl.store(delta_ptr + delta_offs, delta, mask=real_q)
 
@@ -434,7 +463,7 @@ def _window_attn_bwd_kernel(
         srb, srt, srh, srw, srn,
         WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr,
         SH: tl.constexpr, SW: tl.constexpr,
-        D: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
+        D: tl.constexpr, HEAD_DIM: tl.constexpr, BIAS_KIND: tl.constexpr, PER_HEAD_SCALE: tl.constexpr,
         QK_NORM: tl.constexpr, HAS_PAD: tl.constexpr, ROLL_FIRST: tl.constexpr, REL_POS: tl.constexpr,
         ROW_BLOCKS: tl.constexpr,
         RH: tl.constexpr, RW: tl.constexpr, BIAS_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
@@ -459,7 +488,7 @@ def _window_attn_bwd_kernel(
         batch, tk, zk, yk, xk, real_k, inside_k, region_k = _token_coords(
             window, k_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
         k, v = _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, zk, yk, xk, head, real_k, inside_k,
-                        skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HAS_PAD)
+                        skb, skt, skh, skw, skn, svb, svt, svh, svw, svn, D, HEAD_DIM, HAS_PAD)
         inv_k = scale
         live_k = real_k
         if QK_NORM:
@@ -472,7 +501,7 @@ def _window_attn_bwd_kernel(
                 window, q_block, T, H, W, Tp, Hp, Wp, n_win_t, n_win_h, n_win_w, WT, WH, WW, ST, SH, SW, BLOCK, ROLL_FIRST)
             q, do, lse, inv_q, live_q = _query_rows(
                 q_ptr, do_ptr, lse_ptr, batch, zq, yq, xq, head, real_q, scale, sqb, sqt, sqh, sqw, sqn,
-                sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, QK_NORM)
+                sdob, sdot, sdoh, sdow, sdon, slb, slt, slh, slw, sln, D, HEAD_DIM, QK_NORM)
             rel_rows = _row_offsets(batch, zq, yq, xq, head, srb, srt, srh, srw, srn)
             bias = _pair_bias(run_bias, bias_ptr, head, q_block, k_block, sbias0, sbias1, sbias2,
                               WT, WH, WW, BIAS_KIND, BLOCK, NUM_BLOCKS)
@@ -500,8 +529,7 @@ def _window_attn_bwd_kernel(
                 else:
                     dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
                 dq = _finish_gradient(dq, tl.sum(ds * c, 1), q, inv_q, live_q, scale, QK_NORM)
-                dq_offs = _row_offsets(batch, zq, yq, xq, head, sdkb, sdkt, sdkh, sdkw, sdkn)[:, None] + tl.arange(0, D)[None, :]
-                tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=real_q[:, None])
+                _store_rows(dq_ptr, dq, batch, zq, yq, xq, head, real_q, sdkb, sdkt, sdkh, sdkw, sdkn, D, HEAD_DIM)
                 if REL_POS:
                     ds_rows, ds_cols = _rel_pos_sums(ds, tk, k_block, k.dtype, WH, WW, RH, RW, PRECISION, ROW_BLOCKS)
                     _store_rel_pos_grad(drel_ptr, rel_rows, ds_rows, ds_cols, tq, real_q, WH, WW, RH, RW)
@@ -517,18 +545,18 @@ def _window_attn_bwd_kernel(
             tl.store(dscale_ptr + (window * NUM_BLOCKS + k_block).to(tl.int64) * tl.num_programs(1) + head,
                      tl.sum(dc_k, 0))
         dk = _finish_gradient(dk, dc_k, k, inv_k, live_k, scale, QK_NORM)
-        k_offs = _row_offsets(batch, zk, yk, xk, head, sdkb, sdkt, sdkh, sdkw, sdkn)[:, None] + tl.arange(0, D)[None, :]
-        tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=real_k[:, None])
-        tl.store(dv_ptr + k_offs, dv.to(dv_ptr.dtype.element_ty), mask=real_k[:, None])
+        _store_rows(dk_ptr, dk, batch, zk, yk, xk, head, real_k, sdkb, sdkt, sdkh, sdkw, sdkn, D, HEAD_DIM)
+        _store_rows(dv_ptr, dv, batch, zk, yk, xk, head, real_k, sdkb, sdkt, sdkh, sdkw, sdkn, D, HEAD_DIM)
         if PAD_GRAD:  # padding keys all hold the head's pad vectors: their gradients add up
             pad = (inside_k & ~real_k)[:, None]
             dk_pad += tl.sum(tl.where(pad, dk, 0.0), 0)
             dv_pad += tl.sum(tl.where(pad, dv, 0.0), 0)
     partial = tl.program_id(0) * tl.num_programs(1) + head
-    if PAD_GRAD:
+    if PAD_GRAD:  # dpad is (programs, heads, 2, HEAD_DIM)
         d = tl.arange(0, D)
-        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * D + d, dk_pad)
-        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * D + D + d, dv_pad)
+        cols = _head_columns(D, HEAD_DIM)
+        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM + d, dk_pad, mask=cols)
+        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM + HEAD_DIM + d, dv_pad, mask=cols)
     if BIAS_GRAD:
         if NUM_BLOCKS == 1:
             t = tl.arange(0, BLOCK)
@@ -546,7 +574,7 @@ def _window_attn_bwd_kernel(
 _FWD_WARPS_STAGES = [(4, 2), (8, 2), (4, 3), (2, 2), (8, 3), (4, 1), (2, 3), (8, 1), (2, 1)]
 _window_attn_fwd_autotuned = autotune(
     "window attention forward", _window_attn_fwd_kernel, [triton.Config({}, num_warps=w, num_stages=st) for w, st in _FWD_WARPS_STAGES],
-    key=["T", "H", "W", "WT", "WH", "WW", "ST", "SH", "SW", "D", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
+    key=["T", "H", "W", "WT", "WH", "WW", "ST", "SH", "SW", "D", "HEAD_DIM", "BIAS_KIND", "PER_HEAD_SCALE", "QK_NORM", "HAS_PAD",
          "ROLL_FIRST", "REL_POS", "ROW_BLOCKS", "PRECISION"])
 
 
@@ -561,14 +589,21 @@ def launch_candidates(head_dim: int, tokens: int, backward: bool) -> list[dict]:
     backward's dq is summed over key blocks in a fixed order, as for windows over 64 tokens).
     tools/compile_triton.py compiles the choice for sm_80/86/89/90, with the candidates
     rejected before it."""
-    warps = 4 if head_dim <= 64 else 8
+    width = tile_width(head_dim)
+    warps = 4 if width <= 64 else 8
     block = _block(tokens)
-    stages = (1,) if backward and head_dim > 64 else (2, 1)
+    stages = (1,) if backward and width > 64 else (2, 1)
     candidates = [dict(BLOCK=block, num_warps=warps, num_stages=st) for st in stages]
     while block > 16:
         block //= 2
         candidates.append(dict(BLOCK=block, num_warps=warps, num_stages=1))
     return candidates
+
+
+def tile_width(head_dim: int) -> int:
+    """The kernels' tile width for a head dim: a power of two (tl.arange) and 16 at least (a
+    tl.dot's depth); SAM-H's 80 runs as 128 with the padding columns masked."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _block(tokens: int) -> int:
@@ -599,7 +634,7 @@ def _meta(q: torch.Tensor, window, shift, bias_kind: int, variant: "Variant",
     interpret = triton_interpreter_on() or q.device.type != "cuda"
     tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
     return dict(WT=window[0], WH=window[1], WW=window[2], ST=shift[0], SH=shift[1], SW=shift[2],
-                D=q.shape[-1], BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
+                D=tile_width(q.shape[-1]), HEAD_DIM=q.shape[-1], BIAS_KIND=bias_kind, PER_HEAD_SCALE=variant.per_head_scale,
                 QK_NORM=variant.qk_norm, HAS_PAD=variant.k_pad is not None,
                 ROLL_FIRST=variant.roll_first, REL_POS=variant.rel_rows is not None,
                 # rel_pos: each key block one window row (a 2D window BLOCK tokens wide)
@@ -792,7 +827,8 @@ def backward_launch(grad_out, q, k, v, lse, bias, bias_kind: int, window, shift,
             rows = delta.numel()
             launches.insert(0, Launch(_softmax_term_kernel, (triton.cdiv(rows, SOFTMAX_TERM_ROWS),),
                                       (out.contiguous(), grad_out.contiguous(), delta, rows),
-                                      dict(D=head_dim, BLOCK_ROWS=SOFTMAX_TERM_ROWS, num_warps=4)))
+                                      dict(D=tile_width(head_dim), HEAD_DIM=head_dim, BLOCK_ROWS=SOFTMAX_TERM_ROWS,
+                                           num_warps=4)))
     dbias, dscale, dpad, _ = buffers[launch.meta["BLOCK"]]
     if dbias is not None:
         dbias.zero_()

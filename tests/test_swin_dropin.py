@@ -180,6 +180,8 @@ def test_a_swapped_model_runs_at_the_window_limit(name, device, backend):
     """A swapped model always runs: windows over a fused backend's token limit are left alone
     there, with the reason, and converted on the others (the reference has no limit); either
     way the model computes what the untouched one does."""
+    if (name, backend) == ("window24", "triton"):
+        pytest.skip("window16 takes the same multi-block Triton path (CI time: 30-65 s in the interpreter)")
     model_name, size, window = AT_THE_LIMIT[name]
 
     def build(size):

@@ -28,9 +28,10 @@ MODELS = {  # name -> (timm model, keyword arguments, input size, the module cla
 # fused runs are left to tf_mixnet_s; on Triton, MixNet's kernels (3/5/7/9 groups, TF-'SAME'
 # at stride 2) are covered by the op-level tests and the adapter by the other backends
 # (a whole tf_mixnet_s through the interpreter takes 35 s). CoaT-Lite's ConvRelPosEnc runs on
-# Triton in the op-level tests ("coat" group list) and on the other backends here (73 s there).
+# Triton in the op-level tests ("coat" group list) and on the other backends here (73 s there);
+# so does InceptionNeXt's token mixer ("inception" group list; 45-90 s there).
 SLOW_IN_THE_INTERPRETER = {("mixnet_s", "triton"), ("mixnet_s", "cuda"), ("tf_mixnet_s", "triton"),
-                           ("coat_lite_tiny", "triton")}
+                           ("coat_lite_tiny", "triton"), ("inception_next_atto", "triton")}
 
 
 def _build(name):

@@ -91,13 +91,24 @@ def _rows_mask(rows, D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _head_columns(D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The mask of a (D,) row's head columns: None without padding columns (a load with it
-    then takes no ``other``: the padding columns' values are unused)."""
+def _load_head_vector(ptr, head, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row ``head`` of a contiguous (heads, HEAD_DIM) tensor as D columns, the padding ones
+    zero (they enter the dots)."""
+    d = head * HEAD_DIM + tl.arange(0, D)
     if HEAD_DIM == D:
-        return None
+        return tl.load(ptr + d)
     else:
-        return tl.arange(0, D) < HEAD_DIM
+        return tl.load(ptr + d, mask=tl.arange(0, D) < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _store_head_vector(ptr, values, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A (D,) row's HEAD_DIM head columns stored at ``ptr``."""
+    d = tl.arange(0, D)
+    if HEAD_DIM == D:
+        tl.store(ptr + d, values)
+    else:
+        tl.store(ptr + d, values, mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -122,10 +133,8 @@ def _load_kv(k_ptr, v_ptr, kpad_ptr, vpad_ptr, batch, z, y, x, head, real, insid
     v = _load_rows(v_ptr, batch, z, y, x, head, real, svb, svt, svh, svw, svn, D, HEAD_DIM)
     if HAS_PAD:
         pad = (inside & ~real)[:, None]
-        d = head * HEAD_DIM + tl.arange(0, D)
-        cols = _head_columns(D, HEAD_DIM)
-        k = tl.where(pad, tl.load(kpad_ptr + d, mask=cols)[None, :], k)
-        v = tl.where(pad, tl.load(vpad_ptr + d, mask=cols)[None, :], v)
+        k = tl.where(pad, _load_head_vector(kpad_ptr, head, D, HEAD_DIM)[None, :], k)
+        v = tl.where(pad, _load_head_vector(vpad_ptr, head, D, HEAD_DIM)[None, :], v)
     return k, v
 
 
@@ -553,10 +562,8 @@ def _window_attn_bwd_kernel(
             dv_pad += tl.sum(tl.where(pad, dv, 0.0), 0)
     partial = tl.program_id(0) * tl.num_programs(1) + head
     if PAD_GRAD:  # dpad is (programs, heads, 2, HEAD_DIM)
-        d = tl.arange(0, D)
-        cols = _head_columns(D, HEAD_DIM)
-        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM + d, dk_pad, mask=cols)
-        tl.store(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM + HEAD_DIM + d, dv_pad, mask=cols)
+        _store_head_vector(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM, dk_pad, D, HEAD_DIM)
+        _store_head_vector(dpad_ptr + partial.to(tl.int64) * 2 * HEAD_DIM + HEAD_DIM, dv_pad, D, HEAD_DIM)
     if BIAS_GRAD:
         if NUM_BLOCKS == 1:
             t = tl.arange(0, BLOCK)

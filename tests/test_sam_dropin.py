@@ -116,8 +116,9 @@ def test_what_the_fused_kernels_cannot_run_is_left_on_timms_path():
 def test_sam_h_head_dim_runs_fused(backend):
     """SAM-H's attention (head_dim 80: 1280 channels over 16 heads) converts on the fused
     backends: Triton runs it in 128-wide tiles with the padding columns masked. A global block
-    over a 6 x 7 grid with two heads of 80, in float32: output, input gradient and both
-    tables' gradients against timm's own attention."""
+    over a 6 x 7 grid with two heads of 80, in float32: output, input gradient and every
+    parameter's gradient (qkv, proj, both tables) against timm's own attention, whose state
+    dict keys the swap keeps."""
     if uk.available_backends("cpu").get(backend) != "available":
         pytest.skip(f"{backend} does not run here")
     torch.manual_seed(0)
@@ -125,13 +126,15 @@ def test_sam_h_head_dim_runs_fused(backend):
     swapped = copy.deepcopy(attn)
     report = uk.swap_in(swapped, backend)
     assert [path for path, _, _ in report.swapped] == [""], str(report)
+    assert list(swapped.state_dict()) == list(attn.state_dict())
     x = torch.randn(2, 6, 7, 160)
     grad = torch.randn(2, 6, 7, 160)
+    names = ["out", "dx", *(f"d {name}" for name, _ in attn.named_parameters())]
     results = []
     for module in (attn.double(), swapped):
         inputs = (x.double() if module is attn else x).clone().requires_grad_()
         out = module(inputs)
-        results.append((out, *torch.autograd.grad(out, (inputs, module.rel_pos_h, module.rel_pos_w),
-                                                  grad.to(out.dtype))))
-    for name, got, want in zip(("out", "dx", "d rel_pos_h", "d rel_pos_w"), results[1], results[0]):
+        results.append((out, *torch.autograd.grad(out, (inputs, *module.parameters()), grad.to(out.dtype))))
+    assert len(results[1]) == len(names) == 2 + 6
+    for name, got, want in zip(names, results[1], results[0]):
         assert_parity(name, got, want, torch.float32)
